@@ -1,0 +1,44 @@
+"""mixprec: mixed precision training for PyTorch.
+
+16-bit (and 8-bit) weights, activations and gradients, FP32 master weights, loss scaling and FP32
+accumulation (Micikevicius et al., "Mixed Precision Training", ICLR 2018), run natively on GPUs and
+emulated bit-exactly anywhere.
+
+Example:
+    >>> import mixprec as mp
+    >>> mp.F16.max
+    65504.0
+"""
+
+from .casting import autocast, prepare
+from .emulate import quantize
+from .formats import BF16, E4M3, E5M2, F16, F32, FORMATS, Format
+from .master import MasterWeights
+from .policy import PRESETS, Policy, Rule
+from .scaling import DynamicScaler, LossScaler, NoScaler, StaticScaler
+from .step import StepInfo, step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BF16",
+    "E4M3",
+    "E5M2",
+    "F16",
+    "F32",
+    "FORMATS",
+    "PRESETS",
+    "DynamicScaler",
+    "Format",
+    "LossScaler",
+    "MasterWeights",
+    "NoScaler",
+    "Policy",
+    "Rule",
+    "StaticScaler",
+    "StepInfo",
+    "autocast",
+    "prepare",
+    "quantize",
+    "step",
+]
