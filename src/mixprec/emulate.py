@@ -50,6 +50,7 @@ def quantize(
         * Formats without inf (E4M3 and custom ``has_inf=False``): values, inf included, saturate to
           +-``fmt.max``, as torch's ``float8_e4m3fn`` cast does.
         * NaN stays NaN; -0 stays -0.
+        * With 0 mantissa bits every value is a power of two; a tie goes to the even bit pattern.
 
     Syncs: no.
 
@@ -128,7 +129,7 @@ def quantize_bits(
 def _round_chunk(x: torch.Tensor, out: torch.Tensor, fmt: Format, noise: torch.Tensor | None) -> None:
     """Round one contiguous float32 chunk of ``x`` onto ``fmt``'s grid, writing into ``out``."""
     drop = 23 - fmt.mantissa_bits
-    if noise is None and drop > 0 and fmt.max_exponent + drop <= 127:
+    if noise is None and 0 < drop < 23 and fmt.max_exponent + drop <= 127:
         _round_nearest_by_addition(x, out, fmt)
     else:
         _round_on_bits(x, out, fmt, noise)

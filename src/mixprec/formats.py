@@ -38,7 +38,7 @@ class Format:
         (65504.0, 6.103515625e-05, 5.960464477539063e-08, 0.0009765625)
     """
 
-    name: str
+    name: str = field(compare=False)  # formats are equal when their values and rules are
     exponent_bits: int
     mantissa_bits: int
     has_inf: bool = True
