@@ -1,0 +1,396 @@
+"""Precision policies: which format each part of training uses, as one value with a string form.
+
+A `Policy` says how parameters are stored, which format modules compute in, what the model's outputs
+(what the loss sees) are cast to, whether an FP32 master copy takes the update, how the loss is scaled,
+whether to run natively or emulated, and per-module `Rule`s. Gradients follow from storage, as they do
+natively: a weight gradient has its parameter's format, an activation gradient its activation's format.
+
+Modules the paper keeps in FP32 (normalisation layers, softmax, losses) are *FP32 islands* by default;
+user rules come first and can override that (first match wins).
+
+Example:
+    >>> p = Policy.parse("f16-master")
+    >>> p.params.name, p.compute.name, p.master.name, p.scaling
+    ('fp16', 'fp16', 'fp32', 'dynamic')
+    >>> Policy.parse(str(p)) == p
+    True
+    >>> str(Policy.parse("f16-master,rule=lm_head:fp32"))
+    'params=fp16,compute=fp16,output=fp32,master=fp32,scaling=dynamic,execution=auto,rule=lm_head:fp32'
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import torch
+
+from .formats import BF16, F16, F32, Format
+
+if TYPE_CHECKING:
+    from .scaling import LossScaler
+
+__all__ = ["Policy", "Rule", "PRESETS", "ModulePrecision", "EXECUTIONS", "DEFAULT_FP32_TYPES"]
+
+EXECUTIONS = ("auto", "native", "emulated")
+
+#: Module type-name globs that run in FP32 by default (the paper: large reductions stay in FP32).
+DEFAULT_FP32_TYPES: tuple[str, ...] = (
+    "*BatchNorm*", "*LayerNorm", "*GroupNorm", "*RMSNorm", "*InstanceNorm*", "LocalResponseNorm",
+    "Softmax", "LogSoftmax", "Softmin", "*Loss",
+)
+
+#: Formats torch can compute in natively on CUDA (FP8 is emulated for now: future work).
+_NATIVE_CUDA = (F16, BF16)
+
+
+def _fmt(value: Format | str) -> Format:
+    return Format.parse(value)
+
+
+def _fmt_text(fmt: Format | None) -> str:
+    return "none" if fmt is None else fmt.name
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Per-module precision: modules matching `match` compute in `compute` (first matching rule wins).
+
+    `match` is a glob tried against the module's qualified name and its class names (the class and its
+    bases): ``"lm_head"``, ``"encoder.layer.0.*"``, ``"*Norm"``. Prefix ``"name:"`` or ``"type:"`` to try
+    only one of them. `params` is the storage format of the matched modules' own parameters; None means
+    FP32 when `compute` is FP32 (an FP32 island) and the policy's params format otherwise. A rule that
+    names a module also applies to its children, unless they are default FP32 islands or match a rule.
+
+    Example:
+        >>> Rule.parse("type:Embedding:fp32") == Rule("type:Embedding", F32)
+        True
+        >>> str(Rule("lm_head", "bf16", "fp32"))
+        'lm_head:bf16/fp32'
+    """
+
+    match: str
+    compute: Format = F32
+    params: Format | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.match, str) or not self.match.strip() or any(c in self.match for c in ",="):
+            raise ValueError(
+                f"a rule's match must be a non-empty glob without ',' or '=', got {self.match!r}")
+        object.__setattr__(self, "compute", _fmt(self.compute))
+        if self.params is not None:
+            object.__setattr__(self, "params", _fmt(self.params))
+
+    def matches(self, name: str, module: torch.nn.Module) -> bool:
+        """Whether this rule selects `module` (qualified name `name`)."""
+        kind, _, pattern = self.match.partition(":") if self.match.startswith(("name:", "type:")) else (
+            "", "", self.match)
+        if kind in ("", "name") and fnmatch.fnmatchcase(name, pattern):
+            return True
+        return kind in ("", "type") and any(
+            fnmatch.fnmatchcase(cls.__name__, pattern) for cls in type(module).__mro__)
+
+    @classmethod
+    def parse(cls, text: str) -> Rule:
+        """``"MATCH:COMPUTE"`` or ``"MATCH:COMPUTE/PARAMS"``, e.g. ``"lm_head:fp32"``."""
+        match, sep, formats = text.rpartition(":")
+        if not sep or not match:
+            raise ValueError(
+                f"a rule is written MATCH:COMPUTE or MATCH:COMPUTE/PARAMS (e.g. 'lm_head:fp32' or "
+                f"'type:Embedding:bf16/fp32'), got {text!r}")
+        compute, _, params = formats.partition("/")
+        return cls(match, _fmt(compute), _fmt(params) if params else None)
+
+    def __str__(self) -> str:
+        return f"{self.match}:{self.compute.name}" + (f"/{self.params.name}" if self.params else "")
+
+
+@dataclass(frozen=True)
+class ModulePrecision:
+    """What a policy assigns to one module: read by explain(), casting, and (later) memory reports."""
+
+    name: str
+    type_name: str
+    params: Format  # storage format of the module's own parameters
+    compute: Format  # format the module computes in (FP32 for islands)
+    has_params: bool
+    reason: str  # "policy default" | "default fp32 island (LayerNorm)" | "rule 1 (lm_head:fp32)" | ...
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A precision policy (frozen; build one with `Policy.parse` or the constructor).
+
+    Args:
+        params: storage format of parameters (and so of weight gradients).
+        compute: format modules compute in and activations (and their gradients) are stored in.
+        output: format of the model's outputs, i.e. what the loss is computed in.
+        master: format of the master copy of the weights that takes the update (FP32), or None.
+        scaling: ``"none"``, ``"static:S"`` (e.g. ``"static:1024"``) or ``"dynamic"`` / ``"dynamic:S0"``.
+        execution: ``"auto"`` (native where the device has every format, else emulated),
+            ``"native"`` or ``"emulated"``.
+        rules: per-module rules, tried in order before the default FP32 islands.
+
+    Example:
+        >>> Policy(params="f16", compute="f16", master="f32", scaling="static:1024") == Policy.parse(
+        ...     "params=f16,compute=f16,master=f32,scaling=static:1024")
+        True
+    """
+
+    params: Format = F32
+    compute: Format = F32
+    output: Format = F32
+    master: Format | None = None
+    scaling: str = "none"
+    execution: str = "auto"
+    rules: tuple[Rule, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        for name in ("params", "compute", "output"):
+            object.__setattr__(self, name, _fmt(getattr(self, name)))
+        master = self.master
+        if isinstance(master, str) and master.strip().lower() == "none":
+            master = None
+        object.__setattr__(self, "master", None if master is None else _fmt(master))
+        object.__setattr__(self, "scaling", _normalize_scaling(self.scaling))
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}, got {self.execution!r}")
+        rules = (self.rules,) if isinstance(self.rules, (Rule, str)) else tuple(self.rules)
+        object.__setattr__(self, "rules", tuple(r if isinstance(r, Rule) else Rule.parse(r) for r in rules))
+        if self.master is not None and self.master != F32:
+            raise ValueError(
+                f"master={self.master.name} is not supported: master weights are fp32 (master=fp32) or "
+                f"absent (master=none)")
+        if self.master is not None and self.params == F32:
+            raise ValueError(
+                "master=fp32 with params=fp32: the parameters already are FP32, a master copy would only "
+                "double their memory; use master=none (e.g. the 'f16-mixed' preset) or params=f16/bf16")
+
+    # ----- strings ------------------------------------------------------------------------------
+    @classmethod
+    def parse(cls, text: str | Policy) -> Policy:
+        """A preset name, ``key=value`` pairs, or a preset followed by overrides, comma-separated.
+
+        Keys: params, compute, output, master, scaling, execution, rule (repeatable, in order).
+
+        Example:
+            >>> Policy.parse("f16-master,scaling=none") == Policy.parse("f16-master-noscale")
+            True
+        """
+        if isinstance(text, Policy):
+            return text
+        if not isinstance(text, str):
+            raise TypeError(f"a policy is given as a string or a Policy, got {type(text).__name__}")
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts:
+            raise ValueError(f"empty policy string; valid presets: {', '.join(PRESETS)}")
+        fields: dict[str, object] = {}
+        rules: list[Rule] = []
+        if "=" not in parts[0]:
+            preset = parts.pop(0).lower()
+            if preset not in _PRESET_POLICIES:
+                raise ValueError(
+                    f"unknown policy preset {preset!r}; valid presets: {', '.join(PRESETS)} "
+                    f"(or key=value pairs with keys {', '.join(_KEYS)}, e.g. 'params=f16,compute=f16')")
+            base = _PRESET_POLICIES[preset]
+            fields = {k: getattr(base, k) for k in _KEYS if k != "rule"}
+            rules = list(base.rules)
+        for part in parts:
+            key, sep, value = part.partition("=")
+            key = key.strip().lower()
+            if not sep or key not in _KEYS:
+                raise ValueError(
+                    f"unknown policy key in {part!r}; valid keys: {', '.join(_KEYS)}; a preset name may "
+                    f"only come first (valid presets: {', '.join(PRESETS)})")
+            if key == "rule":
+                rules.append(Rule.parse(value.strip()))
+            else:
+                fields[key] = value.strip()
+        return cls(**fields, rules=tuple(rules))  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        for name, preset in _PRESET_POLICIES.items():
+            if preset == self:
+                return name
+        text = (f"params={self.params.name},compute={self.compute.name},output={self.output.name},"
+                f"master={_fmt_text(self.master)},scaling={self.scaling},execution={self.execution}")
+        return text + "".join(f",rule={r}" for r in self.rules)
+
+    def replace(self, **changes: object) -> Policy:
+        """A copy with some fields changed, e.g. ``policy.replace(execution="emulated")``."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    # ----- what it means ------------------------------------------------------------------------
+    @property
+    def formats(self) -> tuple[Format, ...]:
+        """Every format this policy (rules included) computes or stores in."""
+        found = [self.params, self.compute, self.output, *(r.compute for r in self.rules),
+                 *(r.params for r in self.rules if r.params is not None)]
+        return tuple(dict.fromkeys(found))
+
+    def resolve_execution(self, device: torch.device | str = "cpu") -> str:
+        """``"native"`` or ``"emulated"``: how this policy runs on `device`.
+
+        FP32-only policies are native everywhere. ``auto`` picks native on CUDA when every format is
+        FP16 or BF16 (FP8 is emulated for now), emulated otherwise. ``native`` on CPU uses torch's CPU
+        autocast; it raises where a format has no torch dtype.
+
+        Example:
+            >>> Policy.parse("f16-master").resolve_execution("cpu")
+            'emulated'
+        """
+        device = torch.device(device)
+        narrow = [f for f in self.formats if f != F32]
+        if not narrow:
+            return "native"
+        if self.execution == "emulated":
+            return "emulated"
+        if self.execution == "auto":
+            native = device.type == "cuda" and all(f in _NATIVE_CUDA for f in narrow)
+            if native and BF16 in narrow and not torch.cuda.is_bf16_supported():
+                native = False
+            return "native" if native else "emulated"
+        missing = [f.name for f in narrow if f not in _NATIVE_CUDA]
+        if missing or device.type not in ("cuda", "cpu"):
+            raise ValueError(
+                f"execution=native on {device}: {', '.join(missing) or 'this device'} has no native support "
+                f"in mixprec yet (fp16 and bf16 on cuda or cpu do); use execution=emulated or auto")
+        return "native"
+
+    def module_precisions(self, model: torch.nn.Module, *, warn: bool = True) -> list[ModulePrecision]:
+        """What every module of `model` gets, in `named_modules` order, and why.
+
+        Precedence: a rule matching the module itself, then the default FP32 islands, then a rule that
+        matched an ancestor, then the policy's formats. Warns about user rules that match nothing.
+        """
+        rule_hits = [0] * len(self.rules)
+        inherited: dict[str, tuple[Format, Format, str]] = {}
+        result = []
+        for name, module in model.named_modules():
+            own = next((i for i, r in enumerate(self.rules) if r.matches(name, module)), None)
+            island = next((p for p in DEFAULT_FP32_TYPES if any(
+                fnmatch.fnmatchcase(c.__name__, p) for c in type(module).__mro__)), None)
+            parent = inherited.get(name.rpartition(".")[0]) if name else None
+            if own is not None:
+                rule_hits[own] += 1
+                rule = self.rules[own]
+                params = rule.params or (F32 if rule.compute == F32 else self.params)
+                chosen = (params, rule.compute, f"rule {own + 1} ({rule})")
+                inherited[name] = chosen
+            elif island is not None:
+                chosen = (F32, F32, f"default fp32 island ({type(module).__name__})")
+            elif parent is not None:
+                chosen = (parent[0], parent[1], f"{parent[2]} via parent")
+                inherited[name] = parent
+            else:
+                chosen = (self.params, self.compute, "policy default")
+            has_params = any(p is not None for p in module._parameters.values())
+            result.append(ModulePrecision(name, type(module).__name__, chosen[0], chosen[1], has_params,
+                                          chosen[2]))
+        if warn:
+            for rule, hits in zip(self.rules, rule_hits, strict=True):
+                if hits == 0:
+                    warnings.warn(f"policy rule {str(rule)!r} matched no module of {type(model).__name__}; "
+                                  f"check the name/type glob (see policy.explain(model))", stacklevel=3)
+        return result
+
+    def explain(self, model: torch.nn.Module, device: torch.device | str | None = None) -> str:
+        """A per-module table: parameter format and stored dtype, compute format, master, and why.
+
+        Lists modules that own parameters or that a rule or default island selects. `device` defaults to
+        the model's (its first parameter's) device.
+
+        Example:
+            >>> print(Policy.parse("f16-master").explain(torch.nn.Sequential(
+            ...     torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))))  # doctest: +NORMALIZE_WHITESPACE
+            policy f16-master: execution emulated on cpu, loss scaling dynamic, output fp32
+            module  type       params  stored as  compute  master  why
+            0       Linear     fp16    float32    fp16     fp32    policy default
+            1       LayerNorm  fp32    float32    fp32     -       default fp32 island (LayerNorm)
+        """
+        if device is None:
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        execution = self.resolve_execution(device)
+        header = (f"policy {self}: execution {execution} on {torch.device(device)}, loss scaling "
+                  f"{self.scaling}, output {self.output.name}")
+        rows = [("module", "type", "params", "stored as", "compute", "master", "why")]
+        for mp in self.module_precisions(model, warn=True):
+            selected = mp.reason != "policy default" and not mp.reason.endswith("via parent")
+            if not (mp.has_params or selected):
+                continue
+            stored = "float32" if execution == "emulated" or mp.params == F32 else str(
+                mp.params.torch_dtype).replace("torch.", "")
+            master = "-" if not mp.has_params or self.master is None or mp.params == F32 else self.master.name
+            rows.append((mp.name or "(root)", mp.type_name, mp.params.name if mp.has_params else "-",
+                         stored if mp.has_params else "-", mp.compute.name, master, mp.reason))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        return "\n".join([header, *lines])
+
+    def make_scaler(self, device: torch.device | str | None = None) -> LossScaler:
+        """A fresh loss scaler for this policy's `scaling`, placed on `device` when given.
+
+        Example:
+            >>> type(Policy.parse("f16-master").make_scaler()).__name__
+            'DynamicScaler'
+        """
+        from .scaling import DynamicScaler, NoScaler, StaticScaler
+
+        kind, _, value = self.scaling.partition(":")
+        if kind == "none":
+            scaler = NoScaler()
+        elif kind == "static":
+            scaler = StaticScaler(float(value))
+        else:
+            scaler = DynamicScaler(init_scale=float(value)) if value else DynamicScaler()
+        if device is not None and hasattr(scaler, "to"):
+            scaler = scaler.to(device) or scaler
+        return scaler
+
+
+def _normalize_scaling(text: str) -> str:
+    """Canonical scaling text, so that equal choices compare equal: 'static:1024.0' -> 'static:1024'."""
+    if not isinstance(text, str):
+        raise ValueError(f"scaling is a string ('none', 'static:S', 'dynamic' or 'dynamic:S0'), got {text!r}")
+    kind, sep, value = text.strip().lower().partition(":")
+    valid = "valid: 'none', 'static:S' (e.g. 'static:1024'), 'dynamic', 'dynamic:S0' (initial scale)"
+    bad_value = (kind == "none" and sep) or (kind == "static" and not value)
+    if kind not in ("none", "static", "dynamic") or bad_value:
+        raise ValueError(f"unknown loss scaling {text!r}; {valid}")
+    if not value:
+        return kind
+    try:
+        scale = float(value)
+    except ValueError:
+        raise ValueError(f"loss scale in {text!r} is not a number; {valid}") from None
+    if not scale > 0 or scale == float("inf"):
+        raise ValueError(f"loss scale in {text!r} must be positive and finite; {valid}")
+    return f"{kind}:{int(scale) if scale.is_integer() else repr(scale)}"
+
+
+_KEYS = ("params", "compute", "output", "master", "scaling", "execution", "rule")
+
+_PRESET_POLICIES: dict[str, Policy] = {
+    "f32": Policy(),
+    "f16-mixed": Policy(params=F32, compute=F16, scaling="dynamic"),
+    "bf16-mixed": Policy(params=F32, compute=BF16),
+    "f16-master": Policy(params=F16, compute=F16, master=F32, scaling="dynamic"),
+    "bf16-master": Policy(params=BF16, compute=BF16, master=F32),
+    "f16-pure": Policy(params=F16, compute=F16),
+    "bf16-pure": Policy(params=BF16, compute=BF16),
+    "f16-master-noscale": Policy(params=F16, compute=F16, master=F32),
+}
+
+#: Preset name -> one-line description.
+PRESETS: dict[str, str] = {
+    "f32": "everything in FP32: the reference run",
+    "f16-mixed": "FP32 params, FP16 compute, dynamic loss scaling (what torch.amp does)",
+    "bf16-mixed": "FP32 params, BF16 compute, no loss scaling needed (FP32's range)",
+    "f16-master": "the paper: FP16 params, activations and gradients; FP32 masters; dynamic loss scaling",
+    "bf16-master": "BF16 params, activations and gradients; FP32 masters; no loss scaling",
+    "f16-pure": "FP16 everything, no masters, no loss scaling (ablation: small updates and gradients lost)",
+    "bf16-pure": "BF16 everything, no masters, no loss scaling (ablation: small updates lost)",
+    "f16-master-noscale": "f16-master without loss scaling (ablation: small gradients flush to zero)",
+}
