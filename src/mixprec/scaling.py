@@ -1,0 +1,584 @@
+"""Loss scalers: multiply the loss by S before backward, unscale the gradients by 1/S before the update.
+
+Small gradients (the paper's SSD run: activation gradients in [2^-27, 2^-24)) flush to zero in FP16.
+Multiplying the loss by S shifts every gradient up by log2(S) binades so they survive; the weight
+gradients are multiplied by 1/S in FP32 before clipping, weight decay and the optimizer step.
+
+Three scalers share one interface (`LossScaler`):
+
+* `NoScaler`: S = 1. Still checks gradients for inf/NaN so that `mp.step` skips a poisoned step.
+* `StaticScaler(S)`: a fixed S; a step whose gradients overflow is skipped.
+* `DynamicScaler`: S backs off on overflow (after `hysteresis` overflows) and grows after
+  `growth_interval` clean steps, clamped to ``[min_scale, max_scale]``.
+
+All state (scale, trackers, the skipped-step counter) lives in 0-dim tensors on the scaler's device and
+is updated with tensor ops, so `scale`, `unscale_and_check_` and `update` never wait for the device.
+The device is chosen explicitly: the state is created on ``device`` (default CPU) and moved with
+`LossScaler.to`; there is no lazy initialisation. The only reads of these values on the host are the
+`loss_scale` property, `state_dict`, and the one read that `mp.step` does per step.
+
+Example:
+    >>> import torch
+    >>> scaler = DynamicScaler(init_scale=2.0**10)
+    >>> w = torch.ones(3, requires_grad=True)
+    >>> scaler.scale((w * 2.0**-20).sum()).backward()  # w.grad holds 2^-20 * 2^10
+    >>> found_inf = scaler.unscale_and_check_([w.grad])  # w.grad now holds 2^-20
+    >>> scaler.update(found_inf)
+    >>> float(found_inf), w.grad.tolist() == [2.0**-20] * 3
+    (0.0, True)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = [
+    "LossScaler",
+    "NoScaler",
+    "StaticScaler",
+    "DynamicScaler",
+    "LossScaleFloorError",
+    "unscale_and_check_",
+    "find_nonfinite",
+]
+
+STATE_VERSION = 1
+
+# torch's fused unscale+check kernel exists for these device types and dtypes (checked on torch 2.4+).
+_FUSED_DEVICE_TYPES = {"cpu", "cuda", "xpu"}
+_FUSED_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+
+
+class LossScaleFloorError(RuntimeError):
+    """Raised by a `DynamicScaler(raise_at_min_scale=True)` when gradients overflow at ``min_scale``."""
+
+
+# ----- the fused pass over the gradients ---------------------------------------------------------
+
+
+def _group_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return groups
+
+
+def unscale_and_check_(grads: Sequence[torch.Tensor], inv_scale: torch.Tensor) -> torch.Tensor:
+    """Multiply every gradient in place by ``inv_scale`` and report whether any was inf/NaN.
+
+    One fused pass per (device, dtype) group: torch's ``_amp_foreach_non_finite_check_and_unscale_``
+    where it exists for the device and dtype, otherwise a pure-torch foreach fallback (inf-norm per
+    tensor, which is inf/NaN exactly when the tensor holds an inf/NaN, then a foreach multiply).
+    Non-finite values are detected on the scaled gradients, before the multiply.
+
+    Args:
+        grads: gradient tensors, on any devices and floating dtypes.
+        inv_scale: 0-dim float32 tensor, ``1 / scale``; the result lives on its device.
+
+    Returns:
+        a 0-dim float32 tensor on ``inv_scale``'s device: 1.0 if any gradient had an inf/NaN, else 0.0.
+
+    Syncs: no.
+
+    Example:
+        >>> g = [torch.tensor([2.0, 4.0]), torch.tensor([float("inf")])]
+        >>> float(unscale_and_check_(g, torch.tensor(0.5))), g[0].tolist()
+        (1.0, [1.0, 2.0])
+    """
+    found_infs: list[torch.Tensor] = []
+    for (device, dtype), group in _group_by_device_and_dtype(grads).items():
+        found = torch.zeros((), dtype=torch.float32, device=device)
+        inv = inv_scale.to(device=device, non_blocking=True)
+        if device.type in _FUSED_DEVICE_TYPES and dtype in _FUSED_DTYPES:
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found, inv)
+        else:
+            norms = torch._foreach_norm(group, ord=math.inf)
+            found = torch.logical_not(torch.isfinite(torch.stack(norms)).all()).float()
+            torch._foreach_mul_(group, inv.to(dtype))
+        found_infs.append(found)
+    if not found_infs:
+        return torch.zeros((), dtype=torch.float32, device=inv_scale.device)
+    if len(found_infs) == 1 and found_infs[0].device == inv_scale.device:
+        return found_infs[0]
+    total = torch.stack([f.to(inv_scale.device, non_blocking=True) for f in found_infs]).sum()
+    return torch.clamp(total, max=1.0)
+
+
+def find_nonfinite(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor inf/NaN flags: a bool tensor with one entry per gradient (on the first one's device).
+
+    Meant for the cold path of a skipped step (e.g. naming the parameters whose gradients overflowed):
+    the gradients keep their inf/NaN after unscaling, so this can run after `mp.step`.
+
+    Syncs: no (reading the result does).
+
+    Example:
+        >>> find_nonfinite([torch.ones(2), torch.tensor([1.0, float("nan")])]).tolist()
+        [False, True]
+    """
+    if not grads:
+        return torch.zeros(0, dtype=torch.bool)
+    device = grads[0].device
+    flags = torch.empty(len(grads), dtype=torch.bool, device=device)
+    index = {id(g): i for i, g in enumerate(grads)}
+    for group in _group_by_device_and_dtype(grads).values():
+        norms = torch.stack(torch._foreach_norm(group, ord=math.inf)).to(device)
+        where = torch.tensor([index[id(g)] for g in group], device=device)
+        flags[where] = torch.logical_not(torch.isfinite(norms))
+    return flags
+
+
+def _times(scale: torch.Tensor, factor: float) -> torch.Tensor:
+    """``float32(scale * factor)`` computed in float64, as torch's ``_amp_update_scale_`` does."""
+    if scale.device.type == "mps":  # no float64 there
+        return scale * factor
+    return (scale.double() * factor).float()
+
+
+# ----- the scalers --------------------------------------------------------------------------------
+
+
+class LossScaler:
+    """Base class: a loss scale held in a 0-dim float32 tensor, and a skipped-step counter.
+
+    Subclasses decide how `update` changes the scale. Every scaler checks gradients for inf/NaN, and
+    `mp.step` skips a step whose gradients are not finite, whatever the scaler.
+
+    Args:
+        scale: the initial loss scale, a finite number > 0.
+        device: where the state tensors live; move them later with `to`.
+
+    Example:
+        >>> s = StaticScaler(8.0)
+        >>> s.scale(torch.tensor(0.5)).item(), s.loss_scale
+        (4.0, 8.0)
+    """
+
+    kind = "LossScaler"
+
+    def __init__(self, scale: float = 1.0, device: torch.device | str = "cpu") -> None:
+        _check_positive_finite("scale", scale)
+        self.device = torch.device(device)
+        self._scale = torch.tensor(float(scale), dtype=torch.float32, device=self.device)
+        self._skipped = torch.zeros((), dtype=torch.int64, device=self.device)
+
+    # ----- the hot path -------------------------------------------------------------------------
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """Return ``loss * scale``; call ``.backward()`` on the result.
+
+        Syncs: no.
+
+        Example:
+            >>> StaticScaler(4.0).scale(torch.tensor(0.25)).item()
+            1.0
+        """
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"scale() takes the loss tensor, got {type(loss).__name__}")
+        self._check_device(loss.device, "the loss")
+        return loss * self._scale
+
+    def unscale_and_check_(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Multiply every gradient in place by 1/scale; return 1.0 (0-dim tensor) if any was inf/NaN.
+
+        One fused pass per (device, dtype) group, see the module-level `unscale_and_check_`.
+
+        Syncs: no.
+
+        Example:
+            >>> g = [torch.tensor([8.0])]
+            >>> float(StaticScaler(4.0).unscale_and_check_(g)), g[0].item()
+            (0.0, 2.0)
+        """
+        for g in grads:
+            self._check_device(g.device, "a gradient")
+        # 1/scale rounded once from float64, as torch.amp.GradScaler computes it.
+        if self.device.type == "mps":  # no float64 there
+            inv_scale = 1 / self._scale
+        else:
+            inv_scale = self._scale.double().reciprocal().float()
+        return unscale_and_check_(grads, inv_scale)
+
+    def update(self, found_inf: torch.Tensor) -> None:
+        """Record one step's result: count it as skipped if ``found_inf`` is nonzero.
+
+        Subclasses also adjust the scale. Call once per step, after `unscale_and_check_`.
+
+        Syncs: no.
+
+        Example:
+            >>> s = NoScaler(); s.update(torch.tensor(1.0)); int(s.skipped_steps)
+            1
+        """
+        self._skipped += (found_inf != 0).to(self._skipped.dtype)
+
+    def observe(self, found_inf: bool, loss_scale: float) -> None:
+        """Host-side bookkeeping with values already read on the host (by `mp.step`'s one sync).
+
+        The base scalers do nothing; `DynamicScaler` warns once (or raises) at its floor.
+
+        Syncs: no.
+        """
+
+    # ----- reading and moving the state -----------------------------------------------------------
+    @property
+    def loss_scale(self) -> float:
+        """The current loss scale as a Python float. Syncs: yes (reads a device tensor)."""
+        return float(self._scale.item())
+
+    @property
+    def scale_tensor(self) -> torch.Tensor:
+        """The current loss scale as a 0-dim float32 tensor on the scaler's device. Syncs: no."""
+        return self._scale
+
+    @property
+    def skipped_steps(self) -> torch.Tensor:
+        """How many steps `update` has seen with inf/NaN gradients: 0-dim int64 tensor. Syncs: no."""
+        return self._skipped
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"_scale": self._scale, "_skipped": self._skipped}
+
+    def to(self, device: torch.device | str) -> LossScaler:
+        """Move the scaler's state to ``device`` (the training device); returns self.
+
+        Example:
+            >>> NoScaler().to("cpu").device
+            device(type='cpu')
+        """
+        self.device = torch.device(device)
+        for name, tensor in self._state_tensors().items():
+            setattr(self, name, tensor.to(self.device))
+        return self
+
+    def _check_device(self, device: torch.device, what: str) -> None:
+        if device.type != self.device.type:
+            raise ValueError(
+                f"{what} is on {device} but the {type(self).__name__} state is on {self.device}: "
+                f"move the scaler with scaler.to({str(device)!r}) (or create it with device=...)"
+            )
+
+    # ----- checkpoints ----------------------------------------------------------------------------
+    def _config(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """A versioned dict of plain Python numbers (safe for ``torch.load(weights_only=True)``).
+
+        Syncs: yes.
+
+        Example:
+            >>> StaticScaler(8.0).state_dict()["scale"]
+            8.0
+        """
+        return {
+            "version": STATE_VERSION,
+            "kind": self.kind,
+            "scale": self.loss_scale,
+            "skipped_steps": int(self._skipped.item()),
+            **self._config(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore every field written by `state_dict` (the state stays on this scaler's device).
+
+        Raises:
+            ValueError: the dict is not a state dict of this kind and version of scaler.
+
+        Example:
+            >>> a, b = StaticScaler(8.0), StaticScaler(1.0)
+            >>> b.load_state_dict(a.state_dict()); b.loss_scale
+            8.0
+        """
+        expected = set(self.state_dict())
+        if not isinstance(state_dict, dict):
+            raise ValueError(
+                f"load_state_dict takes a dict from state_dict(), got {type(state_dict).__name__}"
+            )
+        if state_dict.get("kind") != self.kind:
+            raise ValueError(
+                f"this state dict is for {state_dict.get('kind')!r}, not {self.kind!r}: load it into a "
+                f"{state_dict.get('kind')} (or create the scaler that wrote it)"
+            )
+        if state_dict.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"scaler state dict version {state_dict.get('version')!r} is not supported; this mixprec "
+                f"reads version {STATE_VERSION}"
+            )
+        if set(state_dict) != expected:
+            missing, extra = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+            raise ValueError(
+                f"{self.kind} state dict has missing keys {missing} and unexpected keys {extra}; "
+                f"expected exactly {sorted(expected)}"
+            )
+        self._load_config(state_dict)
+        self._scale = torch.tensor(float(state_dict["scale"]), dtype=torch.float32, device=self.device)
+        self._skipped = torch.tensor(int(state_dict["skipped_steps"]), dtype=torch.int64, device=self.device)
+
+    def _load_config(self, state_dict: dict[str, Any]) -> None:
+        _check_positive_finite("scale", state_dict["scale"])
+
+    def __repr__(self) -> str:
+        config = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
+        return f"{type(self).__name__}({config}{', ' if config else ''}device={str(self.device)!r})"
+
+
+class NoScaler(LossScaler):
+    """No loss scaling (S = 1), for FP32 and BF16 runs; gradients are still checked for inf/NaN.
+
+    Example:
+        >>> NoScaler().loss_scale
+        1.0
+    """
+
+    kind = "NoScaler"
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        super().__init__(1.0, device)
+
+    def _load_config(self, state_dict: dict[str, Any]) -> None:
+        if float(state_dict["scale"]) != 1.0:
+            raise ValueError(f"a NoScaler state dict must have scale 1.0, got {state_dict['scale']!r}")
+
+
+class StaticScaler(LossScaler):
+    """A fixed loss scale S; a step whose gradients overflow is skipped and counted.
+
+    Args:
+        scale: S, a finite number > 0 (a power of two keeps the unscaling exact).
+        device: where the state lives; see `LossScaler.to`.
+
+    Example:
+        >>> StaticScaler(2**10).loss_scale
+        1024.0
+    """
+
+    kind = "StaticScaler"
+
+    def __init__(self, scale: float, device: torch.device | str = "cpu") -> None:
+        super().__init__(scale, device)
+
+
+class DynamicScaler(LossScaler):
+    """Automatic loss scale: back off on overflow, grow after a run of clean steps.
+
+    Per `update(found_inf)` (all tensor ops, no host sync):
+
+    * overflow: the clean-step counter resets and the hysteresis counter drops by one; once it is at
+      zero, ``scale = max(scale * backoff_factor, min_scale)`` (on this and every later overflow until
+      the scale grows again, as in Megatron-LM's DynamicGradScaler).
+    * clean step: the clean-step counter rises; at ``growth_interval`` it resets, the hysteresis
+      counter is refilled and ``scale = min(scale * growth_factor, max_scale)`` (kept unchanged if that
+      would be inf, as torch.amp.GradScaler does).
+
+    With ``hysteresis=1, min_scale=0, max_scale=inf`` the trajectory equals torch.amp.GradScaler's.
+    At the floor (overflow while ``scale <= min_scale``) the scaler never crashes: steps keep being
+    skipped and counted, and `observe` (called by `mp.step`) warns once; with
+    ``raise_at_min_scale=True`` it raises `LossScaleFloorError` instead.
+
+    Args:
+        init_scale: first scale, in ``[min_scale, max_scale]``.
+        growth_factor: > 1.
+        backoff_factor: in (0, 1).
+        growth_interval: clean steps before growing, >= 1.
+        hysteresis: overflows tolerated before backing off, >= 1.
+        min_scale: floor, >= 0 (0 means none: the scale may collapse towards zero).
+        max_scale: ceiling, >= min_scale, may be inf.
+        raise_at_min_scale: raise instead of warning when gradients overflow at the floor.
+        device: where the state lives; see `LossScaler.to`.
+
+    Example:
+        >>> s = DynamicScaler(init_scale=8.0, growth_interval=2, hysteresis=1)
+        >>> for found_inf in [1.0, 0.0, 0.0]:
+        ...     s.update(torch.tensor(found_inf))
+        >>> s.loss_scale  # 8 -> backoff 4 -> grow after two clean steps -> 8
+        8.0
+    """
+
+    kind = "DynamicScaler"
+
+    def __init__(
+        self,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+        hysteresis: int = 2,
+        min_scale: float = 1.0,
+        max_scale: float = 2.0**24,
+        raise_at_min_scale: bool = False,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        config = dict(
+            init_scale=init_scale,
+            growth_factor=growth_factor,
+            backoff_factor=backoff_factor,
+            growth_interval=growth_interval,
+            hysteresis=hysteresis,
+            min_scale=min_scale,
+            max_scale=max_scale,
+        )
+        _validate_dynamic(**config)
+        super().__init__(init_scale, device)
+        self.growth_factor = float(growth_factor)
+        self.backoff_factor = float(backoff_factor)
+        self.growth_interval = int(growth_interval)
+        self.hysteresis = int(hysteresis)
+        self.min_scale = float(min_scale)
+        self.max_scale = float(max_scale)
+        self.raise_at_min_scale = bool(raise_at_min_scale)
+        self._warned_at_floor = False
+        self._growth_tracker = torch.zeros((), dtype=torch.int32, device=self.device)
+        self._hysteresis_tracker = torch.full((), self.hysteresis, dtype=torch.int32, device=self.device)
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            **super()._state_tensors(),
+            "_growth_tracker": self._growth_tracker,
+            "_hysteresis_tracker": self._hysteresis_tracker,
+        }
+
+    def update(self, found_inf: torch.Tensor) -> None:
+        """Back off or grow the scale after one step (see the class docstring). Syncs: no.
+
+        Example:
+            >>> s = DynamicScaler(init_scale=8.0, hysteresis=2)
+            >>> s.update(torch.tensor(1.0)); s.loss_scale  # first overflow: hysteresis absorbs it
+            8.0
+            >>> s.update(torch.tensor(1.0)); s.loss_scale
+            4.0
+        """
+        super().update(found_inf)
+        overflow = found_inf.to(self.device) != 0
+        scale, growth, hyst = self._scale, self._growth_tracker, self._hysteresis_tracker
+
+        # Overflow branch: count down the hysteresis, back off once it is used up.
+        hyst_after_overflow = torch.clamp(hyst - 1, min=0)
+        backed_off = torch.clamp(_times(scale, self.backoff_factor), min=self.min_scale)
+        scale_after_overflow = torch.where(hyst_after_overflow == 0, backed_off, scale)
+
+        # Clean branch: count up; at growth_interval grow (unless that is inf) and refill the hysteresis.
+        clean_steps = growth + 1
+        grow_now = clean_steps >= self.growth_interval
+        grown = torch.clamp(_times(scale, self.growth_factor), max=self.max_scale)
+        grown = torch.where(torch.isfinite(grown), grown, scale)
+        scale_after_clean = torch.where(grow_now, grown, scale)
+        growth_after_clean = torch.where(grow_now, torch.zeros_like(growth), clean_steps)
+        hyst_after_clean = torch.where(grow_now, torch.full_like(hyst, self.hysteresis), hyst)
+
+        self._scale = torch.where(overflow, scale_after_overflow, scale_after_clean)
+        self._growth_tracker = torch.where(overflow, torch.zeros_like(growth), growth_after_clean)
+        self._hysteresis_tracker = torch.where(overflow, hyst_after_overflow, hyst_after_clean)
+
+    def observe(self, found_inf: bool, loss_scale: float) -> None:
+        """Warn once (or raise) when a step overflowed while the scale was at its floor.
+
+        ``found_inf`` and ``loss_scale`` are the values `mp.step` read in its one sync (the scale
+        the step's gradients were scaled by).
+
+        Syncs: no (yes, once, when it warns or raises: it reads the skipped-step counter).
+
+        Raises:
+            LossScaleFloorError: with ``raise_at_min_scale=True``.
+        """
+        if not (found_inf and loss_scale <= self.min_scale):
+            return
+        message = (
+            f"gradients overflow even at the minimum loss scale {self.min_scale:g}: the step was skipped "
+            f"({int(self._skipped.item())} skipped so far). Something other than the loss scale produces "
+            f"inf/NaN (look for an overflowing activation or a NaN loss), or lower min_scale."
+        )
+        if self.raise_at_min_scale:
+            raise LossScaleFloorError(message)
+        if not self._warned_at_floor:
+            self._warned_at_floor = True
+            warnings.warn(message + " (warned once; steps keep being skipped)", RuntimeWarning, stacklevel=3)
+
+    def _config(self) -> dict[str, Any]:
+        return dict(
+            growth_factor=self.growth_factor,
+            backoff_factor=self.backoff_factor,
+            growth_interval=self.growth_interval,
+            hysteresis=self.hysteresis,
+            min_scale=self.min_scale,
+            max_scale=self.max_scale,
+            raise_at_min_scale=self.raise_at_min_scale,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Versioned dict: scale, trackers, skipped steps, warned flag and every option. Syncs: yes.
+
+        Example:
+            >>> DynamicScaler(init_scale=4.0).state_dict()["hysteresis_tracker"]
+            2
+        """
+        return {
+            **super().state_dict(),
+            "growth_tracker": int(self._growth_tracker.item()),
+            "hysteresis_tracker": int(self._hysteresis_tracker.item()),
+            "warned_at_floor": self._warned_at_floor,
+        }
+
+    def _load_config(self, state_dict: dict[str, Any]) -> None:
+        _validate_dynamic(
+            init_scale=state_dict["scale"],
+            **{k: state_dict[k] for k in self._config() if k != "raise_at_min_scale"},
+        )
+        self.growth_factor = float(state_dict["growth_factor"])
+        self.backoff_factor = float(state_dict["backoff_factor"])
+        self.growth_interval = int(state_dict["growth_interval"])
+        self.hysteresis = int(state_dict["hysteresis"])
+        self.min_scale = float(state_dict["min_scale"])
+        self.max_scale = float(state_dict["max_scale"])
+        self.raise_at_min_scale = bool(state_dict["raise_at_min_scale"])
+        self._warned_at_floor = bool(state_dict["warned_at_floor"])
+        self._growth_tracker = torch.tensor(
+            int(state_dict["growth_tracker"]), dtype=torch.int32, device=self.device
+        )
+        self._hysteresis_tracker = torch.tensor(
+            int(state_dict["hysteresis_tracker"]), dtype=torch.int32, device=self.device
+        )
+
+
+# ----- argument checks ----------------------------------------------------------------------------
+
+
+def _check_positive_finite(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _validate_dynamic(
+    init_scale: Any,
+    growth_factor: Any,
+    backoff_factor: Any,
+    growth_interval: Any,
+    hysteresis: Any,
+    min_scale: Any,
+    max_scale: Any,
+) -> None:
+    _check_positive_finite("init_scale", init_scale)
+    if not isinstance(growth_factor, (int, float)) or not (1 < growth_factor < math.inf):
+        raise ValueError(f"growth_factor must be a finite number > 1 (e.g. 2.0), got {growth_factor!r}")
+    if not isinstance(backoff_factor, (int, float)) or not (0 < backoff_factor < 1):
+        raise ValueError(f"backoff_factor must be in (0, 1) (e.g. 0.5), got {backoff_factor!r}")
+    if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) or growth_interval < 1:
+        raise ValueError(f"growth_interval must be an integer >= 1 (e.g. 2000), got {growth_interval!r}")
+    if isinstance(hysteresis, bool) or not isinstance(hysteresis, int) or hysteresis < 1:
+        raise ValueError(
+            f"hysteresis must be an integer >= 1 (1 backs off on every overflow), got {hysteresis!r}"
+        )
+    if not isinstance(min_scale, (int, float)) or not (0 <= min_scale < math.inf):
+        raise ValueError(f"min_scale must be a finite number >= 0 (0: no floor), got {min_scale!r}")
+    if not isinstance(max_scale, (int, float)) or math.isnan(max_scale) or max_scale <= 0:
+        raise ValueError(f"max_scale must be a number > 0 (inf: no ceiling), got {max_scale!r}")
+    if min_scale > max_scale:
+        raise ValueError(f"min_scale ({min_scale!r}) must be <= max_scale ({max_scale!r})")
+    if not min_scale <= init_scale <= max_scale:
+        raise ValueError(
+            f"init_scale ({init_scale!r}) must lie in [min_scale, max_scale] = [{min_scale!r}, {max_scale!r}]"
+        )
