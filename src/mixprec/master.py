@@ -1,0 +1,464 @@
+"""FP32 master weights for any torch optimizer.
+
+An update smaller than 2^-11 of its weight is lost when it is added in FP16 (half an FP16 ulp); over
+many steps those lost updates are the difference between training and stalling. `MasterWeights` keeps
+an FP32 copy of every 16-bit parameter, lets the wrapped optimizer step the copies, and rounds the
+result back into the model's parameters for the next forward/backward (Micikevicius et al., 2018).
+
+How it fits together:
+
+* The wrapped optimizer's param groups are pointed at the FP32 masters, so its state (Adam moments,
+  step counters) is FP32 and attached to the masters; LR schedulers attach to the `MasterWeights`
+  (a `torch.optim.Optimizer`), whose ``param_groups`` *are* the inner optimizer's.
+* Gradients are accumulated in FP32: a post-accumulate-grad hook on each 16-bit parameter moves its
+  gradient into the master's FP32 ``.grad`` as soon as autograd has produced it, and frees the 16-bit
+  one. This is the one design that accumulates micro-batches in FP32 with no call from the user
+  between backward passes, and it keeps at most one 16-bit gradient per parameter alive at a time.
+  The cost is one small Python call per parameter per backward (the same work as copying the grads
+  later, just issued earlier, overlapping the rest of the backward on a GPU).
+* The master -> model copy is one ``torch._foreach_copy_`` per (device, dtype) group.
+
+Modes (a string, so that compact / kahan / stochastic modes can be added as modes of this component):
+
+* ``"fp32"``: FP32 masters for every 16-bit (or emulated) parameter. FP32 parameters (e.g. FP32
+  islands such as norms) are their own masters: no copy.
+* ``"none"``: no masters; the optimizer steps the 16-bit parameters directly (the paper's "without
+  master weights" ablation). With emulation, parameters are rounded back onto the grid after each step.
+
+A param group of the inner optimizer may carry a ``"master_mode"`` key to override ``mode`` for that
+group.
+
+Emulation: with ``param_format`` (a `mixprec.Format`), float32 parameters are taken to hold values on
+that format's grid (e.g. FP16 values in FP32 storage, as the paper emulated FP16). Incoming gradients
+are rounded onto the format first (a real 16-bit parameter's gradient is 16-bit), masters are rounded
+back with `mixprec.quantize`. The emulated copy-back runs per tensor: emulation is for studying the
+numerics on any machine, not the fast path.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from .emulate import quantize
+from .formats import F32, FORMATS, Format
+
+__all__ = ["MasterWeights", "MODES"]
+
+MODES = ("fp32", "none")
+_PLANNED_MODES = ("compact", "kahan", "stochastic")
+STATE_VERSION = 1
+
+
+def _native_format(dtype: torch.dtype) -> Format | None:
+    for fmt in FORMATS.values():
+        if fmt.torch_dtype == dtype:
+            return fmt
+    return None
+
+
+def _check_mode(mode: Any, where: str) -> str:
+    if mode not in MODES:
+        planned = ""
+        if mode in _PLANNED_MODES:
+            planned = f" ({', '.join(_PLANNED_MODES)} are planned, not built yet)"
+        raise ValueError(f"{where} must be one of {list(MODES)}, got {mode!r}{planned}")
+    return mode
+
+
+class MasterWeights(torch.optim.Optimizer):
+    """Wrap an optimizer built over a model's 16-bit parameters so that it steps FP32 master copies.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` over the model's parameters (not yet wrapped).
+        mode: ``"fp32"`` (masters) or ``"none"`` (step the 16-bit parameters directly).
+        param_format: for emulated training, the format that the float32 parameters' values are on
+            (a `mixprec.Format` or its name), or a mapping ``{param: format}`` for per-parameter formats
+            (float32 params not in it are FP32). Without it the format is read from each parameter's
+            dtype (float16 -> F16, bfloat16 -> BF16; float32 parameters are their own masters).
+
+    Raises:
+        ValueError: ``mode="fp32"`` but no parameter is 16-bit or emulated (masters would do nothing);
+            ``param_format`` disagrees with a 16-bit parameter's dtype; an unknown mode.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2).half()
+        >>> opt = MasterWeights(torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> opt.param_groups[0]["params"][0].dtype  # the optimizer now steps FP32 masters
+        torch.float32
+        >>> model(torch.ones(1, 4, dtype=torch.float16)).sum().backward()
+        >>> opt.step(); opt.zero_grad()
+        >>> model.weight.dtype, model.weight.grad is None
+        (torch.float16, True)
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        mode: str = "fp32",
+        param_format: Format | str | Mapping[torch.Tensor, Format | str] | None = None,
+    ) -> None:
+        if isinstance(optimizer, MasterWeights):
+            raise TypeError("this optimizer is already wrapped in MasterWeights: pass the inner one")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"MasterWeights wraps a torch.optim.Optimizer built over the model's parameters, "
+                f"got {type(optimizer).__name__}"
+            )
+        self.optimizer = optimizer
+        self.mode = _check_mode(mode, "mode")
+        self._formats_by_param: dict[int, Format] | None = None
+        if isinstance(param_format, Mapping):
+            # Per-parameter formats (e.g. an emulated model with FP32 islands): absent params are FP32.
+            self._formats_by_param = {id(p): Format.parse(f) for p, f in param_format.items()}
+            self.param_format: Format | None = None
+        else:
+            self.param_format = None if param_format is None else Format.parse(param_format)
+        self.defaults = optimizer.defaults
+        # The hook registries torch.optim.Optimizer.__init__ would create (it is not called: the param
+        # groups and state belong to the inner optimizer).
+        self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+
+        self._model_params: list[torch.Tensor] = []  # every parameter, in param-group order
+        self._copied: list[tuple[torch.Tensor, torch.Tensor, Format | None]] = []  # (param, master, emu fmt)
+        self._rounded: list[tuple[torch.Tensor, Format]] = []  # mode "none", emulated: re-round after step
+        self._hooks: list[Any] = []
+        self._build(optimizer)
+
+        self._native_copy_groups: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._emulated_copies: list[tuple[torch.Tensor, torch.Tensor, Format]] = []
+        for param, master, emulated in self._copied:
+            if emulated is None:
+                models, masters = self._native_copy_groups.setdefault((param.device, param.dtype), ([], []))
+                models.append(param)
+                masters.append(master)
+            else:
+                self._emulated_copies.append((param, master, emulated))
+        self._register_hooks()
+
+    # ----- construction -----------------------------------------------------------------------------
+    def _format_of(self, param: torch.Tensor, index: int) -> tuple[Format | None, bool]:
+        """(format of the param's values, whether it is emulated in float32 storage)."""
+        native = _native_format(param.dtype)
+        if param.dtype == torch.float32:
+            fmt = self.param_format
+            if self._formats_by_param is not None:
+                fmt = self._formats_by_param.get(id(param), F32)
+            return (fmt, True) if fmt is not None and fmt != F32 else (None, False)
+        if not param.is_floating_point():
+            raise ValueError(
+                f"parameter {index} has dtype {param.dtype}; MasterWeights needs floating-point parameters"
+            )
+        if self.param_format is not None and native is not None and self.param_format != native:
+            raise ValueError(
+                f"parameter {index} is {param.dtype} but param_format is {self.param_format}: "
+                f"param_format is for float32 parameters that emulate a narrower format; "
+                f"leave it out for {param.dtype} parameters"
+            )
+        return native, False
+
+    def _build(self, optimizer: torch.optim.Optimizer) -> None:
+        index = 0
+        replaced: dict[torch.Tensor, torch.Tensor] = {}
+        new_groups: list[list[torch.Tensor]] = []
+        for g, group in enumerate(optimizer.param_groups):
+            mode = _check_mode(group.get("master_mode", self.mode), f"param group {g}'s 'master_mode'")
+            stepped = []
+            for param in group["params"]:
+                fmt, emulated = self._format_of(param, index)
+                self._model_params.append(param)
+                if mode == "fp32" and fmt is not None and fmt != F32:
+                    master = param.detach().to(torch.float32, copy=True)
+                    self._copied.append((param, master, fmt if emulated else None))
+                    replaced[param] = master
+                    stepped.append(master)
+                else:
+                    if mode == "none" and emulated:
+                        self._rounded.append((param, fmt))
+                    stepped.append(param)
+                index += 1
+            new_groups.append(stepped)
+        wants_masters = any(g.get("master_mode", self.mode) == "fp32" for g in optimizer.param_groups)
+        if wants_masters and not self._copied:
+            dtypes = sorted({str(p.dtype) for p in self._model_params})
+            raise ValueError(
+                f"MasterWeights(mode='fp32') found no 16-bit parameters (dtypes: {', '.join(dtypes)}): "
+                f"FP32 masters of FP32 parameters would do nothing. Use the plain optimizer, cast the "
+                f"model to 16 bits first, or pass param_format=mp.F16 (say) to emulate 16-bit "
+                f"parameters in FP32 storage"
+            )
+        # Only now that every check passed, point the inner optimizer at the masters.
+        for group, stepped in zip(optimizer.param_groups, new_groups, strict=True):
+            group["params"] = stepped
+        # Existing optimizer state follows its parameter to the master, in FP32 (like load_state_dict).
+        for param, master in replaced.items():
+            if param in optimizer.state:
+                state = optimizer.state.pop(param)
+                optimizer.state[master] = {k: _to_fp32_state(k, v) for k, v in state.items()}
+
+    def _register_hooks(self) -> None:
+        for param, master, emulated in self._copied:
+            if param.requires_grad:
+                self._hooks.append(param.register_post_accumulate_grad_hook(_mover(master, emulated)))
+        for param, fmt in self._rounded:
+            if param.requires_grad:
+                self._hooks.append(param.register_post_accumulate_grad_hook(_rounder(fmt)))
+
+    def remove_hooks(self) -> None:
+        """Detach the gradient hooks from the model's parameters (e.g. before dropping this object).
+
+        After this, gradients stay on the model's parameters until `collect_grads_` moves them.
+        """
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    # ----- what torch.optim.Optimizer users expect ---------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """The inner optimizer's param groups (their ``"params"`` are the FP32 masters)."""
+        return self.optimizer.param_groups
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        """The inner optimizer's state, keyed by master tensors."""
+        return self.optimizer.state
+
+    @property
+    def model_params(self) -> list[torch.Tensor]:
+        """The model's parameters, in param-group order."""
+        return list(self._model_params)
+
+    @property
+    def master_params(self) -> list[torch.Tensor]:
+        """The tensors the inner optimizer steps (FP32 masters, or the params themselves), in order."""
+        return [t for group in self.param_groups for t in group["params"]]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Not supported: add every group to the inner optimizer before wrapping it."""
+        raise NotImplementedError(
+            "MasterWeights cannot add param groups after construction: add the group to the inner "
+            "optimizer first, then wrap it in MasterWeights"
+        )
+
+    # ----- the hot path ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def collect_grads_(self) -> list[torch.Tensor]:
+        """Move any gradients still on 16-bit parameters into the FP32 masters; return the gradients the
+        optimizer will step on (the masters' FP32 grads; in mode "none" the parameters' own grads).
+
+        The hooks normally move gradients during backward, so this only finds leftovers (gradients
+        set by hand, or after `remove_hooks`). `mp.step` unscales and clips the returned list in place.
+
+        Syncs: no.
+
+        Example:
+            >>> model = torch.nn.Linear(2, 1).half()
+            >>> opt = MasterWeights(torch.optim.SGD(model.parameters(), lr=0.1))
+            >>> model(torch.ones(1, 2, dtype=torch.float16)).sum().backward()
+            >>> [g.dtype for g in opt.collect_grads_()]
+            [torch.float32, torch.float32]
+        """
+        for param, master, emulated in self._copied:
+            if param.grad is not None:
+                _move_grad(param, master, emulated)
+        for param, fmt in self._rounded:  # idempotent if the hook already rounded it
+            if param.grad is not None:
+                param.grad.copy_(quantize(param.grad, fmt))
+        return [t.grad for t in self.master_params if t.grad is not None]
+
+    @torch.no_grad()
+    def copy_to_model_(self) -> None:
+        """Round the masters into the model's parameters (done by `step`; call it after editing masters).
+
+        Syncs: no.
+        """
+        for models, masters in self._native_copy_groups.values():
+            torch._foreach_copy_(models, masters)
+        for param, master, fmt in self._emulated_copies:
+            param.copy_(quantize(master, fmt))
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        """Collect gradients into the masters, step the inner optimizer, round masters into the model.
+
+        Without a loss scaler this is the whole update; with one, call ``mp.step(optimizer, scaler)``,
+        which unscales, checks and clips the FP32 gradients, then calls this (or skips it on overflow).
+
+        Syncs: no (the inner optimizer may: e.g. capturable=False Adam on CUDA does not).
+
+        Example:
+            >>> p = torch.nn.Parameter(torch.ones(2, dtype=torch.float16))
+            >>> opt = MasterWeights(torch.optim.SGD([p], lr=2.0**-12))
+            >>> for _ in range(4):
+            ...     (p * 1.0).sum().backward(); opt.step(); opt.zero_grad()
+            >>> opt.master_params[0].tolist(), p.tolist()  # 4 updates of 2^-12, each lost in FP16 alone
+            ([0.9990234375, 0.9990234375], [0.9990234375, 0.9990234375])
+        """
+        if closure is not None:
+            raise ValueError(
+                "MasterWeights.step does not take a closure: compute the loss and call backward first"
+            )
+        for hook in list(self._optimizer_step_pre_hooks.values()):
+            hook(self, (), {})
+        self.collect_grads_()
+        self.optimizer.step()
+        self.copy_to_model_()
+        for param, fmt in self._rounded:
+            param.copy_(quantize(param, fmt))
+        for hook in list(self._optimizer_step_post_hooks.values()):
+            hook(self, (), {})
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of both the model's parameters and the masters.
+
+        Example:
+            >>> p = torch.nn.Parameter(torch.ones(2, dtype=torch.float16))
+            >>> opt = MasterWeights(torch.optim.SGD([p], lr=0.1))
+            >>> p.sum().backward(); opt.zero_grad()
+            >>> p.grad, opt.master_params[0].grad
+            (None, None)
+        """
+        leftover = [p.grad for p in self._model_params if p.grad is not None]
+        if set_to_none:
+            for p in self._model_params:
+                p.grad = None
+        elif leftover:
+            torch._foreach_zero_(leftover)
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    # ----- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """A versioned dict: the FP32 masters and the inner optimizer's state dict.
+
+        Like torch's, it holds references to live tensors: ``torch.save`` it (or deep-copy it) before
+        training on. Loads with ``torch.load(weights_only=True)``.
+
+        Example:
+            >>> p = torch.nn.Parameter(torch.ones(2, dtype=torch.float16))
+            >>> sd = MasterWeights(torch.optim.SGD([p], lr=0.1)).state_dict()
+            >>> sd["version"], sd["shapes"], sd["masters"][0].dtype
+            (1, [[2]], torch.float32)
+        """
+        return {
+            "version": STATE_VERSION,
+            "mode": self.mode,
+            "param_format": self._format_name(),
+            "shapes": [list(p.shape) for p in self._model_params],
+            "has_master": self._has_master_flags(),
+            "masters": [master for _, master, _ in self._copied],
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def _format_name(self) -> str | None:
+        if self._formats_by_param is not None:
+            return "per-parameter"
+        return None if self.param_format is None else self.param_format.name
+
+    def _has_master_flags(self) -> list[bool]:
+        copied = {id(p) for p, _, _ in self._copied}
+        return [id(p) in copied for p in self._model_params]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Restore masters and optimizer state, then round the masters into the model's parameters.
+
+        Raises:
+            ValueError: a different version or mode, or a different set of parameters (count, shapes).
+
+        Example:
+            >>> p = torch.nn.Parameter(torch.ones(2, dtype=torch.float16))
+            >>> a = MasterWeights(torch.optim.SGD([p], lr=0.1))
+            >>> q = torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))
+            >>> MasterWeights(torch.optim.SGD([q], lr=0.1)).load_state_dict(a.state_dict()); q.tolist()
+            [1.0, 1.0]
+        """
+        keys = {"version", "mode", "param_format", "shapes", "has_master", "masters", "optimizer"}
+        if not isinstance(state_dict, dict) or set(state_dict) != keys:
+            got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(f"not a MasterWeights state dict: expected keys {sorted(keys)}, got {got}")
+        if state_dict["version"] != STATE_VERSION:
+            raise ValueError(
+                f"MasterWeights state dict version {state_dict['version']!r} is not supported; "
+                f"this mixprec reads version {STATE_VERSION}"
+            )
+        if state_dict["mode"] != self.mode:
+            raise ValueError(
+                f"the state dict was saved with mode={state_dict['mode']!r}, this MasterWeights has "
+                f"mode={self.mode!r}: create it with the same mode"
+            )
+        saved, ours = state_dict["shapes"], [list(p.shape) for p in self._model_params]
+        if len(saved) != len(ours):
+            raise ValueError(
+                f"the state dict holds {len(saved)} parameters, this MasterWeights has {len(ours)}: "
+                f"it was saved for a different model or param groups"
+            )
+        for i, (a, b) in enumerate(zip(saved, ours, strict=True)):
+            if a != b:
+                raise ValueError(
+                    f"parameter {i}: saved shape {tuple(a)}, this MasterWeights has {tuple(b)}: "
+                    f"the state dict was saved for a different model"
+                )
+        if state_dict["has_master"] != self._has_master_flags():
+            raise ValueError(
+                "the state dict's masters belong to different parameters (their dtypes or the param_format "
+                "differ): create the model and MasterWeights as when it was saved"
+            )
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        with torch.no_grad():
+            for (_, master, _), saved_master in zip(self._copied, state_dict["masters"], strict=True):
+                master.copy_(saved_master)
+        self.copy_to_model_()
+
+    def __repr__(self) -> str:
+        fmt = "" if self.param_format is None else f", param_format={self.param_format}"
+        return f"MasterWeights({self.optimizer!r}, mode={self.mode!r}{fmt})"
+
+
+def _to_fp32_state(key: str, value: Any) -> Any:
+    # Optimizer state follows its dtype policy: floating state matches the param, "step" stays as is.
+    if torch.is_tensor(value) and value.is_floating_point() and key != "step":
+        return value.to(torch.float32)
+    return value
+
+
+# ----- gradient hooks ------------------------------------------------------------------------------
+
+
+def _move_grad(param: torch.Tensor, master: torch.Tensor, emulated: Format | None) -> None:
+    """Add ``param.grad`` (rounded onto ``emulated``, if set) into ``master.grad`` in FP32; free it."""
+    grad = param.grad
+    if grad is None:  # another hook already took it
+        return
+    if emulated is not None:
+        grad = quantize(grad, emulated)
+    if master.grad is None:
+        master.grad = grad.to(torch.float32, copy=grad is param.grad)
+    else:
+        master.grad.add_(grad)
+    param.grad = None
+
+
+def _mover(master: torch.Tensor, emulated: Format | None) -> Callable[[torch.Tensor], None]:
+    def hook(param: torch.Tensor) -> None:
+        with torch.no_grad():
+            _move_grad(param, master, emulated)
+
+    return hook
+
+
+def _rounder(fmt: Format) -> Callable[[torch.Tensor], None]:
+    # Mode "none", emulated: the accumulated gradient is rounded onto the format, as a 16-bit .grad is.
+    def hook(param: torch.Tensor) -> None:
+        if param.grad is not None:
+            with torch.no_grad():
+                param.grad.copy_(quantize(param.grad, fmt))
+
+    return hook

@@ -1,0 +1,234 @@
+"""MasterWeights: FP32 masters that the optimizer steps, FP32 gradient accumulation, param groups, LR
+schedulers, emulation, checkpoints, errors, and the paper's finding (b): updates below 2^-11 of the weight
+stall without masters."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import mixprec as mp
+
+
+def fp16_params(*shapes: tuple[int, ...], seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(*s, generator=g).half()) for s in shapes]
+
+
+def test_optimizer_steps_fp32_masters_and_state_follows():
+    (p,) = fp16_params((3, 2))
+    inner = torch.optim.Adam([p], lr=1e-3)
+    p.grad = torch.ones_like(p)
+    inner.step()  # existing fp16 state must follow the param to its master, as FP32
+    opt = mp.MasterWeights(inner)
+    (master,) = opt.master_params
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert master.dtype == torch.float32 and torch.equal(master, p.float()) and master is not p
+    assert opt.param_groups is inner.param_groups and opt.param_groups[0]["params"] == [master]
+    assert p not in opt.state and opt.state[master]["exp_avg"].dtype == torch.float32
+    assert opt.model_params == [p]
+
+
+def test_param_groups_with_different_lr_and_weight_decay_match_fp32_reference():
+    params = fp16_params((4, 3), (3,), (2, 2), seed=1)
+    ref = [torch.nn.Parameter(p.detach().float()) for p in params]
+
+    def groups(ps):
+        return [{"params": ps[:2], "lr": 0.1, "weight_decay": 0.01}, {"params": ps[2:], "lr": 0.3}]
+
+    opt = mp.MasterWeights(torch.optim.AdamW(groups(params), lr=0.5, weight_decay=0.5))
+    ref_opt = torch.optim.AdamW(groups(ref), lr=0.5, weight_decay=0.5)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        for p, r in zip(params, ref, strict=True):
+            grad = torch.randn(p.shape, generator=g).half()
+            p.grad, r.grad = grad, grad.float()  # set by hand: collected without the backward hook
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    for master, r, p in zip(opt.master_params, ref, params, strict=True):
+        assert torch.equal(master, r)  # the masters took exactly the FP32 update
+        assert torch.equal(p, r.half())  # and the model holds them rounded
+
+
+def test_lr_scheduler_attaches_and_reaches_the_inner_optimizer():
+    (p,) = fp16_params((2,))
+    inner = torch.optim.SGD([p], lr=1.0)
+    opt = mp.MasterWeights(inner)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(2):
+        p.sum().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    assert inner.param_groups[0]["lr"] == 0.25 == sched.get_last_lr()[0]
+
+
+def test_grad_accumulation_over_micro_batches_is_fp32():
+    (p,) = [torch.nn.Parameter(torch.ones(4, dtype=torch.float16))]
+    small = 2.0**-11  # 1 + 2^-11 is a tie in FP16 and rounds back to 1: the bit is lost in 16 bits
+    plain = torch.nn.Parameter(p.detach().clone())
+    for w in (plain,):
+        (w * 1.0).sum().backward()
+        (w * small).sum().backward()
+    assert plain.grad.tolist() == [1.0] * 4  # the 16-bit accumulation lost it
+
+    opt = mp.MasterWeights(torch.optim.SGD([p], lr=1.0))
+    (p * 1.0).sum().backward()
+    assert p.grad is None  # moved into the master as soon as autograd produced it
+    (p * small).sum().backward()
+    (grad,) = opt.collect_grads_()
+    assert grad.dtype == torch.float32 and grad.tolist() == [1.0 + small] * 4
+
+
+def test_zero_grad_clears_model_and_master_grads():
+    (p,) = fp16_params((3,))
+    opt = mp.MasterWeights(torch.optim.SGD([p], lr=1.0))
+    p.sum().backward()
+    p.grad = torch.ones_like(p)  # a leftover 16-bit grad as well
+    opt.zero_grad(set_to_none=False)
+    assert p.grad.abs().sum() == 0 and opt.master_params[0].grad.abs().sum() == 0
+    opt.zero_grad()
+    assert p.grad is None and opt.master_params[0].grad is None
+
+
+def test_fp32_params_are_their_own_masters_next_to_fp16_ones():
+    half, full = torch.nn.Parameter(torch.ones(2).half()), torch.nn.Parameter(torch.ones(2))
+    opt = mp.MasterWeights(torch.optim.SGD([half, full], lr=0.5))
+    assert opt.master_params[1] is full and opt.master_params[0] is not half
+    (half.float().sum() + full.sum()).backward()
+    opt.step()
+    assert half.tolist() == [0.5, 0.5] and full.tolist() == [0.5, 0.5]
+
+
+# ----- emulation ----------------------------------------------------------------------------------
+
+
+def test_emulated_fp16_rounds_grads_and_copies_masters_back_on_the_grid():
+    w = torch.nn.Parameter(torch.ones(3))  # FP32 storage holding FP16 values
+    opt = mp.MasterWeights(torch.optim.SGD([w], lr=1.0), param_format=mp.F16)
+    x = torch.tensor([1e-8, 1.0 + 2.0**-13, 3.0])  # 1e-8 flushes to 0 in FP16; the middle rounds to 1
+    (w * x).sum().backward()
+    (grad,) = opt.collect_grads_()
+    assert grad.tolist() == [0.0, 1.0, 3.0]
+    opt.step()
+    (master,) = opt.master_params
+    assert master.tolist() == [1.0, 0.0, -2.0]
+    opt.optimizer.param_groups[0]["lr"] = 2.0**-13
+    master.grad = torch.ones(3)
+    opt.step()
+    assert torch.equal(w, master.half().float()) and not torch.equal(w, master)
+
+
+def test_per_parameter_formats_leave_fp32_islands_alone():
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = mp.MasterWeights(torch.optim.SGD([a, b], lr=2.0**-13), param_format={a: "fp16"})
+    assert opt.master_params[1] is b and opt.master_params[0] is not a
+    (a.sum() + b.sum()).backward()
+    opt.step()
+    assert a.tolist() == [1.0, 1.0] and b.tolist() == [1.0 - 2.0**-13] * 2
+
+
+# ----- the paper's finding (b) -------------------------------------------------------------------------
+
+
+def _small_update_run(mode: str | None, native: bool, steps: int = 300) -> torch.Tensor:
+    """Pull w from 1.0 towards 1.25 with updates of ~2^-14, below FP16's half-ulp 2^-11 at 1.0."""
+    target = torch.full((8,), 1.25)
+    if mode is None:  # the FP32 reference
+        w = torch.nn.Parameter(torch.ones(8))
+        opt: torch.optim.Optimizer = torch.optim.SGD([w], lr=2.0**-12)
+    elif native:
+        w = torch.nn.Parameter(torch.ones(8, dtype=torch.float16))
+        opt = mp.MasterWeights(torch.optim.SGD([w], lr=2.0**-12), mode=mode)
+    else:
+        w = torch.nn.Parameter(torch.ones(8))
+        opt = mp.MasterWeights(torch.optim.SGD([w], lr=2.0**-12), mode=mode, param_format=mp.F16)
+    for _ in range(steps):
+        (0.5 * (w.float() - target) ** 2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return w.detach().float()
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["emulated", "native-fp16"])
+def test_updates_below_half_ulp_stall_without_masters_and_match_fp32_with_them(native):
+    fp32 = _small_update_run(None, native)
+    without = _small_update_run("none", native)
+    with_masters = _small_update_run("fp32", native)
+    assert (fp32 - 1.0).min() > 16 * 2.0**-10  # FP32 moved by over 16 FP16 ulps
+    assert torch.equal(without, torch.ones(8))  # 16-bit weights: every update lost, bitwise stalled
+    assert torch.allclose(with_masters, fp32, rtol=0, atol=2.0**-10)  # within one FP16 ulp of FP32
+
+
+# ----- checkpoints ------------------------------------------------------------------------------------
+
+
+def test_state_dict_round_trips_into_fresh_objects_through_weights_only_load():
+    params = fp16_params((3, 2), (2,), seed=3)
+    opt = mp.MasterWeights(torch.optim.Adam(params, lr=1e-2))
+    for _ in range(2):
+        sum((p.float() ** 2).sum() for p in params).backward()
+        opt.step()
+        opt.zero_grad()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    sd = torch.load(buffer, weights_only=True)
+
+    fresh = fp16_params((3, 2), (2,), seed=4)
+    opt2 = mp.MasterWeights(torch.optim.Adam(fresh, lr=0.5))
+    opt2.load_state_dict(sd)
+    for a, b in zip(opt.master_params, opt2.master_params, strict=True):
+        assert torch.equal(a, b)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[a][key], opt2.state[b][key])
+    for a, b in zip(params, fresh, strict=True):
+        assert torch.equal(a, b)  # the model got the loaded masters, rounded
+    assert opt2.param_groups[0]["lr"] == 1e-2
+
+
+def test_state_dict_for_different_params_is_rejected():
+    opt = mp.MasterWeights(torch.optim.SGD(fp16_params((3, 2), (2,)), lr=1.0))
+    sd = opt.state_dict()
+    with pytest.raises(ValueError, match="holds 2 parameters, this MasterWeights has 1"):
+        mp.MasterWeights(torch.optim.SGD(fp16_params((3, 2)), lr=1.0)).load_state_dict(sd)
+    with pytest.raises(ValueError, match=r"parameter 0: saved shape \(3, 2\), this MasterWeights has \(2, 3"):
+        mp.MasterWeights(torch.optim.SGD(fp16_params((2, 3), (2,)), lr=1.0)).load_state_dict(sd)
+    with pytest.raises(ValueError, match="mode='fp32'"):
+        mp.MasterWeights(torch.optim.SGD(fp16_params((3, 2), (2,)), lr=1.0), mode="none").load_state_dict(sd)
+    with pytest.raises(ValueError, match="version 7"):
+        opt.load_state_dict({**sd, "version": 7})
+    with pytest.raises(ValueError, match="not a MasterWeights state dict"):
+        opt.load_state_dict(torch.optim.SGD(fp16_params((1,)), lr=1.0).state_dict())
+
+
+# ----- errors -----------------------------------------------------------------------------------------
+
+
+def test_masters_over_fp32_params_explain_why():
+    with pytest.raises(ValueError, match="FP32 masters of FP32 parameters would do nothing.*param_format"):
+        mp.MasterWeights(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0))
+    # mode="none" over FP32 is just the plain optimizer, allowed (the FP32 baseline through one wrapper)
+    mp.MasterWeights(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0), mode="none")
+
+
+def test_bad_mode_format_and_optimizer_are_rejected():
+    params = fp16_params((2,))
+    with pytest.raises(ValueError, match=r"mode must be one of \['fp32', 'none'\], got 'kahan' \(compact"):
+        mp.MasterWeights(torch.optim.SGD(params, lr=1.0), mode="kahan")
+    with pytest.raises(ValueError, match="torch.float16 but param_format is bf16"):
+        mp.MasterWeights(torch.optim.SGD(params, lr=1.0), param_format=mp.BF16)
+    with pytest.raises(TypeError, match="got list"):
+        mp.MasterWeights(params)
+    inner = torch.optim.SGD(params, lr=1.0)
+    with pytest.raises(TypeError, match="already wrapped"):
+        mp.MasterWeights(mp.MasterWeights(inner))
+    assert inner.param_groups[0]["params"][0].dtype == torch.float32  # the first wrap did happen
+    bad = torch.optim.SGD(fp16_params((2,)), lr=1.0)
+    with pytest.raises(ValueError, match="param_format"):
+        mp.MasterWeights(bad, param_format="bf16")
+    assert bad.param_groups[0]["params"][0].dtype == torch.float16  # a failed wrap changes nothing
