@@ -1,0 +1,177 @@
+"""Emulated execution of a policy: values rounded onto a format's grid, arithmetic in FP32.
+
+The model mirrors what native execution stores, module by module (see docs/policies.md):
+
+* parameters hold values on their storage format's grid (rounded at prepare), and their gradients
+  are rounded onto it after every accumulation (natively a float16 parameter has a float16 .grad);
+* every floating tensor crossing a module boundary (inputs of modules that compute, outputs of every
+  module) is stored in the policy's activation format, and rounded onto the module's compute format
+  on the way in; the gradient of each such tensor is rounded the same way in backward;
+* a module whose parameters are wider than its compute format (FP32 params, FP16 compute: torch.amp's
+  recipe) sees its weights rounded onto the compute format at use, and the weight gradient of that use
+  is rounded onto the compute format too (natively: the gradient of the float16 copy of the weight).
+
+Functional ops inside a module's forward (an attention's softmax, a residual add) run in FP32 between
+those boundaries: the emulation is per module, not per op.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from .emulate import quantize
+from .formats import F32, Format
+from .policy import ModulePrecision
+
+
+def round_chain(x: torch.Tensor, formats: tuple[Format, ...]) -> torch.Tensor:
+    """Round `x` onto each format in turn (FP32 skipped); no autograd."""
+    for fmt in formats:
+        if fmt != F32:
+            x = quantize(x, fmt)
+    return x
+
+
+class _Round(torch.autograd.Function):
+    """Forward: round onto `forward_formats`. Backward: round the gradient onto `backward_formats`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, forward_formats: tuple, backward_formats: tuple) -> torch.Tensor:
+        ctx.backward_formats = backward_formats
+        return round_chain(x, forward_formats) if forward_formats else x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return round_chain(grad, ctx.backward_formats), None, None
+
+
+def cast(x: torch.Tensor, forward_formats: tuple[Format, ...], backward_formats: tuple[Format, ...]):
+    """An emulated cast: values rounded in forward, the gradient rounded in backward."""
+    forward_formats = tuple(f for f in forward_formats if f != F32)
+    backward_formats = tuple(f for f in backward_formats if f != F32)
+    if not x.requires_grad or not torch.is_grad_enabled():
+        return round_chain(x, forward_formats) if forward_formats else x
+    if not forward_formats and not backward_formats:
+        return x
+    return _Round.apply(x, forward_formats, backward_formats)
+
+
+def map_floats(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply `fn` to every floating tensor in nested tuples, lists, namedtuples and dicts (ModelOutput)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj) if obj.is_floating_point() else obj
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple, PackedSequence
+        return type(obj)(*(map_floats(o, fn) for o in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_floats(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        new = copy.copy(obj)  # keeps the mapping's type (OrderedDict, transformers' ModelOutput)
+        for key, value in obj.items():
+            new[key] = map_floats(value, fn)
+        return new
+    return obj
+
+
+def round_parameters_(params: Iterable[tuple[torch.nn.Parameter, Format]]) -> None:
+    """Round each parameter in place onto its storage format's grid (same Parameter objects)."""
+    with torch.no_grad():
+        for p, fmt in params:
+            if fmt != F32:
+                p.copy_(quantize(p, fmt))
+
+
+def add_gradient_rounding(params: Iterable[tuple[torch.nn.Parameter, Format]]) -> list[RemovableHandle]:
+    """After each accumulation into p.grad, round p.grad onto p's storage format (kept while prepared)."""
+
+    def make_hook(fmt: Format) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            if p.grad is not None:
+                with torch.no_grad():
+                    p.grad.copy_(quantize(p.grad, fmt))
+
+        return hook
+
+    return [p.register_post_accumulate_grad_hook(make_hook(fmt)) for p, fmt in params if fmt != F32]
+
+
+def add_forward_rounding(model: torch.nn.Module, precisions: list[ModulePrecision], activation: Format,
+                         output: Format) -> list[RemovableHandle]:
+    """Forward hooks that round module inputs, weights at use and outputs (active inside autocast).
+
+    `activation` is the format tensors are stored in between modules (the policy's compute format);
+    `output` the format of the model's outputs.
+    """
+    handles: list[RemovableHandle] = []
+    by_name = dict(model.named_modules())
+    for mp in precisions:
+        module = by_name[mp.name]
+        compute = mp.compute
+        computes_here = mp.has_params or not any(True for _ in module.children())
+        if computes_here:
+            handles.append(module.register_forward_pre_hook(
+                _input_hook(activation, compute), with_kwargs=True))
+            if mp.has_params and compute not in (F32, mp.params):
+                swapped: list[dict[str, torch.Tensor]] = []  # a stack: a module may be re-entered
+                handles.append(module.register_forward_pre_hook(_swap_weights_hook(compute, swapped)))
+                handles.append(module.register_forward_hook(_restore_weights_hook(swapped), always_call=True))
+        handles.append(module.register_forward_hook(_output_hook((compute, activation))))
+    # The model's outputs: what the loss sees. Natively a cast to `output`, whose backward casts back.
+    handles.append(model.register_forward_hook(_output_hook((output,))))
+    return handles
+
+
+def _input_hook(activation: Format, compute: Format) -> Callable:
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            return cast(x, (activation, compute), (compute, activation))
+
+        return map_floats(args, fn), map_floats(kwargs, fn)
+
+    return hook
+
+
+def _output_hook(formats: tuple[Format, ...]) -> Callable:
+    def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        return map_floats(output, lambda y: cast(y, formats, tuple(reversed(formats))))
+
+    return hook
+
+
+def _swap_weights_hook(compute: Format, swapped: list[dict[str, torch.Tensor]]) -> Callable:
+    """Put weights rounded onto `compute` in place of the module's own parameters for this call.
+
+    Writes module._parameters[name] directly (keeping the key's order: state_dict and named_parameters
+    are unchanged) because nn.Module's setattr refuses a non-Parameter tensor; the rounded tensor's
+    backward rounds the weight gradient onto `compute` and flows into the original Parameter.
+    """
+
+    def hook(module: torch.nn.Module, args: tuple) -> None:
+        originals = {k: p for k, p in module._parameters.items() if p is not None}
+        for name, p in originals.items():
+            module._parameters[name] = cast(p, (compute,), (compute,))
+        if isinstance(module, torch.nn.RNNBase):
+            # RNNs read a cached list of their weights (refreshed by their own setattr, which we bypass).
+            originals["__flat_weights__"] = module._flat_weights  # type: ignore[assignment]
+            module._flat_weights = [module._parameters.get(n) for n in module._flat_weights_names]
+        swapped.append(originals)
+
+    return hook
+
+
+def _restore_weights_hook(swapped: list[dict[str, torch.Tensor]]) -> Callable:
+    def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if not swapped:  # the swap hook did not run (an earlier pre-hook raised)
+            return
+        originals = swapped.pop()
+        flat = originals.pop("__flat_weights__", None)
+        for name, p in originals.items():
+            module._parameters[name] = p
+        if flat is not None:
+            module._flat_weights = flat
+
+    return hook

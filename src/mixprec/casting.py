@@ -1,0 +1,241 @@
+"""Applying a Policy to a model: `prepare` once, then `autocast` around each forward pass.
+
+    model, optimizer, scaler = mp.prepare(model, optimizer, "f16-master")
+    with mp.autocast(model):
+        loss = loss_fn(model(x), y)
+    scaler.scale(loss).backward()
+    mp.step(optimizer, scaler)
+
+Execution is **native** where the device has every format of the policy (CUDA: fp16, bf16; CPU when
+asked for with ``execution=native``) and **emulated** elsewhere: FP32 tensors holding values on the
+format's grid, FP32 arithmetic (see `mixprec._emulation` and `mixprec._native` for the exact model).
+
+What `prepare` does (kept until `unprepare`): stores parameters in their format (native: cast in place,
+same Parameter objects; emulated: rounded in place), rounds weight gradients onto it after each
+accumulation (emulated), wraps the optimizer in `MasterWeights` when parameters are narrower than FP32,
+and builds the policy's loss scaler on the model's device. What `autocast` does (only inside it): the
+per-module casting or rounding of activations, and torch.autocast when native.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from . import _emulation, _native
+from .formats import F32, Format
+from .master import MasterWeights
+from .policy import ModulePrecision, Policy
+from .scaling import LossScaler
+
+__all__ = ["prepare", "autocast", "unprepare", "prepared_state", "PreparedState"]
+
+_STATE_ATTR = "_mixprec_prepared"
+
+
+@dataclass
+class PreparedState:
+    """What `prepare` did to a model: read it with `prepared_state(model)` (reports, memory accounting).
+
+    Attributes:
+        policy: the policy applied.
+        execution: ``"native"`` or ``"emulated"``: what runs.
+        device: the model's device at prepare.
+        precisions: per module (named_modules order): params/compute format and why.
+        param_formats: qualified parameter name -> storage format of its values (emulated: the grid
+            the float32 tensor's values lie on; native: the tensor's dtype).
+        in_autocast: whether an `autocast` for this model is open.
+    """
+
+    policy: Policy
+    execution: str
+    device: torch.device
+    precisions: list[ModulePrecision]
+    param_formats: dict[str, Format]
+    in_autocast: bool = False
+    handles: list[RemovableHandle] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready summary: policy string, execution, device, and parameter counts per format."""
+        return {"policy": str(self.policy), "execution": self.execution, "device": str(self.device),
+                "master": None if self.policy.master is None else self.policy.master.name,
+                "param_formats": {f.name: n for f, n in _count(self.param_formats.values()).items()}}
+
+
+def _count(formats: Any) -> dict[Format, int]:
+    counts: dict[Format, int] = {}
+    for fmt in formats:
+        counts[fmt] = counts.get(fmt, 0) + 1
+    return counts
+
+
+def prepared_state(model: torch.nn.Module) -> PreparedState | None:
+    """The `PreparedState` of a prepared model, or None.
+
+    Example:
+        >>> m = torch.nn.Linear(2, 2)
+        >>> _ = prepare(m, None, "bf16-pure")
+        >>> prepared_state(m).execution
+        'emulated'
+    """
+    return getattr(model, _STATE_ATTR, None)
+
+
+def prepare(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    policy: Policy | str,
+    device: torch.device | str | None = None,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer | None, LossScaler]:
+    """Apply `policy` to `model` (in place) and return ``(model, optimizer, scaler)`` to train with.
+
+    Args:
+        model: the model, already on its training device.
+        optimizer: an optimizer built over the model's parameters (before prepare), or None. It is
+            returned wrapped in `MasterWeights` when parameters are stored narrower than FP32 (FP32
+            masters, or mode "none" for policies without masters).
+        policy: a Policy or its string (``"f16-master"``).
+        device: where the model runs; default: the device of its first parameter.
+
+    Raises:
+        RuntimeError: the model is already prepared (call `unprepare` first).
+        ValueError: execution=native on a device without the policy's formats.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> model, opt, scaler = prepare(model, opt, "f16-master")
+        >>> type(opt).__name__, scaler.loss_scale, prepared_state(model).execution
+        ('MasterWeights', 65536.0, 'emulated')
+    """
+    policy = Policy.parse(policy)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"prepare expects a torch.nn.Module, got {type(model).__name__}")
+    if prepared_state(model) is not None:
+        raise RuntimeError(
+            f"this {type(model).__name__} is already prepared (policy {prepared_state(model).policy}); "
+            f"prepare a model once, or call mp.casting.unprepare(model) first to prepare it again")
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = torch.device(device)
+    execution = policy.resolve_execution(device)
+    precisions = policy.module_precisions(model, warn=True)
+
+    # Each parameter's storage format is its owning module's (the first owner, for tied weights).
+    by_name = dict(model.named_modules())
+    owned: dict[torch.nn.Parameter, tuple[str, Format]] = {}
+    for mp in precisions:
+        for pname, p in by_name[mp.name]._parameters.items():
+            if p is not None and p not in owned:
+                owned[p] = (f"{mp.name}.{pname}" if mp.name else pname, mp.params)
+    formats = [(p, fmt) for p, (_, fmt) in owned.items()]
+
+    handles: list[RemovableHandle] = []
+    if execution == "native":
+        _native.cast_parameters_(model, formats)
+    else:
+        _emulation.round_parameters_(formats)
+        handles += _emulation.add_gradient_rounding((p, fmt) for p, fmt in formats if p.requires_grad)
+
+    if optimizer is not None and any(fmt != F32 for _, fmt in formats):
+        mode = "fp32" if policy.master is not None else "none"
+        if execution == "native":
+            optimizer = MasterWeights(optimizer, mode=mode)
+        else:
+            optimizer = _EmulatedMasterWeights(optimizer, mode, {id(p): fmt for p, fmt in formats})
+
+    state = PreparedState(policy, execution, device, precisions,
+                          {name: fmt for name, fmt in owned.values()}, handles=handles)
+    setattr(model, _STATE_ATTR, state)
+    return model, optimizer, policy.make_scaler(device)
+
+
+class _EmulatedMasterWeights(MasterWeights):
+    """MasterWeights over float32 parameters that each emulate their own storage format.
+
+    MasterWeights takes one ``param_format`` for all float32 parameters; an emulated model also has
+    FP32 islands (norm layers), whose parameters must stay FP32 (their own masters, never rounded).
+    This narrows the per-parameter format lookup until MasterWeights takes a per-parameter format.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, mode: str, formats: dict[int, Format]) -> None:
+        self._formats_by_id = formats  # id(param) -> storage format; read by _format_of during __init__
+        super().__init__(optimizer, mode=mode)
+
+    def _format_of(self, param: torch.Tensor, index: int) -> tuple[Format | None, bool]:
+        if param.dtype == torch.float32:
+            fmt = self._formats_by_id.get(id(param), F32)
+            return (fmt, True) if fmt != F32 else (None, False)
+        return super()._format_of(param, index)
+
+
+def unprepare(model: torch.nn.Module) -> None:
+    """Remove what `prepare` attached (gradient hooks, the prepared mark); parameters keep their values.
+
+    The optimizer returned by prepare keeps its own hooks: drop it, or call its ``remove_hooks()``.
+
+    Example:
+        >>> m = torch.nn.Linear(2, 2)
+        >>> _ = prepare(m, None, "f16-pure"); unprepare(m); prepared_state(m) is None
+        True
+    """
+    state = prepared_state(model)
+    if state is None:
+        raise RuntimeError(f"this {type(model).__name__} is not prepared: nothing to undo")
+    if state.in_autocast:
+        raise RuntimeError("unprepare inside mp.autocast for the same model: leave the autocast block first")
+    for handle in state.handles:
+        handle.remove()
+    delattr(model, _STATE_ATTR)
+
+
+@contextlib.contextmanager
+def autocast(model: torch.nn.Module, policy: Policy | str | None = None) -> Iterator[None]:
+    """Run the forward passes of a prepared model under its policy, inside this block.
+
+    Native: torch.autocast for the compute dtype, FP32 islands and output casts by module hooks.
+    Emulated: module hooks round inputs, weights at use, outputs and (in backward) their gradients.
+    Outside the block the hooks are gone and no torch setting is changed: an emulated model then
+    computes in FP32 on its (rounded) parameters, e.g. for an FP32 evaluation. Backward may run after
+    the block: the rounding of gradients is recorded in the graph during the forward.
+
+    `policy`, if given, must be the one the model was prepared with (a check against mix-ups).
+    Every torch setting and hook it changes is restored on exit, also when the block raises.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> _ = prepare(model, None, "f16-pure")
+        >>> with autocast(model):
+        ...     y = model(torch.full((1, 3), 0.1))
+        >>> bool(y == y.half().float())
+        True
+    """
+    state = prepared_state(model)
+    if state is None:
+        raise RuntimeError(
+            f"mp.autocast needs a prepared model: call model, optimizer, scaler = mp.prepare(model, "
+            f"optimizer, {str(policy or 'policy')!r}) first")
+    if policy is not None and Policy.parse(policy) != state.policy:
+        raise ValueError(f"mp.autocast got policy {Policy.parse(policy)} but the model was prepared with "
+                         f"{state.policy}; pass the same policy, or none")
+    if state.in_autocast:
+        raise RuntimeError("mp.autocast is already open for this model; do not nest it")
+    p = state.policy
+    with contextlib.ExitStack() as stack:
+        state.in_autocast = True
+        stack.callback(setattr, state, "in_autocast", False)
+        if state.execution == "native":
+            if p.compute != F32:
+                stack.enter_context(torch.autocast(state.device.type, dtype=_native.dtype_of(p.compute)))
+            handles = _native.add_forward_casts(model, state.precisions, p.compute, p.output,
+                                                state.device.type)
+        else:
+            handles = _emulation.add_forward_rounding(model, state.precisions, p.compute, p.output)
+        for handle in handles:
+            stack.callback(handle.remove)
+        yield
