@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-from _env import environment
 
 import mixprec as mp
 from mixprec.emulate import quantize_bits
+
+from _env import environment
 
 
 def best_time(fn, repeats: int) -> float:

@@ -34,19 +34,16 @@ def run(args: argparse.Namespace) -> int:
 
         print(json.dumps(rows, indent=2))
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="Number formats")
-    for column in ("name", "bits", "e/m", "max", "min normal", "min subnormal", "eps", "inf", "torch dtype"):
-        table.add_column(column, justify="left" if column in ("name", "torch dtype") else "right")
+    # A plain fixed-width table: every number stays whole in an 80-column terminal.
+    header = f"{'name':6}{'bits':>4} {'e/m':>5} {'max':>10} {'min normal':>11} {'min subnorm':>12} {'eps':>7}"
+    print(header + f" {'inf':>3}  torch dtype")
+    print("-" * (len(header) + 19))
     for r in rows:
-        table.add_row(
-            r["name"], str(r["bits"]), f"{r['exponent_bits']}/{r['mantissa_bits']}",
-            _num(r["max"]), _num(r["min_normal"]), _num(r["min_subnormal"]), _num(r["eps"]),
-            "yes" if r["inf"] else "no", r["torch_dtype"],
+        print(
+            f"{r['name']:6}{r['bits']:>4} {str(r['exponent_bits']) + '/' + str(r['mantissa_bits']):>5} "
+            f"{_num(r['max']):>10} {_num(r['min_normal']):>11} {_num(r['min_subnormal']):>12} "
+            f"{_num(r['eps']):>7} {'yes' if r['inf'] else 'no':>3}  {r['torch_dtype']}"
         )
-    Console().print(table)
     return 0
 
 
@@ -57,4 +54,6 @@ def _num(value: float) -> str:
     mantissa, exponent = math.frexp(value)
     if mantissa == 0.5 and abs(exponent - 1) > 4:
         return f"2^{exponent - 1}"
-    return f"{value:.6g}"
+    if value.is_integer() and value < 1e7:
+        return str(int(value))
+    return f"{value:.4g}"

@@ -1,0 +1,113 @@
+"""The architecture as tests: dependency direction (DESIGN.md), the public API, the core's size."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import mixprec as mp
+
+SRC = Path(mp.__file__).parent
+
+# DESIGN.md: formats -> emulate, policy, scaling -> casting, master, memory -> step, distributed
+#            -> numerics -> __init__ -> recipes, training -> report -> cli
+LEVEL = {
+    "formats": 0,
+    "emulate": 1, "policy": 1, "scaling": 1,
+    "casting": 2, "_emulation": 2, "_native": 2, "master": 2, "memory": 2,
+    "step": 3, "distributed": 3,
+    "numerics": 4,
+    "__init__": 5,
+    "recipes": 6, "training": 6,
+    "report": 7,
+    "cli": 8,
+}
+NEVER = {("scaling", "master"), ("master", "scaling")}  # step composes them
+CORE_LEVEL = 5
+
+
+def top_name(path: Path) -> str:
+    """The module name of a file under src/mixprec: its first path part ('casting', 'cli', ...)."""
+    part = path.relative_to(SRC).parts[0]
+    return part.removesuffix(".py")
+
+
+def mixprec_imports(path: Path) -> list[tuple[str, int]]:
+    """(imported mixprec submodule's top name or '' for mixprec itself, line) for each import."""
+    tree = ast.parse(path.read_text())
+    package = ["mixprec", *path.relative_to(SRC).parent.parts]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                names = [".".join(base + ([node.module] if node.module else []))]
+                if node.module is None:  # from . import x
+                    names = [".".join(base + [a.name]) for a in node.names]
+            else:
+                names = [node.module or ""]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "mixprec":
+                found.append((parts[1] if len(parts) > 1 else "", node.lineno))
+    return found
+
+
+def test_every_module_has_a_level():
+    names = {top_name(p) for p in SRC.rglob("*.py")}
+    unknown = names - set(LEVEL)
+    assert not unknown, f"add these to LEVEL (and DESIGN.md's dependency direction): {unknown}"
+
+
+def test_dependency_direction():
+    problems = []
+    for path in sorted(SRC.rglob("*.py")):
+        me = top_name(path)
+        for target, line in mixprec_imports(path):
+            where = f"{path.relative_to(SRC)}:{line} imports mixprec.{target or ''}"
+            if target == "":
+                if LEVEL[me] <= CORE_LEVEL and me != "__init__":
+                    problems.append(where + " (the core imports its siblings, not the package)")
+                continue
+            if target == me:
+                continue
+            if (me, target) in NEVER:
+                problems.append(where + " (scaling and master never import each other)")
+            elif LEVEL[target] > LEVEL[me]:
+                problems.append(where + f" (level {LEVEL[target]} above {LEVEL[me]})")
+            elif LEVEL[me] > CORE_LEVEL and LEVEL[target] < CORE_LEVEL:
+                problems.append(where + " (recipes, training, report and cli use only `import mixprec as mp`)")
+    assert not problems, "\n".join(problems)
+
+
+def test_import_mixprec_does_not_import_the_cli_or_the_tools_above_it():
+    code = "import sys, mixprec; print(sorted(m for m in sys.modules if m.startswith('mixprec')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for above in ("mixprec.cli", "mixprec.recipes", "mixprec.report", "mixprec.training"):
+        assert above not in out, out
+
+
+def test_public_api_contract_names():
+    for name in ["F32", "F16", "BF16", "E4M3", "E5M2", "Format", "quantize", "Policy", "PRESETS",
+                 "NoScaler", "StaticScaler", "DynamicScaler", "prepare", "autocast", "step", "StepInfo",
+                 "MasterWeights"]:
+        assert hasattr(mp, name), name
+        assert name in mp.__all__, name
+
+
+def test_init_only_reexports():
+    tree = ast.parse((SRC / "__init__.py").read_text())
+    kinds = {type(node).__name__ for node in tree.body}
+    assert kinds <= {"Expr", "ImportFrom", "Assign"}, kinds  # docstring, re-exports, __all__/__version__
+
+
+def test_core_stays_small():
+    core = [p for p in SRC.rglob("*.py") if LEVEL[top_name(p)] <= CORE_LEVEL]
+    lines = sum(len(p.read_text().splitlines()) for p in core)
+    assert lines < 2600, f"the core has {lines} lines; DESIGN.md aims under ~2,000: split or simplify"
