@@ -1,0 +1,199 @@
+"""Policy: presets, the string form (round-trip), rules, resolution per module, explain, bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mixprec as mp
+from mixprec.policy import Policy, Rule
+
+NAMED = [mp.F32, mp.F16, mp.BF16, mp.E4M3, mp.E5M2, mp.Format.parse("e3m4")]
+
+
+def test_presets_have_descriptions_and_parse():
+    assert {"f32", "f16-mixed", "bf16-mixed", "f16-master", "bf16-master", "f16-pure", "bf16-pure"} <= set(
+        mp.PRESETS)
+    for name, description in mp.PRESETS.items():
+        assert isinstance(description, str) and description and "\n" not in description
+        policy = Policy.parse(name)
+        assert str(policy) == name  # a preset prints as its name
+        assert Policy.parse(str(policy)) == policy
+
+
+def test_presets_follow_the_paper_and_torch_amp():
+    paper = Policy.parse("f16-master")
+    assert (paper.params, paper.compute, paper.output, paper.master, paper.scaling) == (
+        mp.F16, mp.F16, mp.F32, mp.F32, "dynamic")
+    amp = Policy.parse("f16-mixed")
+    assert (amp.params, amp.compute, amp.master, amp.scaling) == (mp.F32, mp.F16, None, "dynamic")
+    assert Policy.parse("bf16-mixed").scaling == "none"
+    for pure in ("f16-pure", "bf16-pure"):
+        assert Policy.parse(pure).master is None and Policy.parse(pure).scaling == "none"
+    assert Policy.parse("f16-master-noscale") == paper.replace(scaling="none")
+
+
+def test_key_value_form_and_overrides():
+    p = Policy.parse("params=f16, compute=half, output=float32, master=f32, scaling=static:1024.0")
+    assert p == Policy(params=mp.F16, compute=mp.F16, master=mp.F32, scaling="static:1024")
+    assert p.scaling == "static:1024"  # canonical form, so that equal choices compare equal
+    q = Policy.parse("f16-master,rule=lm_head:fp32,rule=type:Embedding:bf16/fp32,execution=emulated")
+    assert q.rules == (Rule("lm_head", mp.F32), Rule("type:Embedding", mp.BF16, mp.F32))
+    assert q.execution == "emulated" and q.master == mp.F32
+    assert Policy.parse(str(q)) == q
+
+
+rules = st.builds(
+    Rule,
+    match=st.sampled_from(["lm_head", "type:*Norm", "name:encoder.layer.?.*", "*attn*", "Embedding"]),
+    compute=st.sampled_from(NAMED),
+    params=st.none() | st.sampled_from(NAMED),
+)
+
+
+@st.composite
+def policies(draw):
+    params = draw(st.sampled_from(NAMED))
+    master = None if params == mp.F32 else draw(st.sampled_from([None, mp.F32]))
+    scaling = draw(st.sampled_from(["none", "dynamic"]) | st.builds(
+        lambda kind, s: f"{kind}:{s}", st.sampled_from(["static", "dynamic"]),
+        st.floats(min_value=2.0**-10, max_value=2.0**30, allow_nan=False)))
+    return Policy(params=params, compute=draw(st.sampled_from(NAMED)), output=draw(st.sampled_from(NAMED)),
+                  master=master, scaling=scaling, execution=draw(st.sampled_from(mp.policy.EXECUTIONS)),
+                  rules=tuple(draw(st.lists(rules, max_size=3))))
+
+
+@settings(max_examples=200, deadline=None)
+@given(policies())
+def test_string_form_round_trips(policy):
+    assert Policy.parse(str(policy)) == policy
+    assert Policy.parse(str(policy)).scaling == policy.scaling
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(ValueError) as error:
+        Policy.parse("f16-masters")
+    message = str(error.value)
+    assert "'f16-masters'" in message and all(name in message for name in mp.PRESETS)
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ValueError) as error:
+        Policy.parse("f16-master,precision=f16")
+    message = str(error.value)
+    assert "precision=f16" in message
+    assert all(k in message for k in ("params", "compute", "output", "master", "scaling", "execution", "rule"))
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("params=f17", "unknown format"),
+    ("f16-master,scaling=sometimes", "unknown loss scaling"),
+    ("f16-master,scaling=static:-4", "positive"),
+    ("f16-master,scaling=static", "unknown loss scaling"),
+    ("f16-master,execution=gpu", "execution must be one of"),
+    ("params=f32,master=f32", "master=none"),
+    ("params=f16,master=bf16", "master weights are fp32"),
+    ("f16-master,rule=lm_head", "MATCH:COMPUTE"),
+    ("", "empty policy"),
+])
+def test_bad_values_say_what_is_valid(text, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        Policy.parse(text)
+
+
+def test_preset_only_first():
+    with pytest.raises(ValueError, match="preset name may only come first"):
+        Policy.parse("params=f16,f16-master")
+
+
+def _toy() -> torch.nn.Module:
+    block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    return torch.nn.Sequential(torch.nn.Embedding(10, 4), block, torch.nn.BatchNorm1d(4),
+                               torch.nn.Linear(4, 3), torch.nn.Softmax(-1))
+
+
+def test_module_precisions_defaults_rules_and_inheritance():
+    p = Policy.parse("f16-master,rule=0:fp32,rule=1:bf16,rule=3:fp32/fp16")
+    got = {m.name: (m.params, m.compute, m.reason) for m in p.module_precisions(_toy())}
+    assert got[""] == (mp.F16, mp.F16, "policy default")
+    assert got["0"] == (mp.F32, mp.F32, "rule 1 (0:fp32)")  # an FP32 rule keeps params in FP32
+    assert got["1"] == (mp.F16, mp.BF16, "rule 2 (1:bf16)")  # params follow the policy otherwise
+    assert got["1.0"] == (mp.F16, mp.BF16, "rule 2 (1:bf16) via parent")  # children inherit a rule
+    assert got["1.1"] == (mp.F32, mp.F32, "default fp32 island (LayerNorm)")  # ... but not over islands
+    assert got["2"] == (mp.F32, mp.F32, "default fp32 island (BatchNorm1d)")
+    assert got["3"] == (mp.F16, mp.F32, "rule 3 (3:fp32/fp16)")
+    assert got["4"] == (mp.F32, mp.F32, "default fp32 island (Softmax)")
+
+
+def test_first_matching_rule_wins_and_rules_beat_islands():
+    p = Policy.parse("f16-pure,rule=type:LayerNorm:bf16,rule=*:fp32")
+    got = {m.name: (m.compute, m.reason) for m in p.module_precisions(_toy())}
+    assert got["1.1"] == (mp.BF16, "rule 1 (type:LayerNorm:bf16)")
+    assert got["1.0"][1] == "rule 2 (*:fp32)"
+
+
+def test_rule_matches_type_name_base_classes_and_qualified_name():
+    class MyNorm(torch.nn.LayerNorm):
+        pass
+
+    module = MyNorm(3)
+    assert Rule("LayerNorm").matches("x", module)  # a base class's name
+    assert Rule("type:My*").matches("x", module) and not Rule("name:My*").matches("x", module)
+    assert Rule("name:enc.*.ln").matches("enc.3.ln", module) and not Rule("type:enc.*").matches("enc.3.ln", module)
+
+
+def test_rule_matching_nothing_warns_with_its_name():
+    p = Policy.parse("f16-master,rule=lm_head:fp32,rule=type:LayerNorm:fp32")
+    with pytest.warns(UserWarning, match="'lm_head:fp32'") as record:
+        p.explain(_toy())
+    assert len(record) == 1  # the rule that matched stays quiet
+
+
+def test_explain_table():
+    text = Policy.parse("f16-master,rule=3:fp32").explain(_toy())
+    lines = text.splitlines()
+    assert lines[0] == "policy params=fp16,compute=fp16,output=fp32,master=fp32,scaling=dynamic,execution=auto," \
+                       "rule=3:fp32: execution emulated on cpu, loss scaling dynamic, output fp32"
+    rows = {line.split()[0]: line.split(None, 6) for line in lines[2:]}
+    assert rows["0"][1:6] == ["Embedding", "fp16", "float32", "fp16", "fp32"]
+    assert rows["0"][6] == "policy default"
+    assert rows["1.1"][1:6] == ["LayerNorm", "fp32", "float32", "fp32", "-"]
+    assert rows["1.1"][6] == "default fp32 island (LayerNorm)"
+    assert rows["2"][6] == "default fp32 island (BatchNorm1d)"
+    assert rows["3"][1:7] == ["Linear", "fp32", "float32", "fp32", "-", "rule 1 (3:fp32)"]
+    assert rows["4"][1:6] == ["Softmax", "-", "-", "fp32", "-"]  # a param-less island is listed too
+    assert "(root)" not in rows  # containers without parameters are not
+
+
+def test_resolve_execution():
+    assert Policy.parse("f32").resolve_execution("cpu") == "native"
+    assert Policy.parse("f16-master").resolve_execution("cpu") == "emulated"
+    assert Policy.parse("f16-master,execution=native").resolve_execution("cpu") == "native"
+    assert Policy.parse("params=e4m3,compute=e4m3").resolve_execution("cuda") == "emulated"
+    if torch.cuda.is_available():
+        assert Policy.parse("f16-master").resolve_execution("cuda") == "native"
+    with pytest.raises(ValueError, match="e4m3 has no native support.*execution=emulated"):
+        Policy.parse("params=e4m3,compute=e4m3,execution=native").resolve_execution("cpu")
+
+
+def test_make_scaler():
+    assert type(Policy.parse("f16-pure").make_scaler()).__name__ == "NoScaler"
+    static = Policy.parse("f16-master,scaling=static:512").make_scaler()
+    assert type(static).__name__ == "StaticScaler" and static.loss_scale == 512.0
+    dynamic = Policy.parse("f16-master,scaling=dynamic:1024").make_scaler("cpu")
+    assert type(dynamic).__name__ == "DynamicScaler" and dynamic.loss_scale == 1024.0
+    assert Policy.parse("f16-master").make_scaler().loss_scale == 2.0**16
+
+
+def test_constructor_accepts_names_and_is_frozen():
+    p = Policy(params="bf16", compute="bf16", master="f32", rules=["lm_head:fp32"])
+    assert p == Policy.parse("bf16-master,rule=lm_head:fp32")
+    with pytest.raises(AttributeError):
+        p.params = mp.F16  # type: ignore[misc]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert hash(p) == hash(Policy.parse(str(p)))
