@@ -1,0 +1,158 @@
+"""The one ordered training step: unscale + check -> clip -> one host sync -> update -> scale update.
+
+Getting the order wrong is the classic mixed precision bug: clipping scaled gradients clips by the
+wrong norm, applying weight decay before unscaling decays by the wrong amount, stepping on an inf
+gradient destroys the weights, and stepping an LR scheduler on a skipped step shifts the schedule.
+`step` does the whole sequence in one place and tells the caller whether the update was applied:
+
+1. gather the gradients the optimizer steps on (the FP32 master grads for `MasterWeights`, the
+   parameters' own grads for a plain optimizer);
+2. unscale them in place and check for inf/NaN, in one fused pass (``scaler.unscale_and_check_``);
+3. clip, on the unscaled gradients, only if they are finite (a masked clip coefficient, no sync);
+4. read the found-inf flag, the gradient norm, the loss scale and the skipped-step count to the host
+   in ONE transfer: the step's only host sync (later, the cross-rank agreement on found-inf goes
+   right before it);
+5. step the optimizer if the gradients were finite; otherwise leave every parameter, master and
+   optimizer state tensor untouched;
+6. update the loss scale (tensor ops) and let the scaler warn or raise at its floor.
+
+Example:
+    >>> import torch, mixprec as mp
+    >>> model = torch.nn.Linear(3, 1)
+    >>> opt, scaler = torch.optim.SGD(model.parameters(), lr=0.1), mp.StaticScaler(2.0**8)
+    >>> scaler.scale(model(torch.ones(2, 3)).sum()).backward()
+    >>> info = mp.step(opt, scaler, max_grad_norm=1.0)
+    >>> info.applied, info.loss_scale, round(info.grad_norm, 4)
+    (True, 256.0, 4.0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .master import MasterWeights
+from .scaling import LossScaler
+
+__all__ = ["StepInfo", "step"]
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What one `step` did.
+
+    Attributes:
+        applied: the optimizer stepped (gradients were finite). Step LR schedulers, EMAs and counters
+            only when True.
+        loss_scale: the loss scale this step's gradients were scaled by.
+        grad_norm: total L2 norm of the unscaled gradients (inf/NaN on an overflow), or None when no
+            clipping was asked for (pass ``max_grad_norm=float("inf")`` to measure without clipping).
+        skipped_steps: steps skipped so far by this scaler, this one included.
+    """
+
+    applied: bool
+    loss_scale: float
+    grad_norm: float | None
+    skipped_steps: int = 0
+
+
+def _gather_grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    if isinstance(optimizer, MasterWeights):
+        return optimizer.collect_grads_()
+    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+
+def _read_together(values: list[torch.Tensor]) -> list[float]:
+    """One device->host transfer for several 0-dim tensors. float64 keeps integer counts exact."""
+    device = values[0].device
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    return torch.stack([v.to(device=device, dtype=dtype) for v in values]).tolist()
+
+
+def _clip_(grads: list[torch.Tensor], max_norm: float, found_inf: torch.Tensor) -> torch.Tensor:
+    """Clip ``grads`` in place to total L2 norm ``max_norm`` unless ``found_inf``; return the norm.
+
+    The same arithmetic as torch.nn.utils.clip_grad_norm_ (coefficient max_norm / (norm + 1e-6),
+    clamped to 1), on gradient tensors rather than parameters. With an overflow the norm is inf/NaN;
+    replacing it by 0 makes the coefficient exactly 1, so the gradients are left as they are, no sync.
+    """
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    masked = torch.where(found_inf.to(norm.device) != 0, torch.zeros_like(norm), norm)
+    coef = torch.clamp(max_norm / (masked + 1e-6), max=1.0)
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    for (device, _), group in groups.items():
+        torch._foreach_mul_(group, coef.to(device))
+    return norm
+
+
+def step(
+    optimizer: torch.optim.Optimizer,
+    scaler: LossScaler,
+    max_grad_norm: float | None = None,
+) -> StepInfo:
+    """Unscale and check the gradients, clip them, step the optimizer unless they overflowed, update
+    the loss scale.
+
+    Args:
+        optimizer: a `MasterWeights` or any plain ``torch.optim.Optimizer``.
+        scaler: the `LossScaler` whose ``scale(loss)`` was backpropagated (NoScaler for none).
+        max_grad_norm: clip the unscaled gradients to this total L2 norm (``None``: no clipping).
+
+    Returns:
+        `StepInfo`: whether the update was applied, the loss scale used, the gradient norm.
+
+    Raises:
+        RuntimeError: no parameter has a gradient (backward was not called since ``zero_grad``).
+
+    Syncs: yes, exactly once: found-inf, gradient norm, loss scale and skipped-step count are read
+    together in one transfer. (The optimizer's own step may add syncs of its own, as without mixprec.)
+
+    Example:
+        >>> import torch, mixprec as mp
+        >>> p = torch.nn.Parameter(torch.ones(2))
+        >>> opt, scaler = torch.optim.SGD([p], lr=1.0), mp.DynamicScaler(init_scale=4.0, hysteresis=1)
+        >>> p.grad = torch.tensor([float("inf"), 4.0])
+        >>> info = mp.step(opt, scaler)
+        >>> info.applied, info.loss_scale, scaler.loss_scale, p.tolist()
+        (False, 4.0, 2.0, [1.0, 1.0])
+    """
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm!r}")
+    grads = _gather_grads(optimizer)
+    if not grads:
+        raise RuntimeError(
+            "mp.step found no gradients: call scaler.scale(loss).backward() before mp.step "
+            "(and optimizer.zero_grad() after it, not before)"
+        )
+
+    # 1. Unscale + check, fused; grads are FP32 masters' grads when MasterWeights is used.
+    found_inf = scaler.unscale_and_check_(grads)
+
+    # 2. Clip the unscaled gradients, only if they are finite (masked coefficient, no sync).
+    grad_norm = None
+    if max_grad_norm is not None:
+        grad_norm = _clip_(grads, max_grad_norm, found_inf)
+
+    # 3. The one host sync.
+    values = [found_inf, scaler.scale_tensor, scaler.skipped_steps]
+    if grad_norm is not None:
+        values.append(grad_norm.to(found_inf.device))
+    read = _read_together(values)
+    overflow, loss_scale, skipped_before = read[0] != 0, read[1], int(read[2])
+
+    # 4. Update only with finite gradients.
+    if not overflow:
+        optimizer.step()
+
+    # 5. Scale update (tensor ops), then host-side bookkeeping with the values already read.
+    scaler.update(found_inf)
+    scaler.observe(overflow, loss_scale)
+    return StepInfo(
+        applied=not overflow,
+        loss_scale=loss_scale,
+        grad_norm=read[3] if grad_norm is not None else None,
+        skipped_steps=skipped_before + int(overflow),
+    )
