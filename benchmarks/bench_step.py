@@ -1,0 +1,194 @@
+"""Overhead of mp.step (unscale + check, optional clip, master update) against torch.amp.GradScaler.
+
+Same model (an MLP with 50 parameter tensors, ~5M parameters), same Adam (foreach), same device, timed
+side by side in one run, interleaved so that drift in the machine hits both sides alike. Only the
+optimizer step is timed: gradients are refreshed (untimed) before every step from a fixed set.
+
+Variants (each reported as ratio = median(mixprec) / median(torch.amp)):
+
+* ``masters``: mixprec with FP16 parameters + FP32 `MasterWeights` (grads already in the FP32 masters,
+  as the backward hook leaves them; the step includes the copy of masters back into FP16 params)
+  vs torch.amp.GradScaler with FP32 parameters (its usual setup: autocast, FP32 weights). Both step an
+  FP32 Adam over 5M FP32 values; mixprec additionally writes the 5M FP16 parameters.
+* ``scaler-only``: FP32 parameters on both sides, plain Adam: mp.step + DynamicScaler vs GradScaler.
+* ``scaler-only+clip``: as above with clipping to norm 1.0 (torch: unscale_, clip_grad_norm_, step).
+
+Usage:
+    python benchmarks/bench_step.py [--iters 30] [--out benchmarks/results/step_overhead.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import mixprec as mp
+
+WIDTH, LAYERS = 448, 25  # 25 x (448*448 + 448) = 5.03M parameters in 50 tensors
+
+
+def make_mlp(dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)]).to(dtype)
+
+
+def fixed_grads(model: torch.nn.Module) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(p.shape, generator=g) for p in model.parameters()]
+
+
+class Side:
+    """One side of a comparison: how to put the gradients in place, and the timed step."""
+
+    def __init__(self, set_grads: Callable[[], None], step: Callable[[], None]) -> None:
+        self.set_grads, self.step = set_grads, step
+
+
+def ours(masters: bool, clip: float | None) -> Side:
+    model = make_mlp(torch.float16 if masters else torch.float32)
+    adam = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=True)
+    opt = mp.MasterWeights(adam) if masters else adam
+    scaler = mp.DynamicScaler(init_scale=2.0**16, growth_interval=10**9)
+    targets = [p for g in opt.param_groups for p in g["params"]]  # masters (FP32) or the params
+    source = fixed_grads(model)
+    for t, s in zip(targets, source, strict=True):
+        t.grad = s.clone()
+
+    def set_grads() -> None:
+        torch._foreach_copy_([t.grad for t in targets], source)
+
+    def step() -> None:
+        info = mp.step(opt, scaler, max_grad_norm=clip)
+        assert info.applied
+
+    return Side(set_grads, step)
+
+
+def theirs(clip: float | None) -> Side:
+    model = make_mlp(torch.float32)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=10**9)
+    scaler.scale(torch.ones(()))  # GradScaler creates its scale tensor lazily, on the first scale()
+    params = list(model.parameters())
+    source = fixed_grads(model)
+    for p, s in zip(params, source, strict=True):
+        p.grad = s.clone()
+
+    def set_grads() -> None:
+        torch._foreach_copy_([p.grad for p in params], source)
+
+    def step() -> None:
+        if clip is not None:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        scaler.step(opt)
+        scaler.update()
+
+    return Side(set_grads, step)
+
+
+def time_side_by_side(a: Side, b: Side, iters: int, warmup: int = 3) -> tuple[list[float], list[float]]:
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(warmup + iters):
+        for side, out in ((a, times[0]), (b, times[1])) if i % 2 == 0 else ((b, times[1]), (a, times[0])):
+            side.set_grads()
+            start = time.perf_counter()
+            side.step()
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                out.append(elapsed)
+    return times
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], capture_output=True, text=True)
+        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "step_overhead.json"))
+    args = parser.parse_args()
+
+    variants = {
+        "masters": (
+            lambda: ours(masters=True, clip=None),
+            lambda: theirs(clip=None),
+            "mixprec: FP16 params + FP32 MasterWeights(Adam) + DynamicScaler + mp.step; "
+            "torch: FP32 params + Adam + torch.amp.GradScaler (step, update)",
+        ),
+        "scaler-only": (
+            lambda: ours(masters=False, clip=None),
+            lambda: theirs(clip=None),
+            "both FP32 params + Adam; mixprec: DynamicScaler + mp.step; torch: GradScaler step + update",
+        ),
+        "scaler-only+clip": (
+            lambda: ours(masters=False, clip=1.0),
+            lambda: theirs(clip=1.0),
+            "as scaler-only, clipping to total norm 1.0 (torch: unscale_, clip_grad_norm_, step, update)",
+        ),
+    }
+    results = {}
+    for name, (make_ours, make_theirs, what) in variants.items():
+        t_ours, t_theirs = time_side_by_side(make_ours(), make_theirs(), args.iters)
+        m_ours, m_theirs = statistics.median(t_ours), statistics.median(t_theirs)
+        results[name] = {
+            "compares": what,
+            "mixprec_ms_median": round(m_ours * 1e3, 3),
+            "torch_amp_ms_median": round(m_theirs * 1e3, 3),
+            "mixprec_ms_min": round(min(t_ours) * 1e3, 3),
+            "torch_amp_ms_min": round(min(t_theirs) * 1e3, 3),
+            "ratio": round(m_ours / m_theirs, 3),
+        }
+        print(f"{name:18s} mixprec {m_ours * 1e3:8.2f} ms   torch.amp {m_theirs * 1e3:8.2f} ms   "
+              f"ratio {m_ours / m_theirs:.3f}")
+
+    model = make_mlp(torch.float32)
+    record = {
+        "benchmark": "step_overhead",
+        "device": cpu_name(),
+        "device_type": "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": f"MLP {LAYERS}x Linear({WIDTH}, {WIDTH}): {len(list(model.parameters()))} tensors, "
+        f"{sum(p.numel() for p in model.parameters())} params; Adam(foreach=True)",
+        "iters": args.iters,
+        "timed": "optimizer step only (grads refreshed untimed before each step), interleaved",
+        "goal_ratio": 1.2,
+        "results": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
