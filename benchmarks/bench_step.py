@@ -122,7 +122,8 @@ def cpu_name() -> str:
 def git_commit() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], capture_output=True, text=True)
+        status = ["git", "status", "--porcelain", "--untracked-files=no", "--", "src"]
+        dirty = subprocess.run(status, capture_output=True, text=True)
         return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
