@@ -15,7 +15,7 @@ from .emulate import quantize
 from .formats import BF16, E4M3, E5M2, F16, F32, FORMATS, Format
 from .master import MasterWeights
 from .policy import PRESETS, Policy, Rule
-from .scaling import DynamicScaler, LossScaler, NoScaler, StaticScaler
+from .scaling import DynamicScaler, LossScaleFloorError, LossScaler, NoScaler, StaticScaler
 from .step import StepInfo, step
 
 __version__ = "0.1.0"
@@ -30,6 +30,7 @@ __all__ = [
     "PRESETS",
     "DynamicScaler",
     "Format",
+    "LossScaleFloorError",
     "LossScaler",
     "MasterWeights",
     "NoScaler",
