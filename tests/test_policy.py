@@ -197,3 +197,21 @@ def test_constructor_accepts_names_and_is_frozen():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert hash(p) == hash(Policy.parse(str(p)))
+
+
+def test_cli_policies_lists_presets(capsys):
+    import json
+
+    from mixprec.cli import main
+
+    assert main(["policies", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == set(mp.PRESETS)
+    assert rows["f16-master"]["master"] == "fp32" and rows["f16-mixed"]["params"] == "fp32"
+    assert main(["policies"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in mp.PRESETS) and max(len(line) for line in out.splitlines()) <= 80
+    assert main(["policies", "f16-master,rule=lm_head:fp32"]) == 0
+    assert "rule 1: lm_head:fp32" in capsys.readouterr().out
+    assert main(["policies", "f16-masterr"]) == 2
+    assert "valid presets: f32, f16-mixed" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import sys
 #: command name -> module (under mixprec.cli) that implements it
 COMMANDS: dict[str, str] = {
     "formats": "formats",
+    "policies": "policies",
 }
 
 

@@ -1,0 +1,59 @@
+"""`mixprec policies`: the preset precision policies, or what one policy string means."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import textwrap
+
+import mixprec as mp
+
+HELP = "List the preset precision policies (or check one policy string) with what each one sets."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("policy", nargs="?", help="a policy string to check and show, e.g. "
+                                                  "'f16-master,rule=lm_head:fp32' (default: list the presets)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _row(name: str, policy: mp.Policy, description: str) -> dict:
+    return {
+        "name": name,
+        "params": policy.params.name,
+        "compute": policy.compute.name,
+        "output": policy.output.name,
+        "master": policy.master.name if policy.master is not None else None,
+        "scaling": policy.scaling,
+        "execution": policy.execution,
+        "rules": [str(r) for r in policy.rules],
+        "description": description,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.policy is not None:
+        policy = mp.Policy.parse(args.policy)  # a ValueError here is printed as one line, exit 2
+        rows = [_row(str(policy), policy, mp.PRESETS.get(str(policy), "custom policy"))]
+    else:
+        rows = [_row(name, mp.Policy.parse(name), text) for name, text in mp.PRESETS.items()]
+    if args.json:
+        print(json.dumps(rows if args.policy is None else rows[0], indent=2))
+        return 0
+    # A plain fixed-width table (like `mixprec formats`): it reads the same in any 80-column terminal.
+    if args.policy is not None:
+        print(f"policy {rows[0]['name']}")
+        rows[0]["name"] = ""
+    width = max(len(r["name"]) for r in rows) + 2 if args.policy is None else 0
+    print(f"{'name' if width else '':{width}}{'params':8}{'compute':9}{'output':8}{'master':8}scaling")
+    print("-" * 78)
+    for r in rows:
+        print(f"{r['name']:{width}}{r['params']:8}{r['compute']:9}{r['output']:8}{r['master'] or '-':8}"
+              f"{r['scaling']}")
+        for number, rule in enumerate(r["rules"], start=1):
+            print(f"    rule {number}: {rule}")
+        print(textwrap.fill(r["description"], width=78, initial_indent="    ", subsequent_indent="    "))
+    if args.policy is None:
+        print("\nNorm layers, softmax and losses run in FP32 unless a rule says otherwise.")
+        print("Override any field: 'f16-master,scaling=static:1024,rule=lm_head:fp32'.")
+    return 0
