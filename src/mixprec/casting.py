@@ -110,8 +110,8 @@ def prepare(
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> model, opt, scaler = prepare(model, opt, "f16-master")
-        >>> type(opt).__name__, scaler.loss_scale, prepared_state(model).execution
-        ('MasterWeights', 65536.0, 'emulated')
+        >>> isinstance(opt, MasterWeights), scaler.loss_scale, prepared_state(model).execution
+        (True, 65536.0, 'emulated')
     """
     policy = Policy.parse(policy)
     if not isinstance(model, torch.nn.Module):
@@ -147,31 +147,13 @@ def prepare(
         if execution == "native":
             optimizer = MasterWeights(optimizer, mode=mode)
         else:
-            optimizer = _EmulatedMasterWeights(optimizer, mode, {id(p): fmt for p, fmt in formats})
+            # Per parameter: FP32 islands stay FP32 (their own masters), the rest emulate their format.
+            optimizer = MasterWeights(optimizer, mode=mode, param_format=dict(formats))
 
     state = PreparedState(policy, execution, device, precisions,
                           {name: fmt for name, fmt in owned.values()}, handles=handles)
     setattr(model, _STATE_ATTR, state)
     return model, optimizer, policy.make_scaler(device)
-
-
-class _EmulatedMasterWeights(MasterWeights):
-    """MasterWeights over float32 parameters that each emulate their own storage format.
-
-    MasterWeights takes one ``param_format`` for all float32 parameters; an emulated model also has
-    FP32 islands (norm layers), whose parameters must stay FP32 (their own masters, never rounded).
-    This narrows the per-parameter format lookup until MasterWeights takes a per-parameter format.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, mode: str, formats: dict[int, Format]) -> None:
-        self._formats_by_id = formats  # id(param) -> storage format; read by _format_of during __init__
-        super().__init__(optimizer, mode=mode)
-
-    def _format_of(self, param: torch.Tensor, index: int) -> tuple[Format | None, bool]:
-        if param.dtype == torch.float32:
-            fmt = self._formats_by_id.get(id(param), F32)
-            return (fmt, True) if fmt != F32 else (None, False)
-        return super()._format_of(param, index)
 
 
 def unprepare(model: torch.nn.Module) -> None:
