@@ -196,3 +196,21 @@ def test_gpt2_activations_and_gradients_stay_on_the_fp16_grid():
     for name, p in model.named_parameters():
         if "ln" not in name:  # LayerNorms are FP32 islands
             assert torch.equal(p.grad, p.grad.half().float()) and torch.isfinite(p.grad).all(), name
+
+
+def test_tied_gpt2_embedding_is_stored_in_the_widest_format_its_users_ask_for():
+    model, loss_fn = gpt2()
+    policy = "f16-master,rule=lm_head:fp32"
+    table = rows(mp.Policy.parse(policy).explain(model))
+    assert table["transformer.wte"][2] == "fp32" and table["transformer.wte"][5] == "-"
+    assert table["transformer.wte"][6] == "policy default; shared weight stored in fp32"
+    model, _, _ = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), policy)
+    formats = prepared_state(model).param_formats
+    assert formats["transformer.wte.weight"] == mp.F32 and "lm_head.weight" not in formats  # one tensor
+    assert not torch.equal(model.lm_head.weight, mp.quantize(model.lm_head.weight, mp.F16))
+    embedded = []
+    with mp.autocast(model):
+        handle = model.transformer.wte.register_forward_hook(lambda m, a, out: embedded.append(out))
+        loss_fn(model).backward()
+    handle.remove()
+    assert torch.equal(embedded[0], mp.quantize(embedded[0], mp.F16))  # the embedding still computes in fp16

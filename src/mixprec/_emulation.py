@@ -99,12 +99,12 @@ def add_gradient_rounding(params: Iterable[tuple[torch.nn.Parameter, Format]]) -
     return [p.register_post_accumulate_grad_hook(make_hook(fmt)) for p, fmt in params if fmt != F32]
 
 
-def add_forward_rounding(model: torch.nn.Module, precisions: list[ModulePrecision], activation: Format,
-                         output: Format) -> list[RemovableHandle]:
+def add_forward_rounding(model: torch.nn.Module, precisions: list[ModulePrecision], storage: dict[int, Format],
+                         activation: Format, output: Format) -> list[RemovableHandle]:
     """Forward hooks that round module inputs, weights at use and outputs (active inside autocast).
 
-    `activation` is the format tensors are stored in between modules (the policy's compute format);
-    `output` the format of the model's outputs.
+    `storage` maps id(parameter) to its storage format; `activation` is the format tensors are stored
+    in between modules (the policy's compute format); `output` the format of the model's outputs.
     """
     handles: list[RemovableHandle] = []
     by_name = dict(model.named_modules())
@@ -115,7 +115,8 @@ def add_forward_rounding(model: torch.nn.Module, precisions: list[ModulePrecisio
         if computes_here:
             handles.append(module.register_forward_pre_hook(
                 _input_hook(activation, compute), with_kwargs=True))
-            if mp.has_params and compute not in (F32, mp.params):
+            stored = {storage[id(p)] for p in module._parameters.values() if p is not None}
+            if compute != F32 and stored - {compute}:  # some weight is wider than the compute format
                 swapped: list[dict[str, torch.Tensor]] = []  # a stack: a module may be re-entered
                 handles.append(module.register_forward_pre_hook(_swap_weights_hook(compute, swapped)))
                 handles.append(module.register_forward_hook(_restore_weights_hook(swapped), always_call=True))

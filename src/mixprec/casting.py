@@ -126,14 +126,9 @@ def prepare(
     execution = policy.resolve_execution(device)
     precisions = policy.module_precisions(model, warn=True)
 
-    # Each parameter's storage format is its owning module's (the first owner, for tied weights).
-    by_name = dict(model.named_modules())
-    owned: dict[torch.nn.Parameter, tuple[str, Format]] = {}
-    for mp in precisions:
-        for pname, p in by_name[mp.name]._parameters.items():
-            if p is not None and p not in owned:
-                owned[p] = (f"{mp.name}.{pname}" if mp.name else pname, mp.params)
-    formats = [(p, fmt) for p, (_, fmt) in owned.items()]
+    # Each parameter's storage format is its module's (the widest of them, for tied weights).
+    named = policy.parameter_formats(model, precisions)
+    formats = list(named.values())
 
     handles: list[RemovableHandle] = []
     if execution == "native":
@@ -151,7 +146,7 @@ def prepare(
             optimizer = MasterWeights(optimizer, mode=mode, param_format=dict(formats))
 
     state = PreparedState(policy, execution, device, precisions,
-                          {name: fmt for name, fmt in owned.values()}, handles=handles)
+                          {name: fmt for name, (_, fmt) in named.items()}, handles=handles)
     setattr(model, _STATE_ATTR, state)
     return model, optimizer, policy.make_scaler(device)
 
@@ -217,7 +212,9 @@ def autocast(model: torch.nn.Module, policy: Policy | str | None = None) -> Iter
             handles = _native.add_forward_casts(model, state.precisions, p.compute, p.output,
                                                 state.device.type)
         else:
-            handles = _emulation.add_forward_rounding(model, state.precisions, p.compute, p.output)
+            storage = {id(param): state.param_formats[name] for name, param in
+                       model.named_parameters(remove_duplicate=True)}
+            handles = _emulation.add_forward_rounding(model, state.precisions, storage, p.compute, p.output)
         for handle in handles:
             stack.callback(handle.remove)
         yield

@@ -296,6 +296,35 @@ class Policy:
                                   f"check the name/type glob (see policy.explain(model))", stacklevel=3)
         return result
 
+    def parameter_formats(self, model: torch.nn.Module, precisions: list[ModulePrecision] | None = None
+                          ) -> dict[str, tuple[torch.nn.Parameter, Format]]:
+        """Each parameter's storage format, by its first qualified name (as in named_parameters).
+
+        A parameter owned by several modules (tied embeddings) is stored in the widest of their formats
+        (the first one when neither is wider), so that a rule asking for more precision is honoured;
+        each module still rounds it onto its own compute format at use.
+
+        Example:
+            >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+            >>> {k: f.name for k, (p, f) in Policy.parse("f16-pure").parameter_formats(m).items()}
+            {'0.weight': 'fp16', '0.bias': 'fp16', '1.weight': 'fp32', '1.bias': 'fp32'}
+        """
+        precisions = precisions if precisions is not None else self.module_precisions(model, warn=False)
+        by_name = dict(model.named_modules())
+        found: dict[int, tuple[str, torch.nn.Parameter, Format]] = {}
+        for mp in precisions:
+            for pname, p in by_name[mp.name]._parameters.items():
+                if p is None:
+                    continue
+                if id(p) not in found:
+                    found[id(p)] = (f"{mp.name}.{pname}" if mp.name else pname, p, mp.params)
+                    continue
+                name, _, fmt = found[id(p)]
+                wider = mp.params.exponent_bits >= fmt.exponent_bits and mp.params.mantissa_bits >= fmt.mantissa_bits
+                if wider:
+                    found[id(p)] = (name, p, mp.params)
+        return {name: (p, fmt) for name, p, fmt in found.values()}
+
     def explain(self, model: torch.nn.Module, device: torch.device | str | None = None) -> str:
         """A per-module table: parameter format and stored dtype, compute format, master, and why.
 
@@ -316,15 +345,22 @@ class Policy:
         header = (f"policy {self}: execution {execution} on {torch.device(device)}, loss scaling "
                   f"{self.scaling}, output {self.output.name}")
         rows = [("module", "type", "params", "stored as", "compute", "master", "why")]
-        for mp in self.module_precisions(model, warn=True):
+        precisions = self.module_precisions(model, warn=True)
+        storage = {id(p): fmt for p, fmt in self.parameter_formats(model, precisions).values()}
+        by_name = dict(model.named_modules())
+        for mp in precisions:
             selected = mp.reason != "policy default" and not mp.reason.endswith("via parent")
             if not (mp.has_params or selected):
                 continue
-            stored = "float32" if execution == "emulated" or mp.params == F32 else str(
-                mp.params.torch_dtype).replace("torch.", "")
-            master = "-" if not mp.has_params or self.master is None or mp.params == F32 else self.master.name
-            rows.append((mp.name or "(root)", mp.type_name, mp.params.name if mp.has_params else "-",
-                         stored if mp.has_params else "-", mp.compute.name, master, mp.reason))
+            own = {storage[id(p)] for p in by_name[mp.name]._parameters.values() if p is not None}
+            params, reason = (own.pop() if len(own) == 1 else mp.params), mp.reason
+            if own or params != mp.params:  # a weight shared with another module (tied embeddings)
+                reason += f"; shared weight stored in {'/'.join(sorted(f.name for f in {params, *own}))}"
+            stored = "float32" if execution == "emulated" or params == F32 else str(
+                params.torch_dtype).replace("torch.", "")
+            master = "-" if not mp.has_params or self.master is None or params == F32 else self.master.name
+            rows.append((mp.name or "(root)", mp.type_name, params.name if mp.has_params else "-",
+                         stored if mp.has_params else "-", mp.compute.name, master, reason))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         return "\n".join([header, *lines])
