@@ -10,7 +10,7 @@ Example:
     65504.0
 """
 
-from .casting import autocast, prepare
+from .casting import PreparedState, autocast, prepare, prepared_state, unprepare
 from .emulate import quantize
 from .formats import BF16, E4M3, E5M2, F16, F32, FORMATS, Format
 from .master import MasterWeights
@@ -38,8 +38,11 @@ __all__ = [
     "Rule",
     "StaticScaler",
     "StepInfo",
+    "PreparedState",
     "autocast",
     "prepare",
+    "prepared_state",
     "quantize",
     "step",
+    "unprepare",
 ]
