@@ -76,7 +76,7 @@ def recipe() -> Recipe:
         evaluate=evaluate,
         metric="mse",
         higher_is_better=False,
-        steps=500,
+        steps=1000,
         batch_size=64,
         lr=2.0**-11,
         optimizer="adam",

@@ -1,0 +1,519 @@
+"""The reference training loop: one recipe under one policy and seed, and `compare` for many.
+
+It uses only the public API, in the order DESIGN.md promises users:
+
+    model, optimizer, scaler = mp.prepare(model, optimizer, policy)
+    with mp.autocast(model):
+        loss = recipe.loss(model, batch)
+    scaler.scale(loss).backward()
+    info = mp.step(optimizer, scaler, max_grad_norm=recipe.max_grad_norm)
+    if info.applied: scheduler.step()
+    optimizer.zero_grad()
+
+Runs are exactly reproducible from (recipe, policy, seed, steps): batch k is a pure function of
+(seed, k), and a checkpoint holds everything else (model, optimizer with its FP32 masters, loss
+scaler, LR schedule, RNG states, step), so a run stopped at step k and resumed ends bitwise equal to
+an uninterrupted one on the CPU.
+
+Example:
+    >>> from mixprec.recipes import get_recipe
+    >>> result = train(get_recipe("tiny-updates"), "f16-master", steps=20)
+    >>> result.execution, result.steps, result.skipped_steps
+    ('emulated', 20, 0)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import mixprec as mp
+from mixprec.recipes import Data, Recipe, get_recipe
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_VERSION = 1
+LOG_EVERY = 10  # steps between reading losses back from the device (one extra sync per LOG_EVERY steps)
+
+Record = dict[str, Any]
+Log = Callable[[Record], None]
+
+
+@dataclass
+class RunResult:
+    """What one training run did: the final metric, the numerics, cost, and the full history.
+
+    ``history`` holds one record per step (``kind="step"``: loss, loss_scale, applied, grad_norm, lr)
+    and one per evaluation (``kind="eval"``: metric), the evaluation at step 0 included.
+    """
+
+    recipe: str
+    policy: str
+    seed: int
+    steps: int
+    execution: str  # "native" | "emulated"
+    device: str
+    metric: str
+    higher_is_better: bool
+    initial_metric: float
+    final_metric: float
+    final_loss: float
+    skipped_steps: int
+    final_loss_scale: float
+    seconds_per_step: float
+    memory: dict[str, int]  # category -> bytes
+    memory_source: str  # "modelled" (bytes in the policy's formats) or "measured" (CUDA peak included)
+    data_info: dict[str, Any] = field(default_factory=dict)
+    history: list[Record] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def train(
+    recipe: Recipe | str,
+    policy: mp.Policy | str,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    data: Data | None = None,
+    device: str | torch.device = "cpu",
+    out: str | Path | None = None,
+    resume: bool = False,
+    stop_at: int | None = None,
+    checkpoint_every: int | None = None,
+    threads: int | None = None,
+    log: Log | None = None,
+) -> RunResult:
+    """Train ``recipe`` under ``policy`` and return its `RunResult`.
+
+    Args:
+        recipe: a Recipe or a name for `mixprec.recipes.get_recipe`.
+        policy: a Policy or its string (``"f16-master"``).
+        seed: sets the initial weights and the batch order.
+        steps: total steps (default: the recipe's). The LR schedule spans this many steps.
+        data: the recipe's data, if already built (`compare` builds it once for all runs).
+        device: where to train; execution is native or emulated as ``policy`` resolves on it.
+        out: a folder for ``checkpoint.pt`` (written atomically at the end, at ``stop_at`` and every
+            ``checkpoint_every`` steps). None: no checkpoints.
+        resume: continue from ``out/checkpoint.pt`` (same recipe, policy, seed and steps).
+        stop_at: stop after this many steps (checkpointed), as if interrupted; resume later.
+        threads: torch CPU threads for this run (restored afterwards); None leaves torch's setting.
+        log: called with every record (steps and evaluations) as the run makes it.
+
+    Syncs: ``mp.step``'s one per step, one per LOG_EVERY steps for the losses, and the evaluations.
+    """
+    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    policy = mp.Policy.parse(policy)
+    steps = recipe.steps if steps is None else steps
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if stop_at is not None and not 0 < stop_at <= steps:
+        raise ValueError(f"stop_at must be in 1..{steps} (the run's steps), got {stop_at}")
+    device = torch.device(device)
+    out = Path(out) if out is not None else None
+    if resume and out is None:
+        raise ValueError("resume needs the run's folder (out=...) holding checkpoint.pt")
+    if out is not None:
+        check_writable(out)
+    checkpoint = load_checkpoint(out / CHECKPOINT_NAME) if resume and out is not None else None
+    if checkpoint is not None:
+        _check_same_run(checkpoint, recipe, policy, seed, steps)
+
+    data = recipe.make_data() if data is None else data
+    data = Data(tuple(t.to(device) for t in data.train), tuple(t.to(device) for t in data.test), data.info)
+    log = log or (lambda record: None)
+
+    with _isolated_rng(seed), _torch_threads(threads):
+        model = recipe.make_model().to(device)  # under the seed: the initial weights
+        optimizer = recipe.build_optimizer(model.parameters())
+        model, optimizer, scaler = mp.prepare(model, optimizer, policy)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: recipe.lr_factor(s, steps))
+        execution = policy.resolve_execution(device)
+
+        history: list[Record] = []
+        start, train_seconds, activation_bytes = 0, 0.0, 0
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scaler.load_state_dict(checkpoint["scaler"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            _set_rng_state(checkpoint["rng"])
+            start, history = checkpoint["step"], checkpoint["history"]
+            train_seconds, activation_bytes = checkpoint["train_seconds"], checkpoint["activation_bytes"]
+        else:
+            record = {"kind": "eval", "step": 0, "metric": _evaluate(recipe, model, data)}
+            history.append(record)
+            log(record)
+
+        if not activation_bytes:
+            elements = activation_elements(recipe, model, data.batch(0, recipe.batch_size, seed))
+            activation_bytes = elements * policy.compute.bits // 8
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        end = steps if stop_at is None else stop_at
+        pending: list[tuple[Record, torch.Tensor]] = []  # step records waiting for their loss value
+        for step in range(start, end):
+            tick = time.perf_counter()
+            batch = data.batch(step, recipe.batch_size, seed)
+            model.train()
+            with mp.autocast(model):
+                loss = recipe.loss(model, batch)
+            scaler.scale(loss).backward()
+            info = mp.step(optimizer, scaler, max_grad_norm=recipe.max_grad_norm)
+            lr = optimizer.param_groups[0]["lr"]
+            if info.applied:
+                scheduler.step()  # a skipped step must not advance the schedule
+            optimizer.zero_grad()
+            train_seconds += time.perf_counter() - tick
+
+            record = {"kind": "step", "step": step + 1, "loss": math.nan, "loss_scale": info.loss_scale,
+                      "applied": info.applied, "grad_norm": info.grad_norm, "lr": lr,
+                      "skipped_steps": info.skipped_steps}
+            pending.append((record, loss.detach()))
+            done = step + 1
+            evaluate_now = done % recipe.eval_every == 0 or done == steps
+            if len(pending) >= LOG_EVERY or evaluate_now or done == end:
+                _flush(pending, history, log)
+            if evaluate_now:
+                record = {"kind": "eval", "step": done, "metric": _evaluate(recipe, model, data)}
+                history.append(record)
+                log(record)
+            if out is not None and (done == end or (checkpoint_every and done % checkpoint_every == 0)):
+                save_checkpoint(out / CHECKPOINT_NAME, {
+                    "version": CHECKPOINT_VERSION, "recipe": recipe.name, "policy": str(policy),
+                    "seed": seed, "steps": steps, "step": done, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": _rng_state(), "history": history,
+                    "train_seconds": train_seconds, "activation_bytes": activation_bytes,
+                })
+
+        memory = model_memory(model, optimizer, policy, execution, activation_bytes)
+        memory_source = "modelled"
+        if device.type == "cuda":
+            memory["peak (measured)"] = torch.cuda.max_memory_allocated(device)
+            memory_source = "measured"
+
+    step_records = [r for r in history if r["kind"] == "step"]
+    evals = [r for r in history if r["kind"] == "eval"]
+    last = step_records[-1] if step_records else {"loss": math.nan, "loss_scale": math.nan, "skipped_steps": 0}
+    return RunResult(
+        recipe=recipe.name, policy=str(policy), seed=seed, steps=len(step_records), execution=execution,
+        device=str(device), metric=recipe.metric, higher_is_better=recipe.higher_is_better,
+        initial_metric=evals[0]["metric"], final_metric=evals[-1]["metric"], final_loss=last["loss"],
+        skipped_steps=int(last["skipped_steps"]), final_loss_scale=last["loss_scale"],
+        seconds_per_step=train_seconds / max(1, len(step_records)), memory=memory,
+        memory_source=memory_source, data_info=dict(data.info), history=history,
+    )
+
+
+def _evaluate(recipe: Recipe, model: torch.nn.Module, data: Data) -> float:
+    """The recipe's metric, in eval mode, under the policy (what a deployed 16-bit model computes)."""
+    model.eval()
+    with torch.no_grad(), mp.autocast(model):
+        value = float(recipe.evaluate(model, data))
+    model.train()
+    return value
+
+
+def _flush(pending: list[tuple[Record, torch.Tensor]], history: list[Record], log: Log) -> None:
+    losses = torch.stack([loss.float() for _, loss in pending]).tolist()  # one read for many steps
+    for (record, _), value in zip(pending, losses, strict=True):
+        record["loss"] = value
+        history.append(record)
+        log(record)
+    pending.clear()
+
+
+# ----- comparing policies ---------------------------------------------------------------------------
+
+
+@dataclass
+class Comparison:
+    """Runs of one recipe under several policies and seeds, in policy order."""
+
+    recipe: str
+    metric: str
+    higher_is_better: bool
+    policies: list[str]
+    seeds: list[int]
+    runs: list[RunResult]
+    description: str = ""
+
+    def runs_of(self, policy: str) -> list[RunResult]:
+        return [r for r in self.runs if r.policy == policy]
+
+    def summary(self, policy: str) -> dict[str, Any]:
+        """Final metric mean / std / min / max over seeds, and the numerics and costs of the runs."""
+        runs = self.runs_of(policy)
+        finals = [r.final_metric for r in runs]
+        finite = [v for v in finals if math.isfinite(v)]
+        return {
+            "policy": policy,
+            "seeds": [r.seed for r in runs],
+            "final_metric": finals,
+            "mean": statistics.fmean(finite) if len(finite) == len(finals) else math.nan,
+            "std": statistics.stdev(finite) if len(finite) == len(finals) > 1 else 0.0,
+            "min": min(finals) if finite == finals else math.nan,
+            "max": max(finals) if finite == finals else math.nan,
+            "initial_metric": statistics.fmean(r.initial_metric for r in runs),
+            "skipped_steps": statistics.fmean(r.skipped_steps for r in runs),
+            "final_loss_scale": runs[-1].final_loss_scale,
+            "seconds_per_step": statistics.fmean(r.seconds_per_step for r in runs),
+            "memory": runs[0].memory,
+            "memory_source": runs[0].memory_source,
+            "execution": runs[0].execution,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe, "metric": self.metric, "higher_is_better": self.higher_is_better,
+            "description": self.description, "policies": self.policies, "seeds": self.seeds,
+            "summary": [self.summary(p) for p in self.policies],
+            "runs": [r.to_dict() for r in self.runs],
+        }
+
+
+def compare(
+    recipe: Recipe | str,
+    policies: Sequence[mp.Policy | str],
+    *,
+    seeds: int | Sequence[int] = 1,
+    steps: int | None = None,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    log: Callable[[str, int, Record], None] | None = None,
+) -> Comparison:
+    """Train ``recipe`` under each policy and seed (``seeds=3`` means seeds 0, 1, 2) on the same data.
+
+    ``log(policy, seed, record)`` sees every record of every run.
+
+    Example:
+        >>> c = compare("tiny-updates", ["f32", "f16-pure"], steps=10)
+        >>> [s["policy"] for s in map(c.summary, c.policies)]
+        ['f32', 'f16-pure']
+    """
+    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    names = [str(mp.Policy.parse(p)) for p in policies]  # parse all first: fail before any training
+    if not names:
+        raise ValueError("compare needs at least one policy, e.g. ['f32', 'f16-master']")
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not seed_list:
+        raise ValueError("compare needs at least one seed")
+    data = recipe.make_data()
+    runs = []
+    for name in names:
+        for seed in seed_list:
+            run_log = None if log is None else (lambda record, n=name, s=seed: log(n, s, record))
+            runs.append(train(recipe, name, seed=seed, steps=steps, data=data, device=device,
+                              threads=threads, log=run_log))
+    return Comparison(recipe.name, recipe.metric, recipe.higher_is_better, names, seed_list, runs,
+                      recipe.description)
+
+
+# ----- memory by category -----------------------------------------------------------------------------
+
+
+def model_memory(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    policy: mp.Policy,
+    execution: str,
+    activation_bytes: int = 0,
+) -> dict[str, int]:
+    """Bytes by category as the policy stores them natively (emulation holds FP32 tensors, so this is
+    what the same run would take on hardware with the formats).
+
+    params: each parameter in its storage format. masters: 4 bytes per 16-bit parameter when the
+    policy keeps FP32 masters. grads: the gradients the optimizer steps on (FP32 on the masters, else
+    in the parameter's format). optimizer state: the optimizer's floating state tensors (FP32 next to
+    masters, else in the parameters' format). activations: tensors saved for backward in one forward
+    pass (an estimate: see `activation_elements`).
+
+    Example:
+        >>> model = torch.nn.Linear(10, 10)
+        >>> opt = torch.optim.Adam(model.parameters())
+        >>> model_memory(model, opt, mp.Policy.parse("f32"), "native")["params"]
+        440
+    """
+    formats = {id(p): fmt for p, fmt in policy.parameter_formats(model).values()}
+    params = masters = grads = 0
+    narrow_state = True
+    for p in model.parameters():
+        fmt = formats.get(id(p), mp.F32)
+        nbytes = p.numel() * fmt.bits // 8
+        params += nbytes
+        mastered = policy.master is not None and fmt != mp.F32
+        masters += p.numel() * 4 if mastered else 0
+        grads += p.numel() * 4 if mastered else nbytes
+        narrow_state = narrow_state and not mastered
+    state_elements = sum(
+        t.numel() for state in optimizer.state.values() for key, t in state.items()
+        if torch.is_tensor(t) and t.is_floating_point() and key != "step"
+    )
+    state_bytes = 4 if not narrow_state or policy.params == mp.F32 else policy.params.bits // 8
+    return {
+        "params": params, "masters": masters, "grads": grads,
+        "optimizer state": state_elements * state_bytes, "activations (est.)": activation_bytes,
+    }
+
+
+def activation_elements(recipe: Recipe, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> int:
+    """Floating-point elements autograd saves for backward in one forward pass, parameters excluded.
+
+    Counted on a plain FP32 forward in eval mode (no running-statistics update, nothing kept), so the
+    count does not depend on how a policy casts; times the compute format's bytes it models the
+    activation memory. An estimate: FP32 islands and the loss are counted at the compute width too.
+    """
+    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        storage = tensor.untyped_storage().data_ptr()
+        key = (storage, tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.is_floating_point() and storage not in parameter_storages and key not in seen:
+            seen.add(key)
+            total += tensor.numel()
+        return tensor
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            recipe.loss(model, batch)
+    finally:
+        model.train(was_training)
+    return total
+
+
+# ----- checkpoints ------------------------------------------------------------------------------------
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and prove a file can be written there, before any training.
+
+    Raises ValueError with the reason (so the CLI prints one line instead of failing at the end).
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"cannot write to output folder {str(folder)!r}: {error.strerror or error}; "
+            "choose another with --out"
+        ) from None
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then os.replace,
+    so a crash mid-write leaves the previous checkpoint intact."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint` (tensors and plain data only: weights_only)."""
+    if not path.is_file():
+        raise ValueError(f"no checkpoint to resume from at {str(path)!r}; run once without --resume first")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint {str(path)!r} has version {state.get('version')!r}, "
+                         f"this mixprec reads version {CHECKPOINT_VERSION}")
+    return state
+
+
+def checkpoint_step(out: Path, recipe: Recipe, policy: mp.Policy, seed: int, steps: int) -> int:
+    """The step a run in ``out`` can resume from; ValueError if there is no checkpoint or it is of
+    another run (recipe, policy, seed or steps differ)."""
+    checkpoint = load_checkpoint(Path(out) / CHECKPOINT_NAME)
+    _check_same_run(checkpoint, recipe, policy, seed, steps)
+    return int(checkpoint["step"])
+
+
+def _check_same_run(checkpoint: dict[str, Any], recipe: Recipe, policy: mp.Policy, seed: int,
+                    steps: int) -> None:
+    wanted = {"recipe": recipe.name, "policy": str(policy), "seed": seed, "steps": steps}
+    different = {k: (checkpoint[k], v) for k, v in wanted.items() if checkpoint[k] != v}
+    if different:
+        what = ", ".join(f"{k} {old!r} (asked: {new!r})" for k, (old, new) in different.items())
+        raise ValueError(f"the checkpoint is of another run: {what}; resume with the same settings")
+
+
+# ----- random state -------------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), Python and NumPy RNG states, as tensors and plain data (weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+@contextlib.contextmanager
+def _isolated_rng(seed: int) -> Iterator[None]:
+    """Seed torch, Python and NumPy for one run, and give the caller its RNG states back afterwards."""
+    python, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy_state)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Set torch's CPU thread count inside the block only. Small models run best on one thread: with
+    more, thread hand-offs cost more than the arithmetic, and far more on a busy machine."""
+    if threads is None:
+        yield
+        return
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,148 @@
+"""The reference training loop on shortened runs: the paper's findings, exact resume, memory, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+
+import pytest
+import torch
+
+from mixprec.recipes import get_recipe
+from mixprec.training import CHECKPOINT_NAME, compare, load_checkpoint, model_memory, train
+
+THREADS = 1  # small models: one thread is fastest, and steadiest next to other test processes
+
+
+def _tensors(tree, prefix=""):
+    """Every tensor in a nested state dict, by its path."""
+    if torch.is_tensor(tree):
+        yield prefix, tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _tensors(value, f"{prefix}.{key}")
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from _tensors(value, f"{prefix}[{i}]")
+
+
+def test_stopped_and_resumed_run_ends_bitwise_identical_to_an_uninterrupted_one(tmp_path):
+    # digits has BatchNorm (running stats), FP32 masters, Adam state, a dynamic scaler and an LR schedule.
+    kwargs = dict(steps=24, threads=THREADS)
+    whole = train("digits", "f16-master", out=tmp_path / "whole", **kwargs)
+    stopped = train("digits", "f16-master", out=tmp_path / "resumed", stop_at=9, **kwargs)
+    assert stopped.steps == 9
+    resumed = train("digits", "f16-master", out=tmp_path / "resumed", resume=True, **kwargs)
+
+    a = load_checkpoint(tmp_path / "whole" / CHECKPOINT_NAME)
+    b = load_checkpoint(tmp_path / "resumed" / CHECKPOINT_NAME)
+    state_a = dict(_tensors({k: a[k] for k in ("model", "optimizer", "scaler", "scheduler")}))
+    state_b = dict(_tensors({k: b[k] for k in ("model", "optimizer", "scaler", "scheduler")}))
+    assert state_a.keys() == state_b.keys() and any("master" in k for k in state_a)
+    different = [k for k in state_a if not torch.equal(state_a[k], state_b[k])]
+    assert not different, different
+    assert resumed.history == whole.history  # every loss, scale and metric, bit for bit
+    assert resumed.final_metric == whole.final_metric and resumed.steps == 24
+
+
+def test_resume_refuses_another_runs_checkpoint_and_a_missing_one(tmp_path):
+    train("tiny-updates", "f32", steps=3, out=tmp_path, threads=THREADS)
+    with pytest.raises(ValueError, match="another run: policy 'f32' \\(asked: 'f16-master'\\)"):
+        train("tiny-updates", "f16-master", steps=3, out=tmp_path, resume=True)
+    with pytest.raises(ValueError, match="no checkpoint to resume from"):
+        train("tiny-updates", "f32", steps=3, out=tmp_path / "empty", resume=True)
+
+
+def test_underflow_fails_without_loss_scaling_and_matches_fp32_with_it():
+    c = compare("underflow", ["f32", "f16-master", "f16-master-noscale"], steps=60, threads=THREADS)
+    f32, master, noscale = (c.runs_of(p)[0] for p in c.policies)
+    assert f32.final_metric < 0.8 * f32.initial_metric  # FP32 learns
+    # Without scaling every gradient flushed to zero: not one weight moved.
+    assert noscale.final_metric == noscale.initial_metric
+    assert master.final_metric == pytest.approx(f32.final_metric, rel=0.01)
+    assert master.skipped_steps == 0 and master.final_loss_scale == 2.0**16
+
+
+def test_tiny_updates_stall_without_master_weights_and_match_fp32_with_them():
+    c = compare("tiny-updates", ["f32", "f16-master", "f16-pure"], steps=300, threads=THREADS)
+    f32, master, pure = (c.runs_of(p)[0] for p in c.policies)
+    assert f32.final_metric < 0.5 * f32.initial_metric
+    assert pure.final_metric == pure.initial_metric  # every update rounded away
+    assert master.final_metric == pytest.approx(f32.final_metric, rel=0.05)
+
+
+def test_digits_f16_master_lies_within_fp32_spread_over_three_seeds():
+    c = compare("digits", ["f32", "f16-master"], seeds=3, steps=100, threads=THREADS)
+    f32 = [r.final_metric for r in c.runs_of("f32")]
+    master = statistics.fmean(r.final_metric for r in c.runs_of("f16-master"))
+    assert min(f32) > 0.9
+    assert min(f32) <= master <= max(f32), (master, f32)
+
+
+def test_lm_and_rnn_f16_master_track_fp32_on_a_short_run():
+    for name in ("lm", "rnn"):
+        c = compare(name, ["f32", "f16-master"], steps=25, threads=THREADS)
+        f32, master = (c.runs_of(p)[0] for p in c.policies)
+        assert f32.final_metric < f32.initial_metric - 1.0  # learning, in bits per byte
+        assert master.final_metric == pytest.approx(f32.final_metric, abs=0.05), name
+        assert "corpus_sha256" in master.data_info
+
+
+def test_skipped_steps_do_not_advance_the_lr_schedule():
+    # A loss 2^12 times larger overflows FP16 at the initial scale 2^16: the first steps are skipped.
+    base = get_recipe("tiny-updates")
+    loud = dataclasses.replace(base, loss=lambda model, batch: base.loss(model, batch) * 2.0**12, warmup_steps=5)
+    result = train(loud, "f16-master", steps=12, threads=THREADS)
+    steps = [r for r in result.history if r["kind"] == "step"]
+    assert result.skipped_steps > 0 and not steps[0]["applied"]
+    assert result.final_loss_scale < 2.0**16
+    applied_before = 0
+    for record in steps:
+        expected = loud.lr * loud.lr_factor(applied_before, 12)
+        assert record["lr"] == pytest.approx(expected), record
+        applied_before += record["applied"]
+
+
+def test_train_leaves_the_callers_random_state_alone():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    train("tiny-updates", "f32", steps=2, seed=7, threads=THREADS)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_threads_setting_is_restored():
+    before = torch.get_num_threads()
+    train("tiny-updates", "f32", steps=1, threads=1)
+    assert torch.get_num_threads() == before
+
+
+def test_memory_model_follows_the_policy_formats():
+    results = {p: train("tiny-updates", p, steps=1, threads=THREADS).memory for p in ("f32", "f16-master", "f16-pure")}
+    n = 32 * 8  # the model's parameters
+    assert results["f32"]["params"] == 4 * n and results["f32"]["masters"] == 0
+    assert results["f16-master"]["params"] == 2 * n and results["f16-master"]["masters"] == 4 * n
+    assert results["f16-master"]["grads"] == 4 * n  # the optimizer steps on FP32 master gradients
+    assert results["f16-master"]["optimizer state"] == 2 * 4 * n  # Adam's two FP32 moments
+    assert results["f16-pure"]["masters"] == 0 and results["f16-pure"]["optimizer state"] == 2 * 2 * n
+    assert results["f16-master"]["activations (est.)"] * 2 == results["f32"]["activations (est.)"] > 0
+
+
+def test_model_memory_keeps_norm_layers_in_fp32():
+    import mixprec as mp
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    memory = model_memory(model, optimizer, mp.Policy.parse("f16-master"), "emulated")
+    assert memory["params"] == 20 * 2 + 8 * 4  # Linear in FP16, LayerNorm an FP32 island
+    assert memory["masters"] == 20 * 4
+
+
+def test_bad_arguments_fail_before_training(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="cannot write to output folder"):
+        train("tiny-updates", "f32", steps=1, out=blocker / "run")
+    with pytest.raises(ValueError, match="unknown policy preset 'f17'"):
+        train("tiny-updates", "f17", steps=1)
+    with pytest.raises(ValueError, match="stop_at must be in 1..5"):
+        train("tiny-updates", "f32", steps=5, stop_at=9)
