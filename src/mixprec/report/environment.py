@@ -1,0 +1,58 @@
+"""Where and with what a result was measured: device, versions, commit, date.
+
+Example:
+    >>> sorted(environment("cpu"))[:3]
+    ['date', 'device', 'device_name']
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import mixprec as mp
+
+
+def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
+    device = torch.device(device)
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "device_name": _device_name(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "mixprec": mp.__version__,
+        "git_commit": git_commit(),
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+def git_commit() -> str | None:
+    """The commit of the mixprec checkout (with "-dirty" if its sources changed), or None if not a checkout."""
+    root = Path(mp.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=root, capture_output=True,
+                               text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "") if commit else None
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -1,0 +1,96 @@
+"""Tables for the terminal (rich, fit 80 columns) and for report.md (Markdown).
+
+Example:
+    >>> from mixprec.training import compare
+    >>> text = render(results_table(compare("tiny-updates", ["f32"], steps=5)))
+    >>> max(map(len, text.splitlines())) <= 80
+    True
+"""
+
+from __future__ import annotations
+
+import io
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from mixprec.training import Comparison
+
+from .summary import format_bytes, format_metric, format_scale, summarize
+
+MEMORY_COLUMNS = ("params", "masters", "grads", "optimizer state", "activations (est.)")
+MEMORY_HEADERS = ("params", "masters", "grads", "optim", "activ", "total")
+
+
+def results_table(comparison: Comparison) -> Table:
+    """Final metric (mean ± std over seeds) with its verdict, skipped steps, loss scale, speed, execution."""
+    arrow = "↑" if comparison.higher_is_better else "↓"
+    n = len(comparison.seeds)
+    rows = summarize(comparison)
+    ref = next(r["policy"] for r in rows if r["verdict"] == "reference")
+    table = Table(title=f"{comparison.recipe}: {comparison.metric} {arrow}, {n} seed{'s' * (n > 1)}",
+                  box=box.SIMPLE_HEAD, show_edge=False, title_justify="left",
+                  collapse_padding=True, pad_edge=False)
+    for header in ("policy", comparison.metric, f"vs {ref}", "skipped", "scale", "ms/step", "exec"):
+        table.add_column(header, justify="left" if header in ("policy", f"vs {ref}", "exec") else "right",
+                         no_wrap=header != "policy", overflow="fold")
+    for row in rows:
+        table.add_row(
+            row["policy"], format_metric(row["mean"], row["std"], n, compact=True),
+            row["verdict"].replace("reference", "ref"),
+            f"{row['skipped_steps']:g}", format_scale(row["final_loss_scale"]),
+            f"{1000 * row['seconds_per_step']:.1f}", "emul" if row["execution"] == "emulated" else "native",
+        )
+    return table
+
+
+def memory_table(comparison: Comparison) -> Table:
+    """Bytes by category per policy: modelled in the policy's formats (measured peak on CUDA)."""
+    rows = summarize(comparison)
+    source = rows[0]["memory_source"]
+    table = Table(title=f"{comparison.recipe}: training memory by category ({source})", box=box.SIMPLE_HEAD,
+                  show_edge=False, title_justify="left", collapse_padding=True, pad_edge=False)
+    extra = [k for k in rows[0]["memory"] if k not in MEMORY_COLUMNS]  # e.g. the measured CUDA peak
+    for header in ("policy", *MEMORY_HEADERS, *extra):
+        table.add_column(header.replace(" (measured)", ""), justify="left" if header == "policy" else "right",
+                         overflow="fold")
+    for row in rows:
+        memory = row["memory"]
+        total = sum(memory.get(k, 0) for k in MEMORY_COLUMNS)
+        table.add_row(row["policy"], *(format_bytes(memory.get(k, 0)) for k in MEMORY_COLUMNS),
+                      format_bytes(total), *(format_bytes(memory[k]) for k in extra))
+    return table
+
+
+def render(table: Table, width: int = 80) -> str:
+    """A table as plain text, as an 80-column terminal shows it."""
+    console = Console(width=width, record=True, file=io.StringIO(), color_system=None)
+    console.print(table)
+    return console.export_text()
+
+
+def markdown_tables(comparison: Comparison) -> str:
+    """The same two tables in Markdown, with the min-max range and the verdict spelled out."""
+    rows = summarize(comparison)
+    n = len(comparison.seeds)
+    lines = [
+        f"| policy | {comparison.metric} (mean ± std) | min – max | verdict | skipped steps | final loss scale "
+        "| ms/step | execution |",
+        "|---|---:|---:|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| `{r['policy']}` | {format_metric(r['mean'], r['std'], n)} | {r['min']:.4g} – {r['max']:.4g} "
+            f"| {r['verdict_text']} | {r['skipped_steps']:g} | {format_scale(r['final_loss_scale'])} "
+            f"| {1000 * r['seconds_per_step']:.1f} | {r['execution']} |"
+        )
+    memory_keys = list(rows[0]["memory"])
+    lines += ["", f"Memory by category ({rows[0]['memory_source']}; bytes as the policy stores them):", "",
+              "| policy | " + " | ".join(memory_keys) + " | total |",
+              "|---|" + "---:|" * (len(memory_keys) + 1)]
+    for r in rows:
+        total = sum(r["memory"].get(k, 0) for k in MEMORY_COLUMNS)
+        lines.append(f"| `{r['policy']}` | " + " | ".join(format_bytes(r["memory"][k]) for k in memory_keys)
+                     + f" | {format_bytes(total)} |")
+    return "\n".join(lines)

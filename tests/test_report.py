@@ -1,0 +1,139 @@
+"""Reports: verdicts, 80-column tables, JSONL/TensorBoard logs, results.json, plots and report.md."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from mixprec.report import (
+    RunLogger,
+    format_bytes,
+    format_metric,
+    format_scale,
+    memory_table,
+    render,
+    results_table,
+    summarize,
+    verdicts,
+    write_report,
+)
+from mixprec.report.plots import _aligned, _running_mean
+from mixprec.training import Comparison, RunResult, compare
+
+
+def _run(policy: str, seed: int, final: float, initial: float = 0.1, steps: int = 4) -> RunResult:
+    history = [{"kind": "eval", "step": 0, "metric": initial}]
+    for s in range(1, steps + 1):
+        history.append({"kind": "step", "step": s, "loss": 1.0 / s, "loss_scale": 2.0**16 if s > 2 else 2.0**17,
+                        "applied": s != 2, "grad_norm": 1.0, "lr": 0.1, "skipped_steps": int(s >= 2)})
+    history.append({"kind": "eval", "step": steps, "metric": final})
+    return RunResult(recipe="toy", policy=policy, seed=seed, steps=steps, execution="emulated", device="cpu",
+                     metric="accuracy", higher_is_better=True, initial_metric=initial, final_metric=final,
+                     final_loss=0.25, skipped_steps=1, final_loss_scale=2.0**16, seconds_per_step=0.01,
+                     memory={"params": 1000, "masters": 2000, "grads": 2000, "optimizer state": 4000,
+                             "activations (est.)": 500},
+                     memory_source="modelled", data_info={"corpus_sha256": "ab" * 32, "corpus_bytes": 10},
+                     history=history)
+
+
+def _toy_comparison() -> Comparison:
+    finals = {"f32": [0.95, 0.96, 0.97], "f16-master": [0.955, 0.96, 0.965], "f16-pure": [0.2, 0.15, 0.1],
+              "bf16-pure": [0.5, 0.6, 0.7], "f16-master-noscale": [math.nan, 0.9, 0.9]}
+    runs = [_run(p, s, v) for p, values in finals.items() for s, v in enumerate(values)]
+    return Comparison("toy", "accuracy", True, list(finals), [0, 1, 2], runs, "a toy task")
+
+
+def test_verdicts_against_the_fp32_reference():
+    found = verdicts(_toy_comparison())
+    assert {p: v.word for p, v in found.items()} == {
+        "f32": "reference", "f16-master": "matches", "f16-pure": "stalled", "bf16-pure": "worse",
+        "f16-master-noscale": "diverged"}
+    assert found["f16-master"].within_range and not found["bf16-pure"].within_range
+    assert found["f16-pure"].gain == pytest.approx((0.1 - 0.15) / (0.1 - 0.96))
+    assert found["f16-pure"].text("f32") == "stalled: 6% of f32's gain"
+
+
+def test_one_seed_gets_a_tolerance_of_two_percent_of_the_gain():
+    runs = [_run("f32", 0, 0.90), _run("f16-master", 0, 0.89), _run("bf16-master", 0, 0.85)]
+    c = Comparison("toy", "accuracy", True, ["f32", "f16-master", "bf16-master"], [0], runs)
+    found = verdicts(c)
+    assert found["f16-master"].word == "matches"  # 0.01 <= 2% of 0.8
+    assert found["bf16-master"].word == "worse"
+
+
+def test_lower_is_better_metrics():
+    runs = [_run("f32", 0, 1.0, initial=8.0), _run("f16-master", 0, 0.5, initial=8.0)]
+    for r in runs:
+        r.higher_is_better = False
+    c = Comparison("toy", "bits/byte", False, ["f32", "f16-master"], [0], runs)
+    assert verdicts(c)["f16-master"].word == "better"
+
+
+def test_number_formats():
+    assert format_scale(2.0**16) == "2^16" and format_scale(1.0) == "2^0" and format_scale(1000.0) == "1000"
+    assert format_bytes(100) == "100B" and format_bytes(2048) == "2K" and format_bytes(5 * 2**20) == "5M"
+    assert format_metric(0.97, 0.01, 3) == "0.9700 ± 0.0100" and format_metric(0.97, 0.0, 1) == "0.9700"
+    assert format_metric(math.nan, 0, 3) == "nan"
+
+
+def test_tables_fit_80_columns_and_say_what_matters():
+    c = _toy_comparison()
+    results = render(results_table(c))
+    memory = render(memory_table(c))
+    for text in (results, memory):
+        assert max(len(line) for line in text.splitlines()) <= 80
+    assert "f16-master-noscale" in results  # the longest preset name is not cut
+    assert "0.9600±0.0050" in results and "stalled" in results and "2^16" in results and "emul" in results
+    assert "modelled" in memory and "9.28K" in memory  # total of the categories
+
+
+def test_run_logger_writes_jsonl_and_tensorboard_and_truncates_on_resume(tmp_path):
+    with RunLogger(tmp_path) as log:
+        for record in _run("f32", 0, 0.9).history:
+            log(record)
+        log({"kind": "step", "step": 5, "loss": math.nan, "loss_scale": 1.0, "applied": True})
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 7 and lines[-1]["loss"] is None  # NaN written as null: strict JSON
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    with RunLogger(tmp_path, resume_step=2, tensorboard=False):
+        pass
+    kept = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == [0, 1, 2]
+
+
+def test_running_mean_and_alignment_of_curves():
+    assert _running_mean(np.array([[1.0, 3.0, 5.0, 7.0]]), 2).tolist() == [[1.0, 2.0, 4.0, 6.0]]
+    steps, values = _aligned([[(0, 1.0), (5, 2.0), (10, 3.0)], [(0, 4.0), (10, 6.0)]])
+    assert steps.tolist() == [0, 10] and values.tolist() == [[1.0, 3.0], [4.0, 6.0]]
+
+
+def test_write_report_on_a_real_comparison(tmp_path):
+    c = compare("underflow", ["f32", "f16-master", "f16-master-noscale"], seeds=2, steps=30, threads=1)
+    path = write_report([c], tmp_path, title="test report")
+    results = json.loads((tmp_path / "results.json").read_text())
+    env = results["environment"]
+    assert {"device", "device_name", "torch", "python", "git_commit", "date", "mixprec"} <= set(env)
+    (experiment,) = results["experiments"]
+    assert experiment["reference"] == "f32" and len(experiment["runs"]) == 6
+    verdict = {row["policy"]: row["verdict"] for row in experiment["summary"]}
+    assert verdict == {"f32": "reference", "f16-master": "matches", "f16-master-noscale": "stalled"}
+    assert experiment["runs"][0]["history"][0] == {"kind": "eval", "step": 0,
+                                                   "metric": experiment["runs"][0]["initial_metric"]}
+
+    report = path.read_text()
+    assert report.startswith("# test report") and "| `f16-master-noscale` |" in report
+    for png in ("underflow-curves.png", "underflow-loss-scale.png"):
+        assert f"]({png})" in report
+        image = matplotlib.image.imread(tmp_path / png)
+        assert image.shape[0] > 300 and image.shape[1] > 600
+        assert image[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_summarize_rows_carry_totals_and_verdict_text():
+    rows = {r["policy"]: r for r in summarize(_toy_comparison())}
+    assert rows["f32"]["memory_total"] == 9500
+    assert rows["f16-master"]["verdict_text"] == "matches f32"
