@@ -14,6 +14,9 @@ import sys
 COMMANDS: dict[str, str] = {
     "formats": "formats",
     "policies": "policies",
+    "train": "train",
+    "compare": "compare",
+    "demo": "demo",
 }
 
 

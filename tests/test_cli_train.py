@@ -1,0 +1,84 @@
+"""`mixprec train`: a short run end to end, resume through the CLI, and bad input as one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mixprec.cli import main
+
+MIXPREC = str(Path(sys.executable).parent / "mixprec")
+
+
+def _records(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--recipe", "--policy", "--steps", "--seed", "--out", "--resume", "--stop-at"):
+        assert option in out
+
+
+def test_short_run_writes_logs_tensorboard_checkpoint_and_result(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "tiny-updates", "--policy", "f16-master", "--steps", "6",
+                 "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "emulated" in text and "finished step 6" in text and str(out) in text
+    records = _records(out)
+    assert [r["step"] for r in records if r["kind"] == "step"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 6]
+    assert list(out.glob("events.out.tfevents.*")) and (out / "checkpoint.pt").is_file()
+    result = json.loads((out / "result.json").read_text())
+    assert result["policy"] == "f16-master" and result["execution"] == "emulated"
+    assert result["environment"]["torch"] and result["final_loss_scale"] == 65536.0
+
+
+def test_stop_and_resume_through_the_cli_matches_an_uninterrupted_run(tmp_path, capsys):
+    args = ["train", "--recipe", "underflow", "--policy", "f16-master", "--steps", "8", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert main([*args, "--out", str(tmp_path / "part"), "--stop-at", "3"]) == 0
+    assert "stopped at step 3" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "part"), "--resume"]) == 0
+    assert "resuming at step 3" in capsys.readouterr().out
+    whole, part = _records(tmp_path / "whole"), _records(tmp_path / "part")
+    assert part == whole  # every logged step once, with identical values
+    a = json.loads((tmp_path / "whole" / "result.json").read_text())
+    b = json.loads((tmp_path / "part" / "result.json").read_text())
+    assert a["final_metric"] == b["final_metric"] and a["history"] == b["history"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--recipe", "mnist", "--policy", "f32"], "unknown recipe 'mnist'; valid: digits, lm, rnn, underflow"),
+    (["--recipe", "digits", "--policy", "fp17"], "unknown policy preset 'fp17'; valid presets: f32, f16-mixed"),
+    (["--recipe", "digits", "--policy", "f32", "--resume", "--out", "{tmp}/nothing"], "no checkpoint to resume"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, expected, tmp_path, capsys):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_unwritable_out_fails_before_training(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["train", "--recipe", "digits", "--policy", "f32", "--out", str(blocker / "run")]) == 2
+    captured = capsys.readouterr()
+    assert "cannot write to output folder" in captured.err and "mixprec train:" not in captured.out
+
+
+def test_bad_input_through_the_console_script():
+    proc = subprocess.run([MIXPREC, "train", "--recipe", "nope", "--policy", "f32"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("mixprec train: error: unknown recipe 'nope'; valid: digits, lm, rnn, "
+                                   "underflow, tiny-updates (or module.path:object for your own)")
