@@ -102,7 +102,7 @@ def run_experiments(experiments: list[Experiment], out: Path, args: argparse.Nam
             runs = []
             for policy in experiment.policies:
                 for seed in experiment.seeds:
-                    task = progress.add(f"{experiment.recipe.name} {policy} s{seed}", total=experiment.steps)
+                    task = progress.add(f"{policy} s{seed}", total=experiment.steps)
                     folder = out / "runs" / experiment.recipe.name / slug(policy) / f"seed{seed}"
                     with RunLogger(folder) as logger:
                         def log(record: dict, task: int = task, logger: RunLogger = logger) -> None:
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
           f"({', '.join(experiment.policies)}; seeds {', '.join(map(str, experiment.seeds))}) -> {out}")
     start = time.perf_counter()
     comparisons = run_experiments([experiment], out, args)
-    report = write_report(comparisons, out, device=default_device(args.device),
+    report = write_report(comparisons, out, device=default_device(args.device), threads=args.threads,
                           title=f"mixprec compare: {experiment.recipe.name}")
     print_tables(comparisons)
     print(f"report: {report}  ({time.perf_counter() - start:.0f} s)")

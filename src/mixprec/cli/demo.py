@@ -68,8 +68,9 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     comparisons = run_experiments(experiments, args.out, args)
     elapsed = time.perf_counter() - start
-    report = write_report(comparisons, args.out, device=default_device(args.device), title="mixprec demo",
-                          extra={"demo": {"fraction": args.fraction, "seconds": round(elapsed, 1)}})
+    demo_info = {"demo": {"fraction": args.fraction, "seconds": round(elapsed, 1)}}
+    report = write_report(comparisons, args.out, device=default_device(args.device), threads=args.threads,
+                          title="mixprec demo", extra=demo_info)
     print_tables(comparisons)
     print("What this shows" + (" (shortened run: the numbers prove nothing)" if args.fraction < 1 else "") + ":")
     for demo, comparison in zip(DEMO, comparisons, strict=True):

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
           f"{steps} steps -> {out}" + (f", resuming at step {resume_step}" if resume_step is not None else ""))
     with RunLogger(out, resume_step=resume_step) as logger, \
             TrainingProgress(enabled=not args.no_progress) as progress:
-        task = progress.add(f"{recipe.name} {policy}", total=args.stop_at or steps, completed=resume_step or 0)
+        task = progress.add(str(policy), total=args.stop_at or steps, completed=resume_step or 0)
 
         def log(record: dict) -> None:
             logger(record)
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         result = train(recipe, policy, seed=args.seed, steps=steps, device=device, out=out, resume=args.resume,
                        stop_at=args.stop_at, checkpoint_every=args.checkpoint_every, threads=args.threads,
                        log=log)
-    write_json(out / "result.json", {"environment": environment(device), **result.to_dict()})
+    write_json(out / "result.json", {"environment": environment(device, args.threads), **result.to_dict()})
     done = "stopped at" if args.stop_at and args.stop_at < steps else "finished"
     print(f"{done} step {result.steps}: {recipe.metric} {result.final_metric:.4g} (from "
           f"{result.initial_metric:.4g}), loss {result.final_loss:.4g}, skipped steps {result.skipped_steps}, "

@@ -25,14 +25,14 @@ from .writers import RunLogger, clean_json, write_json
 
 
 def write_report(comparisons: list[Comparison], folder: Path | str, *, device: str = "cpu",
-                 title: str = "mixprec comparison", extra: dict | None = None) -> Path:
+                 threads: int | None = None, title: str = "mixprec comparison", extra: dict | None = None) -> Path:
     """Write results.json, the PNG plots and report.md for ``comparisons`` into ``folder``.
 
     Returns the path of report.md.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    env = environment(device)
+    env = environment(device, threads)
     plots = {c.recipe: plot_comparison(c, folder) for c in comparisons}
     experiments = []
     for c in comparisons:

@@ -18,7 +18,8 @@ import torch
 import mixprec as mp
 
 
-def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
+def environment(device: str | torch.device = "cpu", threads: int | None = None) -> dict[str, Any]:
+    """What a result depends on besides the code: pass the run's ``threads`` (default: torch's now)."""
     device = torch.device(device)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -29,7 +30,7 @@ def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
         "mixprec": mp.__version__,
         "git_commit": git_commit(),
         "platform": platform.platform(),
-        "cpu_threads": torch.get_num_threads(),
+        "cpu_threads": threads or torch.get_num_threads(),
     }
 
 

@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .summary import format_scale
 
@@ -22,8 +22,9 @@ class TrainingProgress:
 
     def __init__(self, enabled: bool = True, console: Console | None = None) -> None:
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            # Fits 80 columns with the longest preset name: policy, bar, steps, loss/scale/metric, time left.
+            TextColumn("{task.description}"), BarColumn(bar_width=10), MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
             console=console, disable=not enabled,
         )
         self._loss: dict[int, str] = {}  # task -> "loss 2.31 scale 2^16"
@@ -35,10 +36,10 @@ class TrainingProgress:
     def update(self, task: int, record: dict[str, Any]) -> None:
         """Show one record of `mixprec.training.train`'s log: a step's loss and scale, or an evaluation."""
         if record["kind"] == "eval":
-            self._metric[task] = f" metric {record['metric']:.4g}"
+            self._metric[task] = f" metric {record['metric']:.3g}"
         else:
             loss = record["loss"]
-            self._loss[task] = (f"loss {loss:.4g}" if math.isfinite(loss) else "loss nan") + \
+            self._loss[task] = (f"loss {loss:.3g}" if math.isfinite(loss) else "loss nan") + \
                 f" scale {format_scale(record['loss_scale'])}"
             self._progress.update(task, completed=record["step"])
         self._progress.update(task, status=self._loss.get(task, "") + self._metric.get(task, ""))
