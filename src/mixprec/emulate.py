@@ -151,7 +151,10 @@ def _round_nearest_by_addition(x: torch.Tensor, out: torch.Tensor, fmt: Format) 
     torch.add(x, c, out=out)
     out.sub_(c).copysign_(x)  # copysign: a negative value that rounds to zero is -0
     if fmt.has_inf:
-        torch.where(out.abs() > fmt.max, out * float("inf"), out, out=out)
+        # Overflow to inf with two exact power-of-two multiplies: scaled by 2**(127 - emax), every value
+        # up to max stays finite in float32 and everything from 2**(emax+1) on becomes inf.
+        k = 127 - fmt.max_exponent
+        out.mul_(2.0**k).mul_(2.0**-k)
     else:
         out.clamp_(-fmt.max, fmt.max)  # saturate, inf included; NaN stays NaN
 
