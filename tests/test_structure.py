@@ -20,7 +20,7 @@ LEVEL = {
     "step": 3, "distributed": 3,
     "numerics": 4,
     "__init__": 5,
-    "recipes": 6, "training": 6,
+    "recipes": 6, "checkpoints": 6, "training": 6,
     "report": 7,
     "cli": 8,
 }

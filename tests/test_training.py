@@ -8,8 +8,9 @@ import statistics
 import pytest
 import torch
 
+from mixprec.checkpoints import CHECKPOINT_NAME, load_checkpoint
 from mixprec.recipes import get_recipe
-from mixprec.training import CHECKPOINT_NAME, compare, load_checkpoint, model_memory, train
+from mixprec.training import compare, model_memory, train
 
 THREADS = 1  # small models: one thread is fastest, and steadiest next to other test processes
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mixprec as mp
+from mixprec.checkpoints import check_writable
 from mixprec.recipes import RECIPES, Recipe, get_recipe
 from mixprec.report import (
     RunLogger,
@@ -23,7 +24,7 @@ from mixprec.report import (
     results_table,
     write_report,
 )
-from mixprec.training import Comparison, check_writable, train
+from mixprec.training import Comparison, train
 
 from .train import add_run_arguments, default_device, slug
 

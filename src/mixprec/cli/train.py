@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 import mixprec as mp
+from mixprec.checkpoints import check_writable, checkpoint_step
 from mixprec.recipes import RECIPES, get_recipe
 from mixprec.report import RunLogger, TrainingProgress, environment, format_scale, write_json
-from mixprec.training import check_writable, checkpoint_step, train
+from mixprec.training import train
 
 HELP = "Train one recipe under one policy: progress bar, JSONL + TensorBoard logs, checkpoints, --resume."
 
