@@ -24,8 +24,7 @@ import torch
 
 import mixprec as mp
 from mixprec.emulate import quantize_bits
-
-from _env import environment
+from mixprec.report.environment import environment
 
 
 def best_time(fn, repeats: int) -> float:
@@ -77,7 +76,7 @@ def main() -> None:
         "elements": args.elements,
         "repeats": args.repeats,
         "timing": "best of repeats, after one warm-up",
-        **environment(),
+        **environment("cpu"),
         "results": rows,
         "goal": "general >= 0.5x native throughput; quantize (nearest, fast path) == native",
     }

@@ -20,11 +20,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +29,7 @@ from pathlib import Path
 import torch
 
 import mixprec as mp
+from mixprec.report.environment import environment
 
 WIDTH, LAYERS = 448, 25  # 25 x (448*448 + 448) = 5.03M parameters in 50 tensors
 
@@ -109,26 +107,6 @@ def time_side_by_side(a: Side, b: Side, iters: int, warmup: int = 3) -> tuple[li
     return times
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        status = ["git", "status", "--porcelain", "--untracked-files=no", "--", "src"]
-        dirty = subprocess.run(status, capture_output=True, text=True)
-        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=30)
@@ -171,13 +149,7 @@ def main() -> None:
     model = make_mlp(torch.float32)
     record = {
         "benchmark": "step_overhead",
-        "device": cpu_name(),
-        "device_type": "cpu",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **environment("cpu"),
         "model": f"MLP {LAYERS}x Linear({WIDTH}, {WIDTH}): {len(list(model.parameters()))} tensors, "
         f"{sum(p.numel() for p in model.parameters())} params; Adam(foreach=True)",
         "iters": args.iters,
