@@ -273,3 +273,16 @@ def test_hot_path_never_syncs_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert s.loss_scale == 2.0**8
+
+
+def test_update_takes_a_python_bool_or_number_as_well_as_a_tensor():
+    a, b = mp.DynamicScaler(init_scale=8.0, hysteresis=1), mp.DynamicScaler(init_scale=8.0, hysteresis=1)
+    for flag in [True, 0, 1.0, False]:
+        a.update(flag)
+        b.update(torch.tensor(float(flag)))
+        assert a.loss_scale == b.loss_scale
+    assert int(a.skipped_steps) == 2
+    with pytest.raises(TypeError, match="found_inf must be a tensor or a bool/number"):
+        a.update("yes")
+    with pytest.raises(ValueError, match="one value"):
+        a.update(torch.zeros(3))

@@ -128,7 +128,10 @@ class Policy:
         compute: format modules compute in and activations (and their gradients) are stored in.
         output: format of the model's outputs, i.e. what the loss is computed in.
         master: format of the master copy of the weights that takes the update (FP32), or None.
-        scaling: ``"none"``, ``"static:S"`` (e.g. ``"static:1024"``) or ``"dynamic"`` / ``"dynamic:S0"``.
+        scaling: ``"none"``, ``"static:S"`` (e.g. ``"static:1024"``), ``"dynamic"`` / ``"dynamic:S0"``, or
+            ``"auto"`` (the default): ``"dynamic"`` when params or compute is a format with fewer exponent
+            bits than FP32 (FP16, FP8: small gradients underflow without scaling), else ``"none"``.
+            It is resolved at construction, so ``str(policy)`` always names the concrete choice.
         execution: ``"auto"`` (native where the device has every format, else emulated),
             ``"native"`` or ``"emulated"``.
         rules: per-module rules, tried in order before the default FP32 islands.
@@ -143,7 +146,7 @@ class Policy:
     compute: Format = F32
     output: Format = F32
     master: Format | None = None
-    scaling: str = "none"
+    scaling: str = "auto"
     execution: str = "auto"
     rules: tuple[Rule, ...] = field(default=())
 
@@ -154,7 +157,11 @@ class Policy:
         if isinstance(master, str) and master.strip().lower() == "none":
             master = None
         object.__setattr__(self, "master", None if master is None else _fmt(master))
-        object.__setattr__(self, "scaling", _normalize_scaling(self.scaling))
+        scaling = self.scaling
+        if isinstance(scaling, str) and scaling.strip().lower() == "auto":
+            narrow_range = any(f.exponent_bits < F32.exponent_bits for f in (self.params, self.compute))
+            scaling = "dynamic" if narrow_range else "none"
+        object.__setattr__(self, "scaling", _normalize_scaling(scaling))
         if self.execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}, got {self.execution!r}")
         rules = (self.rules,) if isinstance(self.rules, (Rule, str)) else tuple(self.rules)
@@ -391,7 +398,7 @@ def _normalize_scaling(text: str) -> str:
     if not isinstance(text, str):
         raise ValueError(f"scaling is a string ('none', 'static:S', 'dynamic' or 'dynamic:S0'), got {text!r}")
     kind, sep, value = text.strip().lower().partition(":")
-    valid = "valid: 'none', 'static:S' (e.g. 'static:1024'), 'dynamic', 'dynamic:S0' (initial scale)"
+    valid = "valid: 'auto', 'none', 'static:S' (e.g. 'static:1024'), 'dynamic', 'dynamic:S0' (initial scale)"
     bad_value = (kind == "none" and sep) or (kind == "static" and not value)
     if kind not in ("none", "static", "dynamic") or bad_value:
         raise ValueError(f"unknown loss scaling {text!r}; {valid}")
@@ -414,9 +421,9 @@ _PRESET_POLICIES: dict[str, Policy] = {
     "bf16-mixed": Policy(params=F32, compute=BF16),
     "f16-master": Policy(params=F16, compute=F16, master=F32, scaling="dynamic"),
     "bf16-master": Policy(params=BF16, compute=BF16, master=F32),
-    "f16-pure": Policy(params=F16, compute=F16),
+    "f16-pure": Policy(params=F16, compute=F16, scaling="none"),
     "bf16-pure": Policy(params=BF16, compute=BF16),
-    "f16-master-noscale": Policy(params=F16, compute=F16, master=F32),
+    "f16-master-noscale": Policy(params=F16, compute=F16, master=F32, scaling="none"),
 }
 
 #: Preset name -> one-line description.

@@ -133,6 +133,18 @@ def find_nonfinite(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     return flags
 
 
+def _as_flag(found_inf: torch.Tensor | bool | float, device: torch.device) -> torch.Tensor:
+    """``found_inf`` as a 0-dim tensor on ``device``: a tensor from `unscale_and_check_`, or a Python
+    bool/number (e.g. from a user's own overflow check). Syncs: no (a host value is copied to the device)."""
+    if isinstance(found_inf, torch.Tensor):
+        if found_inf.numel() != 1:
+            raise ValueError(f"found_inf must hold one value, got a tensor of shape {tuple(found_inf.shape)}")
+        return found_inf.reshape(()).to(device, non_blocking=True)
+    if isinstance(found_inf, (bool, int, float)):
+        return torch.tensor(float(found_inf), device=device)
+    raise TypeError(f"found_inf must be a tensor or a bool/number, got {type(found_inf).__name__}")
+
+
 def _times(scale: torch.Tensor, factor: float) -> torch.Tensor:
     """``float32(scale * factor)`` computed in float64, as torch's ``_amp_update_scale_`` does."""
     if scale.device.type == "mps":  # no float64 there
@@ -206,6 +218,8 @@ class LossScaler:
     def update(self, found_inf: torch.Tensor) -> None:
         """Record one step's result: count it as skipped if ``found_inf`` is nonzero.
 
+        ``found_inf`` is the tensor `unscale_and_check_` returned (or a Python bool/number).
+
         Subclasses also adjust the scale. Call once per step, after `unscale_and_check_`.
 
         Syncs: no.
@@ -214,7 +228,7 @@ class LossScaler:
             >>> s = NoScaler(); s.update(torch.tensor(1.0)); int(s.skipped_steps)
             1
         """
-        self._skipped += (found_inf != 0).to(self._skipped.dtype)
+        self._skipped += (_as_flag(found_inf, self.device) != 0).to(self._skipped.dtype)
 
     def observe(self, found_inf: bool, loss_scale: float) -> None:
         """Host-side bookkeeping with values already read on the host (by `mp.step`'s one sync).
@@ -453,7 +467,7 @@ class DynamicScaler(LossScaler):
             4.0
         """
         super().update(found_inf)
-        overflow = found_inf.to(self.device) != 0
+        overflow = _as_flag(found_inf, self.device) != 0
         scale, growth, hyst = self._scale, self._growth_tracker, self._hysteresis_tracker
 
         # Overflow branch: count down the hysteresis, back off once it is used up.
