@@ -1,4 +1,4 @@
-"""`mixprec demo`: the paper's findings on your machine in about three minutes (2 CPU cores).
+"""`mixprec demo`: the paper's findings on your machine in about a minute (2 CPU cores).
 
 Runs `mixprec compare` on an embedded set of experiments and writes a report (default runs/demo):
 
@@ -23,7 +23,7 @@ from mixprec.training import Comparison
 from .compare import make_experiment, print_tables, run_experiments
 from .train import default_device
 
-HELP = "Run the embedded demo (~3 min on 2 CPU cores): FP32 parity and both FP16 failure modes."
+HELP = "Run the embedded demo (~1 min on 2 CPU cores): FP32 parity and both FP16 failure modes."
 
 
 @dataclass(frozen=True)
