@@ -19,8 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn import functional as F
 
-from .base import Data
+from .base import Batch, Data
+
+EVAL_WINDOWS = 256  # a fixed slice of the test split: enough for a stable number, fast on a CPU
 
 #: Pure-Python modules present in every CPython >= 3.10 (about 1 MB of source together).
 STDLIB_MODULES = (
@@ -96,3 +100,17 @@ def bits_per_byte(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
     loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
     return loss.item() / math.log(2)
+
+
+def next_byte_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Cross-entropy of predicting each next byte of a window (the loss of the byte-level recipes)."""
+    (windows,) = batch
+    logits = model(windows[:, :-1])
+    return F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten())
+
+
+def next_byte_bits(model: nn.Module, data: Data) -> float:
+    """Bits per byte on the first EVAL_WINDOWS windows of the test split (the byte-level recipes' metric)."""
+    (windows,) = data.test
+    windows = windows[:EVAL_WINDOWS]
+    return bits_per_byte(model(windows[:, :-1]), windows[:, 1:])

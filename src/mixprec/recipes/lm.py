@@ -16,10 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Batch, Data, Recipe
-from .corpus import bits_per_byte, byte_windows, stdlib_corpus
-
-EVAL_WINDOWS = 256  # a fixed slice of the test split: enough for a stable number, fast on a CPU
+from .base import Data, Recipe
+from .corpus import byte_windows, next_byte_bits, next_byte_loss, stdlib_corpus
 
 
 @dataclass(frozen=True)
@@ -87,26 +85,14 @@ def make_data() -> Data:
     return byte_windows(stdlib_corpus(), GPTConfig.block_size)
 
 
-def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    (windows,) = batch
-    logits = model(windows[:, :-1])
-    return F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten())
-
-
-def evaluate(model: nn.Module, data: Data) -> float:
-    (windows,) = data.test
-    windows = windows[:EVAL_WINDOWS]
-    return bits_per_byte(model(windows[:, :-1]), windows[:, 1:])
-
-
 def recipe() -> Recipe:
     return Recipe(
         name="lm",
         description="small GPT (2 layers, 64 wide) on Python's stdlib sources; bits per byte",
         make_data=make_data,
         make_model=GPT,
-        loss=loss,
-        evaluate=evaluate,
+        loss=next_byte_loss,
+        evaluate=next_byte_bits,
         metric="bits/byte",
         higher_is_better=False,
         steps=600,

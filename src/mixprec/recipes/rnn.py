@@ -11,14 +11,12 @@ Example:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .base import Batch, Data, Recipe
-from .corpus import bits_per_byte, byte_windows, stdlib_corpus
+from .base import Data, Recipe
+from .corpus import byte_windows, next_byte_bits, next_byte_loss, stdlib_corpus
 
 BLOCK_SIZE = 64
-EVAL_WINDOWS = 256
 
 
 class LSTMModel(nn.Module):
@@ -37,26 +35,14 @@ def make_data() -> Data:
     return byte_windows(stdlib_corpus(), BLOCK_SIZE)
 
 
-def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    (windows,) = batch
-    logits = model(windows[:, :-1])
-    return F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten())
-
-
-def evaluate(model: nn.Module, data: Data) -> float:
-    (windows,) = data.test
-    windows = windows[:EVAL_WINDOWS]
-    return bits_per_byte(model(windows[:, :-1]), windows[:, 1:])
-
-
 def recipe() -> Recipe:
     return Recipe(
         name="rnn",
         description="LSTM (128 units) language model on Python's stdlib sources; bits per byte",
         make_data=make_data,
         make_model=LSTMModel,
-        loss=loss,
-        evaluate=evaluate,
+        loss=next_byte_loss,
+        evaluate=next_byte_bits,
         metric="bits/byte",
         higher_is_better=False,
         steps=400,
