@@ -2,7 +2,7 @@
 
 Example:
     >>> sorted(environment("cpu"))[:3]
-    ['date', 'device', 'device_name']
+    ['cpu_threads', 'date', 'device']
 """
 
 from __future__ import annotations

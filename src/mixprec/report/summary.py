@@ -6,7 +6,7 @@ when it got less than half of the reference's gain, and *diverged* when its metr
 
 Example:
     >>> format_scale(65536.0), format_bytes(1536), format_bytes(3_500_000)
-    ('2^16', '1.5K', '3.3M')
+    ('2^16', '1.5K', '3.34M')
 """
 
 from __future__ import annotations
