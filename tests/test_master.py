@@ -78,10 +78,16 @@ def test_grad_accumulation_over_micro_batches_is_fp32():
 
     opt = mp.MasterWeights(torch.optim.SGD([p], lr=1.0))
     (p * 1.0).sum().backward()
-    assert p.grad is None  # moved into the master as soon as autograd produced it
+    assert p.grad.dtype == torch.float16 and p.grad.tolist() == [1.0] * 4  # visible where PyTorch puts it
     (p * small).sum().backward()
     (grad,) = opt.collect_grads_()
     assert grad.dtype == torch.float32 and grad.tolist() == [1.0 + small] * 4
+    # Two more: 1 + 3 * 2^-11 rounds to 1 + 2^-9 in FP16, which the 16-bit sum (stuck at 1) never reaches;
+    # param.grad shows the rounding of the FP32 sum.
+    (p * small).sum().backward()
+    (p * small).sum().backward()
+    assert opt.collect_grads_()[0].tolist() == [1.0 + 3 * small] * 4
+    assert p.grad.tolist() == [1.0 + 2.0**-9] * 4
 
 
 def test_zero_grad_clears_model_and_master_grads():

@@ -10,12 +10,20 @@ How it fits together:
 * The wrapped optimizer's param groups are pointed at the FP32 masters, so its state (Adam moments,
   step counters) is FP32 and attached to the masters; LR schedulers attach to the `MasterWeights`
   (a `torch.optim.Optimizer`), whose ``param_groups`` *are* the inner optimizer's.
-* Gradients are accumulated in FP32: a post-accumulate-grad hook on each 16-bit parameter moves its
-  gradient into the master's FP32 ``.grad`` as soon as autograd has produced it, and frees the 16-bit
-  one. This is the one design that accumulates micro-batches in FP32 with no call from the user
-  between backward passes, and it keeps at most one 16-bit gradient per parameter alive at a time.
-  The cost is one small Python call per parameter per backward (the same work as copying the grads
-  later, just issued earlier, overlapping the rest of the backward on a GPU).
+* Gradients live where PyTorch puts them: each 16-bit parameter's ``.grad`` is a 16-bit tensor that
+  ``model.zero_grad()``, ``optimizer.zero_grad()``, ``clip_grad_norm_(model.parameters())``, gradient
+  logging and DDP read and clear as usual. Next to it, the master holds the same gradient in FP32
+  (``master.grad``): a hook adds every incoming 16-bit gradient into it in FP32 (so micro-batches
+  accumulate in FP32) and writes its rounding back into ``param.grad``. The FP32 value is a
+  *refinement* of the 16-bit one and is trusted only where it still rounds to what ``param.grad``
+  holds: wherever something else changed or cleared ``param.grad`` (zero_grad, clipping, a
+  reduction), ``param.grad`` wins. The step consumes the FP32 gradients (``release_grads_``); the
+  16-bit ones stay until the user clears them, as after any optimizer step. See docs/distributed.md
+  for the cost (2 bytes per parameter for the visible 16-bit gradient, 4 for the FP32 one while a
+  step is being accumulated) and for how DDP reduces these FP32 gradients.
+* The masters follow the model's weights the same way: before each update a master is kept only
+  where it still rounds to its parameter, so weights written after prepare (``load_state_dict``,
+  DDP's broadcast of rank 0's weights) are what the optimizer continues from.
 * The master -> model copy is one ``torch._foreach_copy_`` per (device, dtype) group.
 
 Modes (a string, so that compact / kahan / stochastic modes can be added as modes of this component):
@@ -46,7 +54,7 @@ import torch
 from .emulate import quantize
 from .formats import F32, FORMATS, Format
 
-__all__ = ["MasterWeights", "MODES"]
+__all__ = ["MasterWeights", "MODES", "GradSlot"]
 
 MODES = ("fp32", "none")
 _PLANNED_MODES = ("compact", "kahan", "stochastic")
@@ -128,20 +136,18 @@ class MasterWeights(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
 
         self._model_params: list[torch.Tensor] = []  # every parameter, in param-group order
-        self._copied: list[tuple[torch.Tensor, torch.Tensor, Format | None]] = []  # (param, master, emu fmt)
+        self._slots: list[GradSlot] = []  # one per parameter with an FP32 master
         self._rounded: list[tuple[torch.Tensor, Format]] = []  # mode "none", emulated: re-round after step
         self._hooks: list[Any] = []
         self._build(optimizer)
 
         self._native_copy_groups: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        self._emulated_copies: list[tuple[torch.Tensor, torch.Tensor, Format]] = []
-        for param, master, emulated in self._copied:
-            if emulated is None:
-                models, masters = self._native_copy_groups.setdefault((param.device, param.dtype), ([], []))
-                models.append(param)
-                masters.append(master)
-            else:
-                self._emulated_copies.append((param, master, emulated))
+        for slot in self._slots:
+            if not slot.emulated:
+                models, masters = self._native_copy_groups.setdefault((slot.param.device, slot.param.dtype),
+                                                                      ([], []))
+                models.append(slot.param)
+                masters.append(slot.master)
         self._register_hooks()
 
     # ----- construction -----------------------------------------------------------------------------
@@ -177,7 +183,7 @@ class MasterWeights(torch.optim.Optimizer):
                 self._model_params.append(param)
                 if mode == "fp32" and fmt is not None and fmt != F32:
                     master = param.detach().to(torch.float32, copy=True)
-                    self._copied.append((param, master, fmt if emulated else None))
+                    self._slots.append(GradSlot(param, master, fmt, emulated))
                     replaced[param] = master
                     stepped.append(master)
                 else:
@@ -187,7 +193,7 @@ class MasterWeights(torch.optim.Optimizer):
                 index += 1
             new_groups.append(stepped)
         wants_masters = any(g.get("master_mode", self.mode) == "fp32" for g in optimizer.param_groups)
-        if wants_masters and not self._copied:
+        if wants_masters and not self._slots:
             dtypes = sorted({str(p.dtype) for p in self._model_params})
             raise ValueError(
                 f"MasterWeights(mode='fp32') found no 16-bit parameters (dtypes: {', '.join(dtypes)}): "
@@ -205,9 +211,10 @@ class MasterWeights(torch.optim.Optimizer):
                 optimizer.state[master] = {k: _to_fp32_state(k, v) for k, v in state.items()}
 
     def _register_hooks(self) -> None:
-        for param, master, emulated in self._copied:
-            if param.requires_grad:
-                self._hooks.append(param.register_post_accumulate_grad_hook(_mover(master, emulated)))
+        for slot in self._slots:
+            if slot.param.requires_grad:
+                self._hooks.append(slot.param.register_hook(slot.accumulate_hook))
+                self._hooks.append(slot.param.register_post_accumulate_grad_hook(slot.write_back_hook))
         for param, fmt in self._rounded:
             if param.requires_grad:
                 self._hooks.append(param.register_post_accumulate_grad_hook(_rounder(fmt)))
@@ -215,7 +222,8 @@ class MasterWeights(torch.optim.Optimizer):
     def remove_hooks(self) -> None:
         """Detach the gradient hooks from the model's parameters (e.g. before dropping this object).
 
-        After this, gradients stay on the model's parameters until `collect_grads_` moves them.
+        After this, gradients accumulate in 16 bits on the model's parameters and `collect_grads_`
+        converts them to FP32 at the step.
         """
         for handle in self._hooks:
             handle.remove()
@@ -242,6 +250,11 @@ class MasterWeights(torch.optim.Optimizer):
         """The tensors the inner optimizer steps (FP32 masters, or the params themselves), in order."""
         return [t for group in self.param_groups for t in group["params"]]
 
+    @property
+    def grad_slots(self) -> list[GradSlot]:
+        """One `GradSlot` per parameter with an FP32 master (used by `mixprec.distributed`)."""
+        return list(self._slots)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Not supported: add every group to the inner optimizer before wrapping it."""
         raise NotImplementedError(
@@ -251,12 +264,14 @@ class MasterWeights(torch.optim.Optimizer):
 
     # ----- the hot path ------------------------------------------------------------------------------
     @torch.no_grad()
-    def collect_grads_(self) -> list[torch.Tensor]:
-        """Move any gradients still on 16-bit parameters into the FP32 masters; return the gradients the
-        optimizer will step on (the masters' FP32 grads; in mode "none" the parameters' own grads).
+    def collect_grads_(self, trust_fp32: bool = True) -> list[torch.Tensor]:
+        """Settle the gradients the optimizer will step on, and return them.
 
-        The hooks normally move gradients during backward, so this only finds leftovers (gradients
-        set by hand, or after `remove_hooks`). `mp.step` unscales and clips the returned list in place.
+        For a parameter with a master: its FP32 gradient, kept where it still rounds to the 16-bit
+        ``param.grad`` and taken from ``param.grad`` elsewhere (or wholly, with ``trust_fp32=False``:
+        `mp.step` passes that when ranks exchanged gradients without mixprec's reduction, so that only
+        what every rank agrees on is used). A parameter whose ``.grad`` is None has no gradient. In mode
+        "none", the parameters' own gradients.
 
         Syncs: no.
 
@@ -264,16 +279,40 @@ class MasterWeights(torch.optim.Optimizer):
             >>> model = torch.nn.Linear(2, 1).half()
             >>> opt = MasterWeights(torch.optim.SGD(model.parameters(), lr=0.1))
             >>> model(torch.ones(1, 2, dtype=torch.float16)).sum().backward()
-            >>> [g.dtype for g in opt.collect_grads_()]
-            [torch.float32, torch.float32]
+            >>> [g.dtype for g in opt.collect_grads_()], model.weight.grad.dtype
+            ([torch.float32, torch.float32], torch.float16)
         """
-        for param, master, emulated in self._copied:
-            if param.grad is not None:
-                _move_grad(param, master, emulated)
+        for slot in self._slots:
+            if not slot.settled:  # once per step: after this, mp.step unscales master.grad in place
+                slot.settle_(trust_fp32 or slot.reduced)
+                slot.settled = True
         for param, fmt in self._rounded:  # idempotent if the hook already rounded it
             if param.grad is not None:
                 param.grad.copy_(quantize(param.grad, fmt))
         return [t.grad for t in self.master_params if t.grad is not None]
+
+    def release_grads_(self) -> None:
+        """Drop the FP32 gradients of this step (done by `step` and by `mp.step`, applied or skipped).
+
+        The 16-bit ``param.grad`` stay, as any optimizer leaves them: clear them with ``zero_grad``.
+        Without it, the next backward accumulates onto ``param.grad`` as in plain PyTorch.
+        """
+        for slot in self._slots:
+            slot.master.grad = None
+            slot.reduced = slot.settled = False
+
+    @torch.no_grad()
+    def sync_masters_(self) -> None:
+        """Keep each master only where it still rounds to its parameter; elsewhere take the parameter.
+
+        Weights written into the model after prepare (``model.load_state_dict``, DDP's broadcast of
+        rank 0's weights at construction, an EMA swap) are so what the next update starts from, while
+        the masters' extra FP32 bits survive wherever the model was left alone. Run by `step`.
+
+        Syncs: no.
+        """
+        for slot in self._slots:
+            slot.master.copy_(slot.refine(slot.master, slot.param))
 
     @torch.no_grad()
     def copy_to_model_(self) -> None:
@@ -283,12 +322,13 @@ class MasterWeights(torch.optim.Optimizer):
         """
         for models, masters in self._native_copy_groups.values():
             torch._foreach_copy_(models, masters)
-        for param, master, fmt in self._emulated_copies:
-            param.copy_(quantize(master, fmt))
+        for slot in self._slots:
+            if slot.emulated:
+                slot.param.copy_(quantize(slot.master, slot.fmt))
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
-        """Collect gradients into the masters, step the inner optimizer, round masters into the model.
+        """Settle the FP32 gradients, step the inner optimizer on the masters, round them into the model.
 
         Without a loss scaler this is the whole update; with one, call ``mp.step(optimizer, scaler)``,
         which unscales, checks and clips the FP32 gradients, then calls this (or skips it on overflow).
@@ -310,8 +350,10 @@ class MasterWeights(torch.optim.Optimizer):
         for hook in list(self._optimizer_step_pre_hooks.values()):
             hook(self, (), {})
         self.collect_grads_()
+        self.sync_masters_()
         self.optimizer.step()
         self.copy_to_model_()
+        self.release_grads_()
         for param, fmt in self._rounded:
             param.copy_(quantize(param, fmt))
         for hook in list(self._optimizer_step_post_hooks.values()):
@@ -319,6 +361,8 @@ class MasterWeights(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of both the model's parameters and the masters.
+
+        ``model.zero_grad()`` works as well: the FP32 gradients follow the model's 16-bit ones.
 
         Example:
             >>> p = torch.nn.Parameter(torch.ones(2, dtype=torch.float16))
@@ -334,6 +378,8 @@ class MasterWeights(torch.optim.Optimizer):
         elif leftover:
             torch._foreach_zero_(leftover)
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        for slot in self._slots:
+            slot.reduced = slot.settled = False
 
     # ----- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
@@ -354,7 +400,7 @@ class MasterWeights(torch.optim.Optimizer):
             "param_format": self._format_name(),
             "shapes": [list(p.shape) for p in self._model_params],
             "has_master": self._has_master_flags(),
-            "masters": [master for _, master, _ in self._copied],
+            "masters": [slot.master for slot in self._slots],
             "optimizer": self.optimizer.state_dict(),
         }
 
@@ -364,7 +410,7 @@ class MasterWeights(torch.optim.Optimizer):
         return None if self.param_format is None else self.param_format.name
 
     def _has_master_flags(self) -> list[bool]:
-        copied = {id(p) for p, _, _ in self._copied}
+        copied = {id(slot.param) for slot in self._slots}
         return [id(p) in copied for p in self._model_params]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
@@ -413,8 +459,8 @@ class MasterWeights(torch.optim.Optimizer):
             )
         self.optimizer.load_state_dict(state_dict["optimizer"])
         with torch.no_grad():
-            for (_, master, _), saved_master in zip(self._copied, state_dict["masters"], strict=True):
-                master.copy_(saved_master)
+            for slot, saved_master in zip(self._slots, state_dict["masters"], strict=True):
+                slot.master.copy_(saved_master)
         self.copy_to_model_()
 
     def __repr__(self) -> str:
@@ -429,29 +475,62 @@ def _to_fp32_state(key: str, value: Any) -> Any:
     return value
 
 
-# ----- gradient hooks ------------------------------------------------------------------------------
+# ----- gradients: the 16-bit one on the model, its FP32 refinement on the master -------------------
 
 
-def _move_grad(param: torch.Tensor, master: torch.Tensor, emulated: Format | None) -> None:
-    """Add ``param.grad`` (rounded onto ``emulated``, if set) into ``master.grad`` in FP32; free it."""
-    grad = param.grad
-    if grad is None:  # another hook already took it
-        return
-    if emulated is not None:
-        grad = quantize(grad, emulated)
-    if master.grad is None:
-        master.grad = grad.to(torch.float32, copy=grad is param.grad)
-    else:
-        master.grad.add_(grad)
-    param.grad = None
+class GradSlot:
+    """One parameter with an FP32 master: how its 16-bit gradient and the FP32 one stay one gradient.
 
+    ``param.grad`` (16-bit, or FP32 storage on ``fmt``'s grid when emulated) is the gradient everyone
+    sees; ``master.grad`` (FP32) is the same gradient with more bits, valid where it rounds to it.
+    ``reduced`` is set when mixprec's DDP communication hook produced ``master.grad`` (so it is equal
+    on every rank); ``settled`` once the step took ``master.grad`` (which it then unscales in place).
+    """
 
-def _mover(master: torch.Tensor, emulated: Format | None) -> Callable[[torch.Tensor], None]:
-    def hook(param: torch.Tensor) -> None:
+    __slots__ = ("param", "master", "fmt", "emulated", "reduced", "settled")
+
+    def __init__(self, param: torch.Tensor, master: torch.Tensor, fmt: Format, emulated: bool) -> None:
+        self.param, self.master, self.fmt, self.emulated = param, master, fmt, emulated
+        self.reduced = self.settled = False
+
+    def round(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` rounded onto the parameter's format, in the parameter's dtype."""
+        return quantize(x, self.fmt) if self.emulated else x.to(self.param.dtype)
+
+    def refine(self, fp32: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """`fp32` where it rounds to `visible` (and is in range), else `visible` (rounded) in FP32."""
+        rounded = self.round(fp32)
+        keep = (rounded == visible) & torch.isfinite(rounded)
+        return torch.where(keep, fp32, visible if not self.emulated else quantize(visible, self.fmt))
+
+    def settle_(self, trust_fp32: bool = True) -> None:
+        """Make ``master.grad`` the FP32 form of ``param.grad`` (None when it is None)."""
+        visible = self.param.grad
+        if visible is None:
+            self.master.grad = None
+        elif self.master.grad is None or not trust_fp32:
+            self.master.grad = (quantize(visible, self.fmt) if self.emulated else visible).to(
+                torch.float32, copy=True)
+        else:
+            self.master.grad = self.refine(self.master.grad, visible)
+
+    def accumulate_hook(self, grad: torch.Tensor) -> None:
+        # Runs before autograd adds `grad` into param.grad: add it into the FP32 gradient instead,
+        # starting from whatever param.grad holds now (None after zero_grad, zeros, a clipped value...).
         with torch.no_grad():
-            _move_grad(param, master, emulated)
+            incoming = quantize(grad, self.fmt) if self.emulated else grad  # a 16-bit param's grad is 16-bit
+            self.settle_()
+            self.settled = False
+            if self.master.grad is None:
+                self.master.grad = incoming.to(torch.float32, copy=True)
+            else:
+                self.master.grad.add_(incoming)
 
-    return hook
+    def write_back_hook(self, param: torch.Tensor) -> None:
+        # After autograd's (16-bit) accumulation: param.grad becomes the rounding of the FP32 sum.
+        if param.grad is not None and self.master.grad is not None:
+            with torch.no_grad():
+                param.grad.copy_(self.round(self.master.grad))
 
 
 def _rounder(fmt: Format) -> Callable[[torch.Tensor], None]:

@@ -29,8 +29,10 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .master import MasterWeights
 from .scaling import LossScaler
@@ -57,10 +59,27 @@ class StepInfo:
     skipped_steps: int = 0
 
 
-def _gather_grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+def _group_size(group: Any) -> int:
+    """Ranks in `group` (the world by default); 1 when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def _gather_grads(optimizer: torch.optim.Optimizer, ranks: int) -> tuple[list[torch.Tensor], list[bool]]:
+    """The gradients the optimizer steps on, as local tensors, and whether each is a shard (FSDP2)."""
     if isinstance(optimizer, MasterWeights):
-        return optimizer.collect_grads_()
-    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        # Across ranks, an FP32 gradient is used only where mixprec's DDP hook reduced it (equal on
+        # every rank); anything else (a reduction mixprec did not see) is read from param.grad.
+        grads = optimizer.collect_grads_(trust_fp32=ranks == 1)
+    else:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    local, sharded = [], []
+    for g in grads:
+        is_dtensor = hasattr(g, "to_local") and hasattr(g, "placements")
+        local.append(g.to_local() if is_dtensor else g)
+        sharded.append(is_dtensor and any(p.is_shard() for p in g.placements))
+    return local, sharded
 
 
 def _read_together(values: list[torch.Tensor]) -> list[float]:
@@ -70,14 +89,29 @@ def _read_together(values: list[torch.Tensor]) -> list[float]:
     return torch.stack([v.to(device=device, dtype=dtype) for v in values]).tolist()
 
 
-def _clip_(grads: list[torch.Tensor], max_norm: float, found_inf: torch.Tensor) -> torch.Tensor:
-    """Clip ``grads`` in place to total L2 norm ``max_norm`` unless ``found_inf``; return the norm.
+def _norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """L2 norm of several tensors, as torch.nn.utils.get_total_norm computes it (0 for none)."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True).to(device)
 
-    The same arithmetic as torch.nn.utils.clip_grad_norm_ (coefficient max_norm / (norm + 1e-6),
-    clamped to 1), on gradient tensors rather than parameters. With an overflow the norm is inf/NaN;
-    replacing it by 0 makes the coefficient exactly 1, so the gradients are left as they are, no sync.
+
+def _agree(found_inf: torch.Tensor, shard_sq: torch.Tensor | None, group: Any) -> tuple[torch.Tensor, Any]:
+    """Sum the found-inf flags (any rank's overflow skips every rank) and the sharded squared norms
+    over `group`, in one collective."""
+    packed = torch.stack([found_inf.float(), torch.zeros_like(found_inf.float()) if shard_sq is None
+                          else shard_sq.to(found_inf.device, torch.float32)])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    return torch.clamp(packed[0], max=1.0), packed[1]
+
+
+def _clip_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float, found_inf: torch.Tensor) -> None:
+    """Clip ``grads`` in place by ``max_norm / (norm + 1e-6)`` (clamped to 1) unless ``found_inf``.
+
+    The same arithmetic as torch.nn.utils.clip_grad_norm_, on gradient tensors rather than parameters.
+    With an overflow the norm is inf/NaN; replacing it by 0 makes the coefficient exactly 1, so the
+    gradients are left as they are, no sync.
     """
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
     masked = torch.where(found_inf.to(norm.device) != 0, torch.zeros_like(norm), norm)
     coef = torch.clamp(max_norm / (masked + 1e-6), max=1.0)
     groups: dict[tuple, list[torch.Tensor]] = {}
@@ -85,13 +119,13 @@ def _clip_(grads: list[torch.Tensor], max_norm: float, found_inf: torch.Tensor) 
         groups.setdefault((g.device, g.dtype), []).append(g)
     for (device, _), group in groups.items():
         torch._foreach_mul_(group, coef.to(device))
-    return norm
 
 
 def step(
     optimizer: torch.optim.Optimizer,
     scaler: LossScaler,
     max_grad_norm: float | None = None,
+    group: Any = None,
 ) -> StepInfo:
     """Unscale and check the gradients, clip them, step the optimizer unless they overflowed, update
     the loss scale.
@@ -100,6 +134,9 @@ def step(
         optimizer: a `MasterWeights` or any plain ``torch.optim.Optimizer``.
         scaler: the `LossScaler` whose ``scale(loss)`` was backpropagated (NoScaler for none).
         max_grad_norm: clip the unscaled gradients to this total L2 norm (``None``: no clipping).
+        group: the process group whose ranks must agree (default: the world, when torch.distributed is
+            initialised). Every rank skips when any rank's gradients overflowed, and the norm of
+            sharded (FSDP2) gradients is summed over the ranks. Every rank of the group must call step.
 
     Returns:
         `StepInfo`: whether the update was applied, the loss scale used, the gradient norm.
@@ -109,6 +146,7 @@ def step(
 
     Syncs: yes, exactly once: found-inf, gradient norm, loss scale and skipped-step count are read
     together in one transfer. (The optimizer's own step may add syncs of its own, as without mixprec.)
+    With several ranks, one all-reduce of two numbers comes right before that read.
 
     Example:
         >>> import torch, mixprec as mp
@@ -121,7 +159,8 @@ def step(
     """
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm!r}")
-    grads = _gather_grads(optimizer)
+    ranks = _group_size(group)
+    grads, sharded = _gather_grads(optimizer, ranks)
     if not grads:
         raise RuntimeError(
             "mp.step found no gradients: call scaler.scale(loss).backward() before mp.step "
@@ -131,21 +170,38 @@ def step(
     # 1. Unscale + check, fused; grads are FP32 masters' grads when MasterWeights is used.
     found_inf = scaler.unscale_and_check_(grads)
 
-    # 2. Clip the unscaled gradients, only if they are finite (masked coefficient, no sync).
-    grad_norm = None
+    # 2. Agree across ranks (one collective), then clip the unscaled gradients if they are finite.
+    device = found_inf.device
+    norm = None
     if max_grad_norm is not None:
-        grad_norm = _clip_(grads, max_grad_norm, found_inf)
+        # In FP32: a 16-bit norm overflows long before the gradients do (a plain optimizer over
+        # 16-bit parameters steps 16-bit grads).
+        shards = [g.float() for g, s in zip(grads, sharded, strict=True) if s]
+        replicas = [g.float() for g, s in zip(grads, sharded, strict=True) if not s]
+        shard_sq = _norm(shards, device) ** 2 if shards else None
+        replica_norm = _norm(replicas, device)
+    if ranks > 1:
+        found_inf, shard_sq_total = _agree(found_inf, shard_sq if max_grad_norm is not None else None, group)
+    if max_grad_norm is not None:
+        if any(sharded):
+            total_sq = shard_sq_total if ranks > 1 else shard_sq
+            norm = torch.sqrt(total_sq + replica_norm**2)
+        else:
+            norm = replica_norm
+        _clip_(grads, norm, max_grad_norm, found_inf)
 
     # 3. The one host sync.
     values = [found_inf, scaler.scale_tensor, scaler.skipped_steps]
-    if grad_norm is not None:
-        values.append(grad_norm.to(found_inf.device))
+    if norm is not None:
+        values.append(norm.to(found_inf.device))
     read = _read_together(values)
     overflow, loss_scale, skipped_before = read[0] != 0, read[1], int(read[2])
 
     # 4. Update only with finite gradients.
     if not overflow:
         optimizer.step()
+    elif isinstance(optimizer, MasterWeights):
+        optimizer.release_grads_()  # the step consumed them, applied or not
 
     # 5. Scale update (tensor ops), then host-side bookkeeping with the values already read.
     scaler.update(found_inf)
@@ -153,6 +209,6 @@ def step(
     return StepInfo(
         applied=not overflow,
         loss_scale=loss_scale,
-        grad_norm=read[3] if grad_norm is not None else None,
+        grad_norm=read[3] if norm is not None else None,
         skipped_steps=skipped_before + int(overflow),
     )
