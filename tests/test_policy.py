@@ -156,8 +156,9 @@ def test_rule_matching_nothing_warns_with_its_name():
 def test_explain_table():
     text = Policy.parse("f16-master,rule=3:fp32").explain(_toy())
     lines = text.splitlines()
-    assert lines[0] == "policy params=fp16,compute=fp16,output=fp32,master=fp32,scaling=dynamic,execution=auto," \
-                       "rule=3:fp32: execution emulated on cpu, loss scaling dynamic, output fp32"
+    assert lines[0] == "policy params=fp16,compute=fp16,output=fp32,master=fp32,reduce=fp32,scaling=dynamic," \
+                       "execution=auto,rule=3:fp32: execution emulated on cpu, loss scaling dynamic, output fp32, " \
+                       "reduce fp32"
     rows = {line.split()[0]: line.split(None, 6) for line in lines[2:]}
     assert rows["0"][1:6] == ["Embedding", "fp16", "float32", "fp16", "fp32"]
     assert rows["0"][6] == "policy default"
@@ -224,3 +225,20 @@ def test_scaling_left_out_is_dynamic_for_narrow_range_formats_and_none_otherwise
     assert mp.Policy.parse("compute=e4m3").scaling == "dynamic"
     assert mp.Policy.parse("params=f16,compute=f16,scaling=none") == mp.Policy.parse("f16-pure")
     assert "scaling=dynamic" in str(mp.Policy(compute="e5m2"))  # the string names the resolved choice
+
+
+@pytest.mark.parametrize("text, reduce", [
+    ("f16-master", mp.F32), ("bf16-master", mp.F32), ("f16-mixed", mp.F32), ("f32", mp.F32),
+    ("f16-pure", None), ("bf16-pure", None), ("f16-master,reduce=bf16", mp.BF16),
+    ("f16-master,reduce=storage", None), ("f16-pure,master=fp32", mp.F32),  # auto follows the override
+])
+def test_reduce_key_defaults_to_fp32_with_masters_and_round_trips(text, reduce):
+    policy = mp.Policy.parse(text)
+    assert policy.reduce == reduce
+    assert mp.Policy.parse(str(policy)) == policy
+    assert f"reduce {'storage' if reduce is None else reduce.name}" in policy.explain(torch.nn.Linear(2, 2))
+
+
+def test_unknown_reduce_format_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown format"):
+        mp.Policy.parse("f16-master,reduce=fp12")

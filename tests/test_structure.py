@@ -13,16 +13,18 @@ SRC = Path(mp.__file__).parent
 
 # DESIGN.md: formats -> emulate, policy, scaling -> casting, master, memory -> step, distributed
 #            -> numerics -> __init__ -> recipes, training -> report -> cli
+# except that distributed sits beside casting: mp.autocast(ddp) registers its communication hook.
 LEVEL = {
     "formats": 0,
     "emulate": 1, "policy": 1, "scaling": 1,
-    "casting": 2, "_emulation": 2, "_native": 2, "master": 2, "memory": 2,
-    "step": 3, "distributed": 3,
+    "casting": 2, "_emulation": 2, "_native": 2, "master": 2, "memory": 2, "distributed": 2,
+    "step": 3,
     "numerics": 4,
     "__init__": 5,
     "recipes": 6, "checkpoints": 6, "training": 6,
     "report": 7,
     "cli": 8,
+    "__main__": 9,  # python -m mixprec: runs the cli
 }
 NEVER = {("scaling", "master"), ("master", "scaling")}  # step composes them
 CORE_LEVEL = 5

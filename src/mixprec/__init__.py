@@ -10,6 +10,7 @@ Example:
     65504.0
 """
 
+from . import distributed
 from .casting import PreparedState, autocast, prepare, prepared_state, unprepare
 from .emulate import quantize
 from .formats import BF16, E4M3, E5M2, F16, F32, FORMATS, Format
@@ -40,6 +41,7 @@ __all__ = [
     "StepInfo",
     "PreparedState",
     "autocast",
+    "distributed",
     "prepare",
     "prepared_state",
     "quantize",

@@ -28,8 +28,9 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from . import _emulation, _native
+from .distributed import is_sharded, register_comm_hook, unwrap
 from .formats import F32, Format
-from .master import MasterWeights
+from .master import GradSlot, MasterWeights
 from .policy import ModulePrecision, Policy
 from .scaling import LossScaler
 
@@ -50,6 +51,9 @@ class PreparedState:
         param_formats: qualified parameter name -> storage format of its values (emulated: the grid
             the float32 tensor's values lie on; native: the tensor's dtype).
         in_autocast: whether an `autocast` for this model is open.
+        grad_slots: the FP32 gradients of the masters that prepare's `MasterWeights` keeps (read by
+            the DDP communication hook).
+        sharded: FSDP2 manages the parameters (its sharded FP32 parameters are the masters).
     """
 
     policy: Policy
@@ -59,6 +63,8 @@ class PreparedState:
     param_formats: dict[str, Format]
     in_autocast: bool = False
     handles: list[RemovableHandle] = field(default_factory=list, repr=False)
+    grad_slots: list[GradSlot] = field(default_factory=list, repr=False)
+    sharded: bool = False
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready summary: policy string, execution, device, and parameter counts per format."""
@@ -83,7 +89,7 @@ def prepared_state(model: torch.nn.Module) -> PreparedState | None:
         >>> prepared_state(m).execution
         'emulated'
     """
-    return getattr(model, _STATE_ATTR, None)
+    return getattr(unwrap(model), _STATE_ATTR, None)
 
 
 def prepare(
@@ -102,9 +108,15 @@ def prepare(
         policy: a Policy or its string (``"f16-master"``).
         device: where the model runs; default: the device of its first parameter.
 
+    Under FSDP2 (``fully_shard`` applied first, e.g. with `mixprec.distributed.fully_shard`), FSDP's
+    sharded FP32 parameters are the masters and FSDP casts them: prepare leaves the parameters and the
+    optimizer as they are and runs natively. With DDP, prepare first, then wrap.
+
     Raises:
         RuntimeError: the model is already prepared (call `unprepare` first).
-        ValueError: execution=native on a device without the policy's formats.
+        TypeError: the model is already wrapped in DistributedDataParallel (prepare, then wrap).
+        ValueError: execution=native on a device without the policy's formats; under FSDP2, a policy
+            without masters or execution=emulated.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
@@ -116,6 +128,10 @@ def prepare(
     policy = Policy.parse(policy)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"prepare expects a torch.nn.Module, got {type(model).__name__}")
+    if unwrap(model) is not model:
+        raise TypeError(
+            f"prepare got a {type(model).__name__}: prepare the model first, then wrap it, e.g. "
+            f"model, opt, scaler = mp.prepare(model, opt, policy); model = DistributedDataParallel(model)")
     if prepared_state(model) is not None:
         raise RuntimeError(
             f"this {type(model).__name__} is already prepared (policy {prepared_state(model).policy}); "
@@ -123,7 +139,8 @@ def prepare(
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     device = torch.device(device)
-    execution = policy.resolve_execution(device)
+    sharded = is_sharded(model)
+    execution = _sharded_execution(policy, device) if sharded else policy.resolve_execution(device)
     precisions = policy.module_precisions(model, warn=True)
 
     # Each parameter's storage format is its module's (the widest of them, for tied weights).
@@ -131,24 +148,44 @@ def prepare(
     formats = list(named.values())
 
     handles: list[RemovableHandle] = []
-    if execution == "native":
+    if sharded:
+        pass  # FSDP2 keeps FP32 shards (the masters) and casts them for compute itself
+    elif execution == "native":
         _native.cast_parameters_(model, formats)
     else:
         _emulation.round_parameters_(formats)
-        handles += _emulation.add_gradient_rounding((p, fmt) for p, fmt in formats if p.requires_grad)
 
-    if optimizer is not None and any(fmt != F32 for _, fmt in formats):
+    if optimizer is not None and not sharded and any(fmt != F32 for _, fmt in formats):
         mode = "fp32" if policy.master is not None else "none"
         if execution == "native":
             optimizer = MasterWeights(optimizer, mode=mode)
         else:
             # Per parameter: FP32 islands stay FP32 (their own masters), the rest emulate their format.
             optimizer = MasterWeights(optimizer, mode=mode, param_format=dict(formats))
+    if execution == "emulated":
+        # MasterWeights rounds the gradients of the parameters it steps; round the others' here.
+        stepped = {id(p) for p in optimizer.model_params} if isinstance(optimizer, MasterWeights) else set()
+        handles += _emulation.add_gradient_rounding(
+            (p, fmt) for p, fmt in formats if p.requires_grad and id(p) not in stepped)
 
     state = PreparedState(policy, execution, device, precisions,
-                          {name: fmt for name, (_, fmt) in named.items()}, handles=handles)
+                          {name: fmt for name, (_, fmt) in named.items()}, handles=handles,
+                          grad_slots=optimizer.grad_slots if isinstance(optimizer, MasterWeights) else [],
+                          sharded=sharded)
     setattr(model, _STATE_ATTR, state)
     return model, optimizer, policy.make_scaler(device)
+
+
+def _sharded_execution(policy: Policy, device: torch.device) -> str:
+    """FSDP2 casts the parameters itself, natively: check that the policy can run that way."""
+    if policy.params != F32 and policy.master is None:
+        raise ValueError(
+            f"policy {policy} has no master weights, but FSDP2 keeps FP32 sharded parameters that take "
+            f"the update (masters): use a master-weight policy (e.g. f16-master) or DDP")
+    if policy.execution == "emulated":
+        raise ValueError("execution=emulated under FSDP2 is not supported: FSDP2 casts the parameters to "
+                         "16 bits natively; use execution=auto or native, or DDP for emulated runs")
+    return policy.replace(execution="native").resolve_execution(device)
 
 
 def unprepare(model: torch.nn.Module) -> None:
@@ -184,6 +221,10 @@ def autocast(model: torch.nn.Module, policy: Policy | str | None = None) -> Iter
     `policy`, if given, must be the one the model was prepared with (a check against mix-ups).
     Every torch setting and hook it changes is restored on exit, also when the block raises.
 
+    `model` may be the DistributedDataParallel wrapping a prepared model: the first such call
+    registers mixprec's communication hook (`mixprec.distributed.register_comm_hook`), so that DDP
+    reduces gradients as the policy's ``reduce`` says.
+
     Example:
         >>> model = torch.nn.Linear(3, 1)
         >>> _ = prepare(model, None, "f16-pure")
@@ -202,6 +243,9 @@ def autocast(model: torch.nn.Module, policy: Policy | str | None = None) -> Iter
                          f"{state.policy}; pass the same policy, or none")
     if state.in_autocast:
         raise RuntimeError("mp.autocast is already open for this model; do not nest it")
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        register_comm_hook(model)  # once; a no-op afterwards
+    model = unwrap(model)
     p = state.policy
     with contextlib.ExitStack() as stack:
         state.in_autocast = True

@@ -15,7 +15,7 @@ Example:
     >>> Policy.parse(str(p)) == p
     True
     >>> str(Policy.parse("f16-master,rule=lm_head:fp32"))
-    'params=fp16,compute=fp16,output=fp32,master=fp32,scaling=dynamic,execution=auto,rule=lm_head:fp32'
+    'params=fp16,compute=fp16,output=fp32,master=fp32,reduce=fp32,scaling=dynamic,execution=auto,rule=lm_head:fp32'
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ def _fmt(value: Format | str) -> Format:
 
 def _fmt_text(fmt: Format | None) -> str:
     return "none" if fmt is None else fmt.name
+
+
+def _reduce_text(fmt: Format | None) -> str:
+    return "storage" if fmt is None else fmt.name
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,11 @@ class Policy:
         compute: format modules compute in and activations (and their gradients) are stored in.
         output: format of the model's outputs, i.e. what the loss is computed in.
         master: format of the master copy of the weights that takes the update (FP32), or None.
+        reduce: the format gradients are summed in across ranks (DDP), then rounded to each parameter's
+            storage format: a `Format` (``"fp32"``, ``"fp16"``, ``"bf16"``), ``"storage"`` (each gradient
+            in its parameter's format, as plain DDP does), or ``"auto"`` (the default): ``"fp32"`` when
+            the policy keeps FP32 masters or FP32 parameters, else ``"storage"``. Resolved at
+            construction; ``None`` stands for ``"storage"``.
         scaling: ``"none"``, ``"static:S"`` (e.g. ``"static:1024"``), ``"dynamic"`` / ``"dynamic:S0"``, or
             ``"auto"`` (the default): ``"dynamic"`` when params or compute is a format with fewer exponent
             bits than FP32 (FP16, FP8: small gradients underflow without scaling), else ``"none"``.
@@ -146,6 +155,7 @@ class Policy:
     compute: Format = F32
     output: Format = F32
     master: Format | None = None
+    reduce: Format | str | None = "auto"
     scaling: str = "auto"
     execution: str = "auto"
     rules: tuple[Rule, ...] = field(default=())
@@ -157,6 +167,12 @@ class Policy:
         if isinstance(master, str) and master.strip().lower() == "none":
             master = None
         object.__setattr__(self, "master", None if master is None else _fmt(master))
+        reduce = self.reduce
+        if isinstance(reduce, str) and reduce.strip().lower() == "auto":
+            reduce = F32 if self.master is not None or self.params == F32 else None
+        elif isinstance(reduce, str) and reduce.strip().lower() == "storage":
+            reduce = None
+        object.__setattr__(self, "reduce", None if reduce is None else _fmt(reduce))
         scaling = self.scaling
         if isinstance(scaling, str) and scaling.strip().lower() == "auto":
             narrow_range = any(f.exponent_bits < F32.exponent_bits for f in (self.params, self.compute))
@@ -180,7 +196,7 @@ class Policy:
     def parse(cls, text: str | Policy) -> Policy:
         """A preset name, ``key=value`` pairs, or a preset followed by overrides, comma-separated.
 
-        Keys: params, compute, output, master, scaling, execution, rule (repeatable, in order).
+        Keys: params, compute, output, master, reduce, scaling, execution, rule (repeatable, in order).
 
         Example:
             >>> Policy.parse("f16-master,scaling=none") == Policy.parse("f16-master-noscale")
@@ -202,7 +218,8 @@ class Policy:
                     f"unknown policy preset {preset!r}; valid presets: {', '.join(PRESETS)} "
                     f"(or key=value pairs with keys {', '.join(_KEYS)}, e.g. 'params=f16,compute=f16')")
             base = _PRESET_POLICIES[preset]
-            fields = {k: getattr(base, k) for k in _KEYS if k != "rule"}
+            # reduce stays "auto" unless given: it follows the (possibly overridden) master and params
+            fields = {k: getattr(base, k) for k in _KEYS if k not in ("rule", "reduce")}
             rules = list(base.rules)
         for part in parts:
             key, sep, value = part.partition("=")
@@ -222,7 +239,8 @@ class Policy:
             if preset == self:
                 return name
         text = (f"params={self.params.name},compute={self.compute.name},output={self.output.name},"
-                f"master={_fmt_text(self.master)},scaling={self.scaling},execution={self.execution}")
+                f"master={_fmt_text(self.master)},reduce={_reduce_text(self.reduce)},"
+                f"scaling={self.scaling},execution={self.execution}")
         return text + "".join(f",rule={r}" for r in self.rules)
 
     def replace(self, **changes: object) -> Policy:
@@ -233,7 +251,8 @@ class Policy:
     @property
     def formats(self) -> tuple[Format, ...]:
         """Every format this policy (rules included) computes or stores in."""
-        found = [self.params, self.compute, self.output, *(r.compute for r in self.rules),
+        found = [self.params, self.compute, self.output, *([self.reduce] if self.reduce else []),
+                 *(r.compute for r in self.rules),
                  *(r.params for r in self.rules if r.params is not None)]
         return tuple(dict.fromkeys(found))
 
@@ -341,7 +360,7 @@ class Policy:
         Example:
             >>> print(Policy.parse("f16-master").explain(torch.nn.Sequential(
             ...     torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))))  # doctest: +NORMALIZE_WHITESPACE
-            policy f16-master: execution emulated on cpu, loss scaling dynamic, output fp32
+            policy f16-master: execution emulated on cpu, loss scaling dynamic, output fp32, reduce fp32
             module  type       params  stored as  compute  master  why
             0       Linear     fp16    float32    fp16     fp32    policy default
             1       LayerNorm  fp32    float32    fp32     -       default fp32 island (LayerNorm)
@@ -350,7 +369,7 @@ class Policy:
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
         execution = self.resolve_execution(device)
         header = (f"policy {self}: execution {execution} on {torch.device(device)}, loss scaling "
-                  f"{self.scaling}, output {self.output.name}")
+                  f"{self.scaling}, output {self.output.name}, reduce {_reduce_text(self.reduce)}")
         rows = [("module", "type", "params", "stored as", "compute", "master", "why")]
         precisions = self.module_precisions(model, warn=True)
         storage = {id(p): fmt for p, fmt in self.parameter_formats(model, precisions).values()}
@@ -413,7 +432,7 @@ def _normalize_scaling(text: str) -> str:
     return f"{kind}:{int(scale) if scale.is_integer() else repr(scale)}"
 
 
-_KEYS = ("params", "compute", "output", "master", "scaling", "execution", "rule")
+_KEYS = ("params", "compute", "output", "master", "reduce", "scaling", "execution", "rule")
 
 _PRESET_POLICIES: dict[str, Policy] = {
     "f32": Policy(),

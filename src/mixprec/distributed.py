@@ -1,0 +1,203 @@
+"""Several ranks: DDP's gradient reduction through a communication hook, FSDP2's mixed precision.
+
+DDP. Wrap the prepared model, as without mixprec::
+
+    model, optimizer, scaler = mp.prepare(model, optimizer, "f16-master")
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    with mp.autocast(ddp):                 # registers mixprec's communication hook on first use
+        loss = loss_fn(ddp(x), y)
+    scaler.scale(loss).backward()          # DDP reduces each bucket through the hook, overlapped
+    info = mp.step(optimizer, scaler)      # every rank takes the same skip decision
+
+The hook (`register_comm_hook`) sums each bucket of gradients in the policy's ``reduce`` format:
+in FP32 by default for master-weight policies, from each rank's FP32 gradient (micro-batches
+accumulated in FP32, ``no_sync`` included); the averaged FP32 sum becomes the masters' gradient,
+equal on every rank, and its rounding the model's 16-bit ``.grad``. With ``reduce=fp16``/``bf16`` the
+sum runs in 16 bits (half the bytes on the wire); emulated parameters get sums rounded onto their
+grid. Plain DDP's own reduction is used where it already does what the policy says (FP32 or native
+16-bit parameters reduced in their own format).
+
+FSDP2. ``fully_shard(module, mp_policy=mp.distributed.fsdp_mixed_precision(policy))``: FSDP's sharded
+FP32 parameters are the master weights, it casts them to the policy's parameter format for forward
+and backward and reduce-scatters gradients in the ``reduce`` format; `mp.prepare` then leaves the
+parameters alone (no `MasterWeights`), and `mp.step` unscales, checks and clips the sharded
+gradients, summing their norm over the ranks.
+
+See docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .emulate import quantize
+from .formats import F32, Format
+from .master import GradSlot
+
+__all__ = ["register_comm_hook", "fsdp_mixed_precision", "is_sharded", "unwrap"]
+
+_HOOK_ATTR = "_mixprec_comm_hook"
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel (or DataParallel) wrapper; others as they are."""
+    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) manages the model's parameters (they are DTensors)."""
+    return any(hasattr(p, "placements") and hasattr(p, "to_local") for p in model.parameters())
+
+
+class _Reduction:
+    """What the communication hook needs: the group, the formats, and the FP32 gradients' slots."""
+
+    def __init__(self, group: Any, reduce: Format | None, execution: str, storage: dict[int, Format],
+                 slots: dict[int, GradSlot]) -> None:
+        self.group, self.reduce, self.execution = group, reduce, execution
+        self.storage, self.slots = storage, slots
+        self.ranks = dist.get_world_size(group)
+
+
+def register_comm_hook(ddp: torch.nn.parallel.DistributedDataParallel) -> bool:
+    """Make `ddp` reduce gradients as the prepared model's policy says (its ``reduce`` key).
+
+    `mp.autocast(ddp)` calls this on first use; call it yourself if you run the forward under
+    ``mp.autocast(ddp.module)``. It also gives every rank rank 0's FP32 masters (DDP gives them rank
+    0's parameters at construction). Returns False, registering nothing, where DDP's own reduction
+    already does what the policy asks, or when it was registered before.
+
+    Raises:
+        TypeError: `ddp` is not a DistributedDataParallel around a model prepared with mp.prepare.
+        RuntimeError: DDP already has another communication hook (DDP takes one).
+
+    Example (each rank)::
+
+        model, opt, scaler = mp.prepare(model, opt, "f16-master")
+        ddp = DistributedDataParallel(model)
+        mp.distributed.register_comm_hook(ddp)
+    """
+    from .casting import prepared_state  # casting imports this module for unwrap
+
+    if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+        raise TypeError(f"register_comm_hook takes a DistributedDataParallel, got {type(ddp).__name__}")
+    state = prepared_state(ddp.module)
+    if state is None:
+        raise TypeError("the model inside this DistributedDataParallel is not prepared: call mp.prepare "
+                        "on the model first, then wrap it in DistributedDataParallel")
+    if getattr(ddp, _HOOK_ATTR, False):
+        return False
+    setattr(ddp, _HOOK_ATTR, True)
+    slots = {id(slot.param): slot for slot in state.grad_slots}
+    storage = {id(p): state.param_formats[name] for name, p in ddp.module.named_parameters()}
+    reduce = state.policy.reduce
+    plain = not slots and (state.execution == "native" or all(f == F32 for f in storage.values()))
+    if plain and (reduce is None or all(f == reduce for f in storage.values())):
+        return False  # DDP's built-in all-reduce already sums each gradient in the asked format
+    group = ddp.process_group
+    with torch.no_grad():  # rank 0's masters, as DDP gave every rank rank 0's parameters
+        source = dist.get_global_rank(group, 0)
+        for slot in slots.values():
+            dist.broadcast(slot.master, src=source, group=group)
+    try:
+        ddp.register_comm_hook(_Reduction(group, reduce, state.execution, storage, slots), _reduce_bucket)
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"could not register mixprec's communication hook ({error}); DDP takes one hook: remove "
+            f"yours, or use reduce=storage in the policy and mp.autocast(ddp.module)") from error
+    return True
+
+
+def _spans(params: list[torch.Tensor]) -> list[tuple[int, int]]:
+    spans, start = [], 0
+    for p in params:
+        spans.append((start, start + p.numel()))
+        start += p.numel()
+    return spans
+
+
+def _round(x: torch.Tensor, fmt: Format | None) -> torch.Tensor:
+    return x if fmt is None or fmt == F32 else quantize(x, fmt)
+
+
+def _reduce_bucket(state: _Reduction, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Average one bucket over the ranks in the policy's reduce format; see the module docstring."""
+    buffer = bucket.buffer()
+    params = bucket.parameters()
+    spans = _spans(params)
+    native16 = state.reduce is not None and state.reduce.torch_dtype in (torch.float16, torch.bfloat16)
+    if state.execution == "native" and native16 and not state.slots:
+        # A real 16-bit all-reduce (divided first, as DDP does, to keep the sum in range).
+        wire = buffer.to(state.reduce.torch_dtype).div_(state.ranks)
+        fut = dist.all_reduce(wire, group=state.group, async_op=True).get_future()
+
+        def copy_back(fut: torch.futures.Future) -> torch.Tensor:
+            return buffer.copy_(fut.value()[0])
+
+        return fut.then(copy_back)
+
+    # FP32 work tensor: each gradient's best FP32 value (a master's FP32 gradient where it is valid).
+    work = buffer.to(torch.float32, copy=True)
+    for p, (a, b) in zip(params, spans, strict=True):
+        slot = state.slots.get(id(p))
+        if slot is not None and slot.master.grad is not None:
+            work[a:b] = slot.refine(slot.master.grad, buffer[a:b].view_as(p)).flatten()
+    formats = [state.reduce if state.reduce is not None else state.storage.get(id(p), F32) for p in params]
+    sum_in_fp32 = all(f == F32 for f in formats)
+    if not sum_in_fp32:  # a 16-bit sum: divide first and round each addend, as a 16-bit all-reduce does
+        work.div_(state.ranks)
+        for fmt, (a, b) in zip(formats, spans, strict=True):
+            work[a:b] = _round(work[a:b], fmt)
+    fut = dist.all_reduce(work, group=state.group, async_op=True).get_future()
+
+    def finish(fut: torch.futures.Future) -> torch.Tensor:
+        total = fut.value()[0]
+        if sum_in_fp32:
+            total.div_(state.ranks)
+        for p, fmt, (a, b) in zip(params, formats, spans, strict=True):
+            part = _round(total[a:b], fmt)
+            slot = state.slots.get(id(p))
+            if slot is not None:
+                # The averaged FP32 sum is the master's gradient (equal on every rank); a 16-bit sum
+                # has nothing to add to param.grad, which the reducer fills with it.
+                slot.master.grad = part.view_as(slot.master) if fmt == F32 else None
+                slot.reduced, slot.settled = True, False
+            storage = state.storage.get(id(p), F32)
+            buffer[a:b] = part if state.execution == "native" else _round(part, storage)
+        return buffer
+
+    return fut.then(finish)
+
+
+# DDP checks the hook's annotations as objects; this module's are strings (postponed evaluation).
+_reduce_bucket.__annotations__ = {"state": _Reduction, "bucket": dist.GradBucket,
+                                  "return": torch.futures.Future[torch.Tensor]}
+
+
+def fsdp_mixed_precision(policy: Any) -> Any:
+    """FSDP2's ``MixedPrecisionPolicy`` for a mixprec policy: parameters all-gathered in the policy's
+    parameter format, gradients reduce-scattered in its ``reduce`` format (FP32 by default with masters).
+
+    Example:
+        >>> import mixprec as mp
+        >>> mpp = mp.distributed.fsdp_mixed_precision("bf16-master")
+        >>> mpp.param_dtype, mpp.reduce_dtype
+        (torch.bfloat16, torch.float32)
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from .policy import Policy
+
+    policy = Policy.parse(policy)
+    for fmt in (policy.params, policy.reduce or policy.params):
+        if fmt.torch_dtype is None:
+            raise ValueError(f"FSDP2 needs torch dtypes; {fmt.name} in {policy} has none (it can only be "
+                             f"emulated, which FSDP2 does not support yet: use DDP)")
+    param_dtype = None if policy.params == F32 else policy.params.torch_dtype
+    reduce_dtype = (policy.reduce or policy.params).torch_dtype
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
