@@ -37,7 +37,7 @@ from .emulate import quantize
 from .formats import F32, Format
 from .master import GradSlot
 
-__all__ = ["register_comm_hook", "fsdp_mixed_precision", "is_sharded", "unwrap"]
+__all__ = ["register_comm_hook", "fsdp_mixed_precision", "fully_shard", "is_sharded", "unwrap"]
 
 _HOOK_ATTR = "_mixprec_comm_hook"
 
@@ -195,9 +195,42 @@ def fsdp_mixed_precision(policy: Any) -> Any:
 
     policy = Policy.parse(policy)
     for fmt in (policy.params, policy.reduce or policy.params):
-        if fmt.torch_dtype is None:
-            raise ValueError(f"FSDP2 needs torch dtypes; {fmt.name} in {policy} has none (it can only be "
-                             f"emulated, which FSDP2 does not support yet: use DDP)")
+        if fmt.torch_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"FSDP2 casts parameters and reduces gradients in fp32, fp16 or bf16; {policy} "
+                             f"asks for {fmt.name}, which mixprec can only emulate (use DDP for that)")
     param_dtype = None if policy.params == F32 else policy.params.torch_dtype
     reduce_dtype = (policy.reduce or policy.params).torch_dtype
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+
+
+def fully_shard(model: torch.nn.Module, policy: Any, modules: Any = (), **kwargs: Any) -> torch.nn.Module:
+    """Shard `model` with FSDP2 under `policy`: FP32 islands, then each of `modules` (e.g. the
+    transformer blocks), then the root, each with the policy's ``MixedPrecisionPolicy``.
+
+    FP32 islands (norms, and modules a rule keeps in FP32) are their own FSDP units that stay in FP32,
+    as their parameters do without FSDP. Then call `mp.prepare` on the sharded model. Extra keyword
+    arguments (``mesh``, ``reshard_after_forward``, ...) go to ``torch.distributed.fsdp.fully_shard``.
+
+    Example (each rank)::
+
+        model = mp.distributed.fully_shard(model, "bf16-master", modules=model.blocks)
+        optimizer = torch.optim.AdamW(model.parameters())
+        model, optimizer, scaler = mp.prepare(model, optimizer, "bf16-master")
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from torch.distributed.fsdp import fully_shard as shard
+
+    from .policy import Policy
+
+    policy = Policy.parse(policy)
+    mixed = fsdp_mixed_precision(policy)
+    by_name = dict(model.named_modules())
+    islands = [by_name[mp.name] for mp in policy.module_precisions(model, warn=True)
+               if mp.name and mp.has_params and mp.params == F32 and policy.params != F32]
+    fp32 = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+    for module in islands:
+        shard(module, mp_policy=fp32, **kwargs)
+    for module in modules:
+        shard(module, mp_policy=mixed, **kwargs)
+    shard(model, mp_policy=mixed, **kwargs)
+    return model

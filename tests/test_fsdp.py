@@ -1,0 +1,140 @@
+"""FSDP2 (fully_shard) under a mixprec policy: 2 gloo processes on CPU, started by the test.
+
+FSDP's sharded FP32 parameters are the masters; mp.step unscales, checks and clips the sharded
+gradients (their norm summed over the ranks) and every rank takes the same skip decision. The
+reference is the same preset under DDP (mixprec's masters, FP32 reduction) in the same processes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mixprec as mp
+
+WORKER = r'''
+import os, sys, torch, torch.distributed as dist
+import mixprec as mp
+
+rank, world, out = int(sys.argv[1]), 2, sys.argv[2]
+torch.set_num_threads(1)
+dist.init_process_group("gloo", rank=rank, world_size=world)
+results = {}
+for policy in sys.argv[3:]:
+    for kind in ("fsdp", "ddp", "fsdp-fault"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 1))
+        if kind.startswith("fsdp"):
+            model = mp.distributed.fully_shard(model, policy)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        model, opt, scaler = mp.prepare(model, opt, policy)
+        net = model if kind.startswith("fsdp") else torch.nn.parallel.DistributedDataParallel(model)
+        g = torch.Generator().manual_seed(100 + rank)  # different data on each rank
+        applied, norms = [], []
+        for step in range(6):
+            x, y = torch.randn(8, 8, generator=g), torch.randn(8, 1, generator=g)
+            with mp.autocast(net):
+                loss = torch.nn.functional.mse_loss(net(x).float(), y)
+            scaler.scale(loss).backward()
+            if kind == "fsdp-fault" and rank == 1 and step in (2, 4):
+                model[0].weight.grad.to_local().view(-1)[0] = float("inf")  # this rank's shard only
+            info = mp.step(opt, scaler, max_grad_norm=1.0)
+            applied.append(info.applied)
+            norms.append(info.grad_norm)
+            opt.zero_grad()
+        if kind.startswith("fsdp"):
+            weights = [p.full_tensor().float() for p in model.parameters()]
+            kind_of_opt = type(opt).__name__
+        else:
+            weights = [p.detach().clone() for g in opt.param_groups for p in g["params"]]  # the masters
+            kind_of_opt = type(opt).__name__
+        results[f"{policy}|{kind}"] = {"weights": weights, "applied": applied, "norms": norms,
+                                       "optimizer": kind_of_opt, "scaler": scaler.state_dict()}
+for bad in ("f16-pure", "f16-master,execution=emulated"):  # clear errors, nothing half-done
+    model = mp.distributed.fully_shard(torch.nn.Sequential(torch.nn.Linear(8, 16)), "f16-master")
+    try:
+        mp.prepare(model, None, bad)
+        results[bad] = "prepared"
+    except ValueError as error:
+        results[bad] = str(error)
+    results[bad + "|prepared"] = mp.prepared_state(model) is not None
+torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+dist.destroy_process_group()
+'''
+
+POLICIES = ["f16-master", "bf16-master"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("fsdp")
+    script = out / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "PYTHONPATH": str(Path(mp.__file__).parents[1])}
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(out), *POLICIES], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=240)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    for p in procs:
+        assert p.returncode == 0, "\n".join(log[-2500:] for log in logs)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_fsdp2_trains_like_ddp_with_fsdp_shards_as_the_masters(runs, policy):
+    fsdp, ddp = runs[0][f"{policy}|fsdp"], runs[0][f"{policy}|ddp"]
+    assert fsdp["optimizer"] == "Adam" and ddp["optimizer"] == "MasterWeights"  # no second master copy
+    assert fsdp["applied"] == ddp["applied"]
+    # Same arithmetic up to where each rounds: FSDP's unsharded 16-bit weights are cast from the FP32
+    # shards and its FP32 gradients reduce-scattered; DDP reduces the same 16-bit gradients in FP32.
+    # Gradients and updates differ by 16-bit rounding only: allow a few ulps of the weights' format.
+    eps = mp.Policy.parse(policy).params.eps
+    for a, b in zip(fsdp["weights"], ddp["weights"], strict=True):
+        torch.testing.assert_close(a, b, rtol=4 * eps, atol=4 * eps)
+    for a, b in zip(fsdp["norms"], ddp["norms"], strict=True):
+        if ddp["applied"]:
+            assert a == pytest.approx(b, rel=8 * eps)  # the sharded norm is summed over both ranks
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_fsdp2_replicas_agree_and_a_fault_on_one_shard_skips_every_rank(runs, policy):
+    for kind in ("fsdp", "fsdp-fault"):
+        r0, r1 = runs[0][f"{policy}|{kind}"], runs[1][f"{policy}|{kind}"]
+        assert r0["applied"] == r1["applied"]
+        assert r0["scaler"] == r1["scaler"]
+        for a, b in zip(r0["weights"], r1["weights"], strict=True):
+            assert torch.equal(a, b)
+    faulty, clean = runs[0][f"{policy}|fsdp-fault"], runs[0][f"{policy}|fsdp"]
+    assert [i for i, a in enumerate(faulty["applied"]) if not a] == sorted(
+        {2, 4} | {i for i, a in enumerate(clean["applied"]) if not a})
+    assert faulty["scaler"]["skipped_steps"] >= 2
+
+
+def test_fsdp2_refuses_policies_it_cannot_run():
+    with pytest.raises(ValueError, match="FSDP2 casts parameters .* in fp32, fp16 or bf16"):
+        mp.distributed.fsdp_mixed_precision("params=e4m3,compute=e4m3,master=fp32")
+    assert mp.distributed.fsdp_mixed_precision("f16-master,reduce=bf16").reduce_dtype == torch.bfloat16
+
+
+def test_prepare_under_fsdp2_refuses_what_it_cannot_run(runs):
+    assert "has no master weights, but FSDP2 keeps FP32 sharded parameters" in runs[0]["f16-pure"]
+    assert "execution=emulated under FSDP2 is not supported" in runs[0]["f16-master,execution=emulated"]
+    assert not runs[0]["f16-pure|prepared"] and not runs[0]["f16-master,execution=emulated|prepared"]
