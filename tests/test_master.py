@@ -238,3 +238,110 @@ def test_bad_mode_format_and_optimizer_are_rejected():
     with pytest.raises(ValueError, match="param_format"):
         mp.MasterWeights(bad, param_format="bf16")
     assert bad.param_groups[0]["params"][0].dtype == torch.float16  # a failed wrap changes nothing
+
+
+# ----- gradients where PyTorch puts them (every way users read and clear them) -------------------------
+
+PRESETS_WITH_MASTERS = ["f16-master", "f16-master,execution=native", "bf16-master", "bf16-master,execution=native"]
+
+
+def _prepared(policy: str, lr: float = 0.1, seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    return mp.prepare(model, opt, policy)
+
+
+def _batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + i)
+    return torch.randn(4, 8, generator=g), torch.randn(4, 1, generator=g)
+
+
+def _backward(model, scaler, i: int) -> None:
+    x, y = _batch(i)
+    with mp.autocast(model):
+        loss = torch.nn.functional.mse_loss(model(x).float(), y)
+    scaler.scale(loss).backward()
+
+
+@pytest.mark.parametrize("policy", PRESETS_WITH_MASTERS)
+def test_every_way_of_clearing_gradients_gives_the_same_trajectory(policy):
+    finals = {}
+    for clear in ["optimizer", "model", "optimizer-zeros", "model-zeros"]:
+        model, opt, scaler = _prepared(policy)
+        norms = []
+        for i in range(6):
+            _backward(model, scaler, i)
+            norms.append(mp.step(opt, scaler, max_grad_norm=10.0).grad_norm)
+            target = opt if clear.startswith("optimizer") else model
+            target.zero_grad(set_to_none=not clear.endswith("zeros"))
+        finals[clear] = ([p.detach().clone() for p in model.parameters()], norms)
+    ref_params, ref_norms = finals["optimizer"]
+    for params, norms in finals.values():
+        assert norms == ref_norms
+        assert all(torch.equal(a, b) for a, b in zip(params, ref_params, strict=True))
+
+
+def test_model_zero_grad_does_not_let_gradients_pile_up():
+    # The issue's report: lr=0, static scale 1, the same batch each step, cleared with model.zero_grad().
+    model, opt, scaler = _prepared("f16-master,scaling=static:1", lr=0.0)
+    norms = []
+    for _ in range(3):
+        _backward(model, scaler, 0)
+        norms.append(mp.step(opt, scaler, max_grad_norm=1e9).grad_norm)
+        model.zero_grad()
+    assert norms[0] == norms[1] == norms[2] > 0
+
+
+@pytest.mark.parametrize("policy", PRESETS_WITH_MASTERS)
+def test_gradients_are_visible_on_the_model_in_its_format(policy):
+    model, opt, scaler = _prepared(policy + ",scaling=static:8")
+    _backward(model, scaler, 0)
+    fmt = mp.Policy.parse(policy).params
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == p.dtype, name
+        if name.startswith(("0.", "2.")):
+            assert torch.equal(p.grad.float(), mp.quantize(p.grad.float(), fmt)), name  # on the 16-bit grid
+    # torch's clip_grad_norm_ over the model finds every gradient (it found none before)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    assert torch.isfinite(norm) and norm > 0
+
+
+@pytest.mark.parametrize("policy", ["f16-master", "bf16-master,execution=native"])
+def test_changing_the_models_gradients_before_mp_step_changes_the_update(policy):
+    # What a user (or HF Trainer) does to model.parameters()' gradients is what the update uses: here
+    # they are zeroed in place, so Adam's first step must not move (the FP32 copy must not win).
+    for clip in (False, True):
+        model, opt, scaler = _prepared(policy + ",scaling=static:8", seed=1)
+        before = [m.detach().clone() for m in opt.master_params]
+        _backward(model, scaler, 0)
+        if clip:
+            for p in model.parameters():
+                p.grad.zero_()
+        info = mp.step(opt, scaler)
+        moved = any(not torch.equal(a, b) for a, b in zip(before, opt.master_params, strict=True))
+        assert info.applied and moved != clip
+
+
+@pytest.mark.parametrize("policy", ["f16-master", "bf16-master,execution=native"])
+def test_micro_batch_accumulation_keeps_fp32_precision_through_prepare(policy):
+    model, opt, scaler = _prepared(policy + ",scaling=static:1")
+    fmt = mp.Policy.parse(policy).params
+    p = model[0].weight
+    # 4 micro-batches whose weight gradients are exact 16-bit values: 1, then three times 2^-11 relative.
+    small = fmt.eps / 2  # half an ulp at 1.0: lost in a 16-bit sum, kept in FP32
+    for g in (1.0, small, small, small):
+        (p.float().sum() * g).backward()
+    grads = opt.collect_grads_()
+    master_grad = grads[0]
+    assert master_grad.dtype == torch.float32 and torch.all(master_grad == 1.0 + 3 * small)
+    assert torch.equal(p.grad, master_grad.to(p.dtype) if p.dtype != torch.float32 else mp.quantize(master_grad, fmt))
+
+
+def test_weights_loaded_after_prepare_are_what_the_optimizer_continues_from():
+    model, opt, scaler = _prepared("f16-master,scaling=static:1", lr=0.0)
+    with torch.no_grad():
+        model[0].weight.fill_(3.0)
+    _backward(model, scaler, 0)
+    assert mp.step(opt, scaler).applied
+    assert torch.all(model[0].weight == 3.0) and torch.all(opt.master_params[0] == 3.0)
