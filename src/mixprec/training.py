@@ -15,6 +15,10 @@ Runs are exactly reproducible from (recipe, policy, seed, steps): batch k is a p
 scaler, LR schedule, RNG states, step), so a run stopped at step k and resumed ends bitwise equal to
 an uninterrupted one on the CPU.
 
+Under torchrun (``WORLD_SIZE`` > 1) the same loop runs data-parallel: each process trains a
+DistributedDataParallel replica on its contiguous slice of the same global batch k, so the global
+batch, and with it the run, does not depend on the number of processes (up to reduction order).
+
 Example:
     >>> from mixprec.recipes import get_recipe
     >>> result = train(get_recipe("tiny-updates"), "f16-master", steps=20)
@@ -24,15 +28,18 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 import mixprec as mp
 from mixprec.checkpoints import (
@@ -47,7 +54,7 @@ from mixprec.checkpoints import (
     set_rng_state,
     torch_threads,
 )
-from mixprec.recipes import Data, Recipe, get_recipe
+from mixprec.recipes import Batch, Data, Recipe, get_recipe
 
 LOG_EVERY = 10  # steps between reading losses back from the device (one extra sync per LOG_EVERY steps)
 
@@ -80,6 +87,7 @@ class RunResult:
     memory: dict[str, int]  # category -> bytes
     memory_source: str  # "modelled" (bytes in the policy's formats) or "measured" (CUDA peak included)
     data_info: dict[str, Any] = field(default_factory=dict)
+    world_size: int = 1  # processes that trained data-parallel (torchrun), each on 1/world_size of a batch
     history: list[Record] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,9 +123,17 @@ def train(
         resume: continue from ``out/checkpoint.pt`` (same recipe, policy, seed and steps).
         stop_at: stop after this many steps (checkpointed), as if interrupted; resume later.
         threads: torch CPU threads for this run (restored afterwards); None leaves torch's setting.
-        log: called with every record (steps and evaluations) as the run makes it.
+        log: called with every record (steps and evaluations) as the run makes it; under torchrun
+            on rank 0 only.
 
-    Syncs: ``mp.step``'s one per step, one per LOG_EVERY steps for the losses, and the evaluations.
+    Under torchrun (``WORLD_SIZE`` > 1) it joins the process group (gloo on CPU, NCCL on
+    ``cuda:LOCAL_RANK``) unless one is open, and trains a DistributedDataParallel replica on its
+    contiguous 1/world_size of every batch; ``recipe.batch_size`` must divide evenly. Rank 0 alone
+    logs and writes the checkpoint; losses are averaged over the ranks, so they are the global batch's.
+
+    Syncs: ``mp.step``'s one per step, one per LOG_EVERY steps for the losses (an all-reduce under
+    torchrun), and the evaluations; under torchrun also DDP's gradient all-reduce and a barrier per
+    checkpoint.
     """
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     policy = mp.Policy.parse(policy)
@@ -126,7 +142,11 @@ def train(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if stop_at is not None and not 0 < stop_at <= steps:
         raise ValueError(f"stop_at must be in 1..{steps} (the run's steps), got {stop_at}")
+    rank, world_size = rank_and_world_size()
+    rows_per_process(recipe, world_size)  # before anything starts: raises if the batch does not split
     device = torch.device(device)
+    if world_size > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per process
     out = Path(out) if out is not None else None
     if resume and out is None:
         raise ValueError("resume needs the run's folder (out=...) holding checkpoint.pt")
@@ -138,9 +158,12 @@ def train(
 
     data = recipe.make_data() if data is None else data
     data = Data(tuple(t.to(device) for t in data.train), tuple(t.to(device) for t in data.test), data.info)
-    log = log or (lambda record: None)
+    if log is None or rank != 0:
+        log = _no_log  # under torchrun only rank 0 logs
 
-    with isolated_rng(seed), torch_threads(threads):
+    with _process_group(device, world_size), isolated_rng(seed), torch_threads(threads):
+        # Every rank draws the same initial weights and, step by step, the same random numbers, so the
+        # RNG state rank 0 checkpoints is every rank's.
         model = recipe.make_model().to(device)  # under the seed: the initial weights
         optimizer = recipe.build_optimizer(model.parameters())
         model, optimizer, scaler = mp.prepare(model, optimizer, policy)
@@ -161,20 +184,27 @@ def train(
             record = {"kind": "eval", "step": 0, "metric": _evaluate(recipe, model, data)}
             history.append(record)
             log(record)
+        # Several processes: the forward and backward run through DDP, which averages the gradients over
+        # the ranks in backward. Everything else (evaluation, checkpoints) uses the inner model.
+        net = model
+        if world_size > 1:
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
 
-        if not activation_bytes:
-            elements = activation_elements(recipe, model, data.batch(0, recipe.batch_size, seed))
-            activation_bytes = elements * policy.compute.bits // 8
+        if not activation_bytes:  # per process: its slice of a batch
+            batch = _shard(data.batch(0, recipe.batch_size, seed), rank, world_size)
+            activation_bytes = activation_elements(recipe, model, batch) * policy.compute.bits // 8
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         end = steps if stop_at is None else stop_at
         pending: list[tuple[Record, torch.Tensor]] = []  # step records waiting for their loss value
         for step in range(start, end):
             tick = time.perf_counter()
-            batch = data.batch(step, recipe.batch_size, seed)
-            model.train()
-            with mp.autocast(model):
-                loss = recipe.loss(model, batch)
+            batch = _shard(data.batch(step, recipe.batch_size, seed), rank, world_size)
+            net.train()
+            # On the DDP wrapper, mp.autocast also registers mixprec's gradient communication hook (once).
+            with mp.autocast(net):
+                loss = recipe.loss(net, batch)
             scaler.scale(loss).backward()
             info = mp.step(optimizer, scaler, max_grad_norm=recipe.max_grad_norm)
             lr = optimizer.param_groups[0]["lr"]
@@ -190,19 +220,25 @@ def train(
             done = step + 1
             evaluate_now = done % recipe.eval_every == 0 or done == steps
             if len(pending) >= LOG_EVERY or evaluate_now or done == end:
-                _flush(pending, history, log)
+                _flush(pending, history, log, world_size)
             if evaluate_now:
+                # Every rank evaluates the full test data (cheap, no collective); rank 0's value is logged.
+                # (Replicas are equal but for BatchNorm running statistics, which each rank updates from
+                # its own slice; DDP overwrites them with rank 0's before every forward.)
                 record = {"kind": "eval", "step": done, "metric": _evaluate(recipe, model, data)}
                 history.append(record)
                 log(record)
             if out is not None and (done == end or (checkpoint_every and done % checkpoint_every == 0)):
-                save_checkpoint(out / CHECKPOINT_NAME, {
-                    "version": CHECKPOINT_VERSION, "recipe": recipe.name, "policy": str(policy),
-                    "seed": seed, "steps": steps, "step": done, "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": rng_state(), "history": history,
-                    "train_seconds": train_seconds, "activation_bytes": activation_bytes,
-                })
+                if rank == 0:  # replicas are equal: one writer, the inner (unwrapped) model's state
+                    save_checkpoint(out / CHECKPOINT_NAME, {
+                        "version": CHECKPOINT_VERSION, "recipe": recipe.name, "policy": str(policy),
+                        "seed": seed, "steps": steps, "step": done, "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                        "scheduler": scheduler.state_dict(), "rng": rng_state(), "history": history,
+                        "train_seconds": train_seconds, "activation_bytes": activation_bytes,
+                    })
+                if world_size > 1:
+                    dist.barrier()  # no rank goes on (and no resume reads) before the checkpoint is whole
 
         memory = model_memory(model, optimizer, policy, execution, activation_bytes)
         memory_source = "modelled"
@@ -219,7 +255,7 @@ def train(
         initial_metric=evals[0]["metric"], final_metric=evals[-1]["metric"], final_loss=last["loss"],
         skipped_steps=int(last["skipped_steps"]), final_loss_scale=last["loss_scale"],
         seconds_per_step=train_seconds / max(1, len(step_records)), memory=memory,
-        memory_source=memory_source, data_info=dict(data.info), history=history,
+        memory_source=memory_source, data_info=dict(data.info), world_size=world_size, history=history,
     )
 
 
@@ -232,13 +268,87 @@ def _evaluate(recipe: Recipe, model: torch.nn.Module, data: Data) -> float:
     return value
 
 
-def _flush(pending: list[tuple[Record, torch.Tensor]], history: list[Record], log: Log) -> None:
-    losses = torch.stack([loss.float() for _, loss in pending]).tolist()  # one read for many steps
-    for (record, _), value in zip(pending, losses, strict=True):
+def _no_log(record: Record) -> None:
+    pass
+
+
+def _flush(pending: list[tuple[Record, torch.Tensor]], history: list[Record], log: Log, world_size: int) -> None:
+    losses = torch.stack([loss.float() for _, loss in pending])  # one read for many steps
+    if world_size > 1:
+        # Each rank's loss is the mean over its equal slice, so the mean over ranks is the global batch's
+        # mean loss: the number a 1-process run logs. One collective per flush, for all its steps.
+        dist.all_reduce(losses)
+        losses /= world_size
+    for (record, _), value in zip(pending, losses.tolist(), strict=True):
         record["loss"] = value
         history.append(record)
         log(record)
     pending.clear()
+
+
+# ----- several processes (torchrun) ------------------------------------------------------------------
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and the number of processes training together: torch.distributed's when
+    initialised, else torchrun's environment (``RANK``, ``WORLD_SIZE``); ``(0, 1)`` for a plain run.
+
+    Example:
+        >>> rank_and_world_size()
+        (0, 1)
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def rows_per_process(recipe: Recipe, world_size: int) -> int:
+    """Rows of every batch each of ``world_size`` processes trains on: an equal slice of the recipe's
+    batch, which stays the global batch. ValueError if ``recipe.batch_size`` does not split evenly.
+
+    Example:
+        >>> rows_per_process(get_recipe("digits"), 2)
+        32
+    """
+    if recipe.batch_size % world_size:
+        fits = [str(n) for n in range(1, min(recipe.batch_size, 16) + 1) if recipe.batch_size % n == 0]
+        raise ValueError(
+            f"recipe {recipe.name!r} has batch_size {recipe.batch_size}, which {world_size} processes cannot "
+            f"split evenly (each trains on an equal slice of every batch); run {', '.join(fits)} "
+            f"processes, or give the recipe a batch_size divisible by {world_size}")
+    return recipe.batch_size // world_size
+
+
+def check_one_process(what: str) -> None:
+    """ValueError under torchrun with several processes: for what trains many runs and writes one report."""
+    world_size = rank_and_world_size()[1]
+    if world_size > 1:
+        raise ValueError(f"{what} runs in one process, not {world_size} (torchrun); under torchrun use "
+                         "`mixprec train`, one policy per run")
+
+
+@contextlib.contextmanager
+def _process_group(device: torch.device, world_size: int) -> Iterator[None]:
+    """Join torchrun's process group for the run (gloo on CPU, NCCL on CUDA) unless the caller already
+    has one, and leave it afterwards only if the run joined it."""
+    if world_size == 1 or dist.is_initialized():
+        yield
+        return
+    cuda = device.type == "cuda"
+    with torch.cuda.device(device) if cuda else contextlib.nullcontext():  # NCCL's current device, restored
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+def _shard(batch: Batch, rank: int, world_size: int) -> Batch:
+    """Rank ``rank``'s contiguous 1/world_size of every tensor of ``batch`` (the whole batch for one process)."""
+    if world_size == 1:
+        return batch
+    size = len(batch[0]) // world_size
+    return tuple(t[rank * size : (rank + 1) * size] for t in batch)
 
 
 # ----- comparing policies ---------------------------------------------------------------------------
@@ -309,6 +419,7 @@ def compare(
         >>> [s["policy"] for s in map(c.summary, c.policies)]
         ['f32', 'f16-pure']
     """
+    check_one_process("compare")
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     names = [str(mp.Policy.parse(p)) for p in policies]  # parse all first: fail before any training
     if not names:

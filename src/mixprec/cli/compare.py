@@ -24,7 +24,7 @@ from mixprec.report import (
     results_table,
     write_report,
 )
-from mixprec.training import Comparison, train
+from mixprec.training import Comparison, check_one_process, train
 
 from .train import add_run_arguments, default_device, slug
 
@@ -91,6 +91,7 @@ def make_experiment(recipe: str | Recipe, policies: list[str], seeds: int, steps
 def run_experiments(experiments: list[Experiment], out: Path, args: argparse.Namespace) -> list[Comparison]:
     """Train every (policy, seed) of every experiment with one progress display; log each run to
     out/runs/RECIPE/POLICY/seedN (metrics.jsonl + TensorBoard)."""
+    check_one_process(args.command)
     device = default_device(args.device)
     for experiment in experiments:
         for policy in experiment.policies:

@@ -1,0 +1,120 @@
+"""`python -m mixprec` and `torchrun -m mixprec train`: two CPU processes (gloo) against one.
+
+Each torchrun launch starts three Python processes that import torch: about 10 s on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mixprec.cli import main
+from mixprec.training import train
+
+STEPS = 30
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--standalone"]  # --standalone: a local rendezvous on a free port, so parallel runs never collide
+
+
+def _run(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def _train_two(out: Path, recipe: str, *extra: str) -> subprocess.CompletedProcess:
+    return _run([*TORCHRUN, "-m", "mixprec", "train", "--recipe", recipe, "--policy", "f32",
+                 "--steps", str(STEPS), "--no-progress", "--out", str(out), *extra])
+
+
+def _result(out: Path) -> dict:
+    return json.loads((out / "result.json").read_text())
+
+
+def _losses(history: list[dict]) -> list[float]:
+    return [r["loss"] for r in history if r["kind"] == "step"]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> tuple[Path, str]:
+    """An uninterrupted 2-process digits run (shared: it is the slow part)."""
+    out = tmp_path_factory.mktemp("torchrun") / "whole"
+    return out, _train_two(out, "digits").stdout
+
+
+def test_python_m_mixprec_runs_the_cli():
+    top = _run([sys.executable, "-m", "mixprec", "--help"], timeout=60)
+    assert "train" in top.stdout and "compare" in top.stdout
+    train_help = _run([sys.executable, "-m", "mixprec", "train", "--help"], timeout=60)
+    assert "--resume" in train_help.stdout and "--stop-at" in train_help.stdout
+
+
+def test_two_processes_write_one_set_of_files_and_land_near_one_process(two_processes):
+    out, stdout = two_processes
+    # Rank 0 alone prints and writes: one header, one metrics.jsonl, one result.json, one TensorBoard file.
+    assert stdout.count("mixprec train:") == 1 and "2 processes" in stdout
+    assert stdout.count(f"finished step {STEPS}") == 1
+    assert len(list(out.glob("events.out.tfevents.*"))) == 1 and (out / "checkpoint.pt").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, STEPS + 1))
+    two = _result(out)
+    assert two["world_size"] == 2 and two["steps"] == STEPS
+
+    one = train("digits", "f32", steps=STEPS, threads=1)
+    assert one.world_size == 1
+    # Not reduction-order noise alone: digits has BatchNorm, whose batch statistics each rank takes over
+    # its own 32 rows instead of the global 64 (DDP without SyncBatchNorm, which needs a GPU). Measured
+    # at 30 steps, seeds 0-5: 0 to 3 of the 359 test images classified differently (<= 0.0084), while
+    # seed-to-seed spread of one process is 0.025. Allow about twice the measured gap.
+    assert two["final_metric"] == pytest.approx(one.final_metric, abs=0.02)
+    # The logged losses are the global batch's mean (averaged over ranks), not one rank's.
+    assert _losses(two["history"]) == pytest.approx(_losses(one.history), rel=0.05)
+
+
+def test_without_batchnorm_two_processes_match_one_to_reduction_order(tmp_path):
+    # tiny-updates (a Linear layer, MSE): the global batch and its mean loss are exactly one process's,
+    # so only the order of the gradient sums differs. Measured: relative gaps of about 1e-7.
+    _train_two(tmp_path / "two", "tiny-updates")
+    two = _result(tmp_path / "two")
+    one = train("tiny-updates", "f32", steps=STEPS, threads=1)
+    assert two["final_metric"] == pytest.approx(one.final_metric, rel=1e-5)
+    assert _losses(two["history"]) == pytest.approx(_losses(one.history), rel=1e-5)
+
+
+def test_stop_and_resume_under_torchrun_matches_an_uninterrupted_run(two_processes, tmp_path):
+    whole, _ = two_processes
+    part = tmp_path / "part"
+    assert "stopped at step 12" in _train_two(part, "digits", "--stop-at", "12").stdout
+    assert "resuming at step 12" in _train_two(part, "digits", "--resume").stdout
+    a, b = _result(whole), _result(part)
+    assert b["steps"] == STEPS
+    # Every rank loads rank 0's checkpoint; on the CPU the continued run is bitwise the uninterrupted one.
+    assert b["history"] == a["history"] and b["final_metric"] == a["final_metric"]
+    assert (part / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
+
+
+def test_batch_size_not_divisible_by_the_processes_is_one_clear_line(monkeypatch, tmp_path, capsys):
+    # The environment torchrun gives 3 processes; the check runs before any process group is joined.
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "--recipe", "digits", "--policy", "f32", "--out", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (
+        "mixprec train: error: recipe 'digits' has batch_size 64, which 3 processes cannot split evenly "
+        "(each trains on an equal slice of every batch); run 1, 2, 4, 8, 16 processes, or give the recipe "
+        "a batch_size divisible by 3")
+    assert "mixprec train:" not in captured.out  # failed before the run began
+    with pytest.raises(ValueError, match="3 processes cannot split evenly"):
+        train("digits", "f32", steps=1)
+
+
+@pytest.mark.parametrize("command", [["compare", "--recipe", "digits", "--policies", "f32"], ["demo"]])
+def test_compare_and_demo_refuse_several_processes(command, monkeypatch, tmp_path, capsys):
+    # They train many runs into one report: one process's job. The check runs before any training.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([*command, "--out", str(tmp_path), "--no-progress"]) == 2
+    assert f"{command[0]} runs in one process, not 2 (torchrun)" in capsys.readouterr().err
