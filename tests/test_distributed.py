@@ -70,7 +70,7 @@ Result = dict[str, Any]
 def scenario(name: str, preset: str | None, **options: Any) -> Spec:
     """A JSON-ready description of one training run. preset None: plain PyTorch, no mixprec."""
     spec = {"name": name, "preset": preset, "ddp": True, "optimizer": "sgd", "steps": STEPS, "micro": 1,
-            "fault": None, "seeds": "same", "autocast_on": "ddp"}
+            "fault": None, "seeds": "same", "autocast_on": "ddp", "ddp_options": {}}
     unknown = set(options) - set(spec)
     if unknown:
         raise TypeError(f"unknown scenario options {sorted(unknown)}")
@@ -167,10 +167,11 @@ def train(spec: Spec, rank: int | None) -> Result:
 
     net: torch.nn.Module = model
     if distributed:
-        net = torch.nn.parallel.DistributedDataParallel(model)
+        net = torch.nn.parallel.DistributedDataParallel(model, **spec["ddp_options"])
         if spec["autocast_on"] == "inner+hook":
             mp.distributed.register_comm_hook(net)
-    autocast_target = model if spec["autocast_on"] == "inner+hook" else net
+    # "inner": no mixprec hook at all; DDP reduces the 16-bit .grad itself, mp.step must then use only those
+    autocast_target = model if spec["autocast_on"] in ("inner+hook", "inner") else net
     ranks = list(range(WORLD)) if rank is None else [rank]  # without DDP: each rank its own rows
 
     applied, loss_scales, grad_norms, fault_targets = [], [], [], []
@@ -476,9 +477,24 @@ def _seeds_group() -> list[Spec]:
             for p in ("f16-master", "bf16-master")]
 
 
+#: DDP's own options, and DDP without mixprec's hook (mp.autocast on the inner module): (name, options).
+DDP_VARIANTS = {
+    "gradient_as_bucket_view": dict(ddp_options={"gradient_as_bucket_view": True}, micro=2),
+    "find_unused_parameters": dict(ddp_options={"find_unused_parameters": True}, micro=2),
+    "static_graph": dict(ddp_options={"static_graph": True}),  # torch's static_graph refuses no_sync at first
+    "no mixprec hook": dict(autocast_on="inner", micro=2),
+}
+DDP_VARIANT_PRESETS = ["f16-master", "bf16-master,execution=native", "f16-pure"]
+
+
+def _ddp_options_group() -> list[Spec]:
+    return [scenario(f"{variant} {p}", p, steps=5, **options)
+            for variant, options in DDP_VARIANTS.items() for p in DDP_VARIANT_PRESETS]
+
+
 GROUPS: dict[str, Callable[[], list[Spec]]] = {
     "presets": _preset_group, "control": _control_group, "faults": _fault_group, "no_sync": _no_sync_group,
-    "seeds": _seeds_group,
+    "seeds": _seeds_group, "ddp options": _ddp_options_group,
 }
 
 
@@ -570,6 +586,17 @@ def test_ranks_seeded_differently_train_rank_0s_weights(pairs, preset):
     r0, r1 = replicas(pairs("seeds"), name)
     assert_replicas_equal(r0, r1)
     assert_close_to_reference(r0, reference(_spec("seeds", name)), preset)
+
+
+@pytest.mark.parametrize("preset", DDP_VARIANT_PRESETS)
+@pytest.mark.parametrize("variant", DDP_VARIANTS)
+def test_ddp_options_and_ddp_without_the_hook_keep_replicas_equal(pairs, variant, preset):
+    # Buckets as gradient views, unused-parameter search, a static graph: the hook and the FP32 gradients
+    # must not care. Without mixprec's hook, DDP reduces the 16-bit .grad and mp.step uses only that.
+    name = f"{variant} {preset}"
+    r0, r1 = replicas(pairs("ddp options"), name)
+    assert_replicas_equal(r0, r1)
+    assert_close_to_reference(r0, reference(_spec("ddp options", name)), preset)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:

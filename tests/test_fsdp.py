@@ -64,6 +64,15 @@ for bad in ("f16-pure", "f16-master,execution=emulated"):  # clear errors, nothi
     except ValueError as error:
         results[bad] = str(error)
     results[bad + "|prepared"] = mp.prepared_state(model) is not None
+model = torch.nn.Sequential(torch.nn.Linear(8, 16))
+model, _, _ = mp.prepare(model, None, "f16-master")
+mp.distributed.fully_shard(model, "f16-master")  # in the wrong order
+try:
+    with mp.autocast(model):
+        pass
+    results["shard after prepare"] = "ran"
+except RuntimeError as error:
+    results["shard after prepare"] = str(error)
 torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 dist.destroy_process_group()
 '''
@@ -138,3 +147,4 @@ def test_prepare_under_fsdp2_refuses_what_it_cannot_run(runs):
     assert "has no master weights, but FSDP2 keeps FP32 sharded parameters" in runs[0]["f16-pure"]
     assert "execution=emulated under FSDP2 is not supported" in runs[0]["f16-master,execution=emulated"]
     assert not runs[0]["f16-pure|prepared"] and not runs[0]["f16-master,execution=emulated|prepared"]
+    assert "fully_shard was applied after mp.prepare" in runs[0]["shard after prepare"]

@@ -246,6 +246,10 @@ def autocast(model: torch.nn.Module, policy: Policy | str | None = None) -> Iter
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         register_comm_hook(model)  # once; a no-op afterwards
     model = unwrap(model)
+    if is_sharded(model) and not state.sharded:
+        raise RuntimeError(
+            "fully_shard was applied after mp.prepare: the prepared parameters and masters are no longer the "
+            "model's. Shard first (e.g. mp.distributed.fully_shard(model, policy)), then call mp.prepare")
     p = state.policy
     with contextlib.ExitStack() as stack:
         state.in_autocast = True
