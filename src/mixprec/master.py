@@ -139,6 +139,7 @@ class MasterWeights(torch.optim.Optimizer):
         self._slots: list[GradSlot] = []  # one per parameter with an FP32 master
         self._rounded: list[tuple[torch.Tensor, Format]] = []  # mode "none", emulated: re-round after step
         self._hooks: list[Any] = []
+        self._trust_fp32 = True
         self._build(optimizer)
 
         self._native_copy_groups: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
@@ -282,6 +283,7 @@ class MasterWeights(torch.optim.Optimizer):
             >>> [g.dtype for g in opt.collect_grads_()], model.weight.grad.dtype
             ([torch.float32, torch.float32], torch.float16)
         """
+        self._trust_fp32 = trust_fp32  # the masters are checked against the model the same way
         for slot in self._slots:
             if not slot.settled:  # once per step: after this, mp.step unscales master.grad in place
                 slot.settle_(trust_fp32 or slot.reduced)
@@ -312,7 +314,7 @@ class MasterWeights(torch.optim.Optimizer):
         Syncs: no.
         """
         for slot in self._slots:
-            slot.master.copy_(slot.refine(slot.master, slot.param))
+            slot.sync_master_(self._trust_fp32 or slot.reduced)
 
     @torch.no_grad()
     def copy_to_model_(self) -> None:
@@ -325,6 +327,7 @@ class MasterWeights(torch.optim.Optimizer):
         for slot in self._slots:
             if slot.emulated:
                 slot.param.copy_(quantize(slot.master, slot.fmt))
+            slot.wrote_param()
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
@@ -485,13 +488,19 @@ class GradSlot:
     sees; ``master.grad`` (FP32) is the same gradient with more bits, valid where it rounds to it.
     ``reduced`` is set when mixprec's DDP communication hook produced ``master.grad`` (so it is equal
     on every rank); ``settled`` once the step took ``master.grad`` (which it then unscales in place).
+
+    Checking the FP32 values against the 16-bit ones costs a few passes over them, so it is skipped
+    while a tensor is untouched since mixprec last wrote it: same object, same storage, same version
+    counter (which every in-place write through torch bumps: zero_, mul_, copy_, indexing, DDP's copy).
     """
 
-    __slots__ = ("param", "master", "fmt", "emulated", "reduced", "settled")
+    __slots__ = ("param", "master", "fmt", "emulated", "reduced", "settled", "_grad_seen", "_param_seen")
 
     def __init__(self, param: torch.Tensor, master: torch.Tensor, fmt: Format, emulated: bool) -> None:
         self.param, self.master, self.fmt, self.emulated = param, master, fmt, emulated
         self.reduced = self.settled = False
+        self._grad_seen: tuple[int, int, int] | None = None
+        self._param_seen = _stamp(param)
 
     def round(self, x: torch.Tensor) -> torch.Tensor:
         """`x` rounded onto the parameter's format, in the parameter's dtype."""
@@ -511,8 +520,18 @@ class GradSlot:
         elif self.master.grad is None or not trust_fp32:
             self.master.grad = (quantize(visible, self.fmt) if self.emulated else visible).to(
                 torch.float32, copy=True)
-        else:
+        elif _stamp(visible) != self._grad_seen:  # written since the hook rounded the FP32 sum into it
             self.master.grad = self.refine(self.master.grad, visible)
+
+    def sync_master_(self, trust_fp32: bool = True) -> None:
+        """Follow weights written into the parameter since mixprec last rounded the master into it."""
+        if _stamp(self.param) != self._param_seen:
+            self.master.copy_(self.refine(self.master, self.param) if trust_fp32 else self.param)
+            self.wrote_param()
+
+    def wrote_param(self) -> None:
+        """Record that the parameter now holds the rounded master."""
+        self._param_seen = _stamp(self.param)
 
     def accumulate_hook(self, grad: torch.Tensor) -> None:
         # Runs before autograd adds `grad` into param.grad: add it into the FP32 gradient instead,
@@ -531,6 +550,12 @@ class GradSlot:
         if param.grad is not None and self.master.grad is not None:
             with torch.no_grad():
                 param.grad.copy_(self.round(self.master.grad))
+            self._grad_seen = _stamp(param.grad)
+
+
+def _stamp(t: torch.Tensor) -> tuple[int, int, int]:
+    """What changes when a tensor is replaced, re-pointed or written in place (see GradSlot)."""
+    return id(t), t.data_ptr(), t._version
 
 
 def _rounder(fmt: Format) -> Callable[[torch.Tensor], None]:
