@@ -118,3 +118,32 @@ def test_compare_and_demo_refuse_several_processes(command, monkeypatch, tmp_pat
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main([*command, "--out", str(tmp_path), "--no-progress"]) == 2
     assert f"{command[0]} runs in one process, not 2 (torchrun)" in capsys.readouterr().err
+
+
+def test_master_weights_under_torchrun_killed_mid_run_and_resumed_match_an_uninterrupted_run(tmp_path):
+    # f16-master (FP32 masters reduced through mixprec's DDP hook), the whole process group SIGKILLed once
+    # the first checkpoint is on disk, then --resume: it finishes, and its history (from the checkpoint) is
+    # bitwise the uninterrupted run's.
+    import os
+    import signal
+    import time
+
+    args = ["-m", "mixprec", "train", "--recipe", "digits", "--policy", "f16-master", "--steps", str(STEPS),
+            "--no-progress", "--checkpoint-every", "5"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    _run([*TORCHRUN, *args, "--out", str(whole)])
+    proc = subprocess.Popen([*TORCHRUN, *args, "--out", str(part)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (part / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed: raise STEPS"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    resumed = _run([*TORCHRUN, *args, "--out", str(part), "--resume"])
+    assert "resuming at step" in resumed.stdout
+    a, b = _result(whole), _result(part)
+    assert b["steps"] == STEPS and b["world_size"] == 2
+    assert b["history"] == a["history"] and b["final_metric"] == a["final_metric"]
