@@ -3,6 +3,7 @@ the paper's finding (a) (gradients below 2^-24 need loss scaling), and bitwise-e
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import warnings
@@ -69,7 +70,7 @@ def test_skipped_step_leaves_params_masters_and_adam_state_bitwise_unchanged(how
     assert sum(torch.is_tensor(v) for s in opt.state.values() for v in s.values()) == 3 * 4  # step, m, v
 
     if how == "fp16-overflow":  # a real overflow: the scaled gradients exceed FP16's 65504
-        (loss_of(model, 3) * 2.0**40).backward()
+        scaler.scale(loss_of(model, 3) * 2.0**40).backward()
     else:
         scaler.scale(loss_of(model, 3, dtype)).backward()
         grads = [p.grad for p in model.parameters()]  # what users, DDP and clipping see
@@ -187,6 +188,92 @@ def test_scale_trajectory_and_params_equal_torch_grad_scaler(overflows, interval
         theirs_opt.zero_grad()
     for a, b in zip(ours_model.parameters(), theirs_model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def _two_optimizers(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    params = list(model.parameters())  # matrices with SGD, the rest with Adam (Muon + AdamW, say)
+    return (torch.optim.SGD([p for p in params if p.dim() == 2], lr=0.05, momentum=0.9),
+            torch.optim.Adam([p for p in params if p.dim() != 2], lr=1e-2))
+
+
+@settings(max_examples=20, deadline=None)
+@given(overflows=st.lists(st.sampled_from(["none", "both", "a", "b"]), min_size=1, max_size=10),
+       interval=st.integers(1, 3))
+def test_two_optimizers_one_scaler_follow_torch_grad_scaler_step_by_step(overflows, interval):
+    # torch.amp: scaler.step(a); scaler.step(b); scaler.update(). mixprec: mp.step([a, b], scaler).
+    ours_model, theirs_model = mlp(torch.float32), mlp(torch.float32)
+    ours_opts, theirs_opts = _two_optimizers(ours_model), _two_optimizers(theirs_model)
+    ours = mp.DynamicScaler(init_scale=2.0**4, growth_interval=interval, hysteresis=1, min_scale=0, max_scale=INF)
+    theirs = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=interval)
+    for i, overflow in enumerate(overflows):
+        ours.scale(loss_of(ours_model, i, torch.float32)).backward()
+        theirs.scale(loss_of(theirs_model, i, torch.float32)).backward()
+        for model in (ours_model, theirs_model):
+            weight, bias = list(model.parameters())[:2]  # weight: optimizer a's, bias: b's
+            if overflow in ("both", "a"):
+                weight.grad[0, 0] = INF
+            if overflow in ("both", "b"):
+                bias.grad[0] = INF
+        before = [p.detach().clone() for p in ours_model.parameters()]
+        info = mp.step(list(ours_opts), ours)
+        for opt in theirs_opts:
+            theirs.step(opt)
+        theirs.update()
+        assert info.applied is (overflow == "none")
+        assert ours.loss_scale == theirs.get_scale()  # one update per iteration, from either overflow
+        if overflow in ("none", "both"):
+            for a, b in zip(ours_model.parameters(), theirs_model.parameters(), strict=True):
+                assert torch.equal(a, b)
+        else:
+            # The one difference, by design: torch steps the optimizer whose gradients were finite; mixprec
+            # skips the whole step (no half-updated model), then continues from torch's state re-synced.
+            assert all(torch.equal(a, b) for a, b in zip(before, ours_model.parameters(), strict=True))
+            with torch.no_grad():
+                for a, b in zip(ours_model.parameters(), theirs_model.parameters(), strict=True):
+                    a.copy_(b)
+            for mine, its in zip(ours_opts, theirs_opts, strict=True):
+                mine.load_state_dict(copy.deepcopy(its.state_dict()))  # torch shares "step" tensors otherwise
+        for opt in (*ours_opts, *theirs_opts):
+            opt.zero_grad()
+
+
+def test_a_second_step_after_one_backward_is_an_error_that_names_the_fix():
+    model = mlp(torch.float32)
+    opt_a, opt_b = _two_optimizers(model)
+    scaler = mp.DynamicScaler(init_scale=2.0**4, growth_interval=1)
+    scaler.scale(loss_of(model, 0, torch.float32)).backward()
+    assert mp.step(opt_a, scaler).applied
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"step them together: mp.step\(\[optimizer_a, optimizer_b\], scaler\)"):
+        mp.step(opt_b, scaler)  # its gradients were scaled by 16, the scale is now 32
+    with pytest.raises(RuntimeError, match="already called since the last scaler.scale"):
+        mp.step(opt_a, scaler)  # the same update twice
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    scaler.scale(loss_of(model, 1, torch.float32)).backward()  # a new backward: fine again
+    assert mp.step([opt_a, opt_b], scaler).applied
+
+
+def test_a_norm_beyond_16_bits_does_not_zero_the_gradients():
+    # f16-pure natively: FP16 gradients, each finite, whose total norm (> 65504) overflows FP16. The norm is
+    # computed in FP32, so the step clips and applies, and Adam's weights stay finite.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    model, opt, scaler = mp.prepare(model, torch.optim.Adam(model.parameters(), lr=1e-3), "f16-pure,execution=native")
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 2000.0)  # norm = 2000 * sqrt(4160) ~ 1.3e5 > 65504
+    info = mp.step(opt, scaler, max_grad_norm=1.0)
+    assert info.applied and info.grad_norm == pytest.approx(2000.0 * 4160**0.5, rel=1e-3)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(not torch.equal(p.grad, torch.zeros_like(p.grad)) for p in model.parameters())
+
+
+def test_a_norm_that_overflows_fp32_skips_the_step():
+    p = torch.nn.Parameter(torch.ones(4))
+    opt, scaler = torch.optim.Adam([p], lr=1e-3), mp.NoScaler()
+    p.grad = torch.full((4,), 3e38)  # finite, but the norm is not
+    info = mp.step(opt, scaler, max_grad_norm=1.0)
+    assert not info.applied and math.isinf(info.grad_norm) and opt.state == {}
+    assert torch.equal(p.detach(), torch.ones(4))
 
 
 # ----- the paper's finding (a) -------------------------------------------------------------------------

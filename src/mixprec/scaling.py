@@ -178,6 +178,8 @@ class LossScaler:
         self.device = torch.device(device)
         self._scale = torch.tensor(float(scale), dtype=torch.float32, device=self.device)
         self._skipped = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._scale_calls = 0  # scale() calls so far, and how many there had been at the last mp.step
+        self._stepped_at: int | None = None
 
     # ----- the hot path -------------------------------------------------------------------------
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
@@ -192,7 +194,26 @@ class LossScaler:
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"scale() takes the loss tensor, got {type(loss).__name__}")
         self._check_device(loss.device, "the loss")
+        self._scale_calls += 1
         return loss * self._scale
+
+    def check_not_stepped(self) -> None:
+        """Raise if `mp.step` already ran since the last `scale` (called by `mp.step`; no sync).
+
+        The update was then already made from these gradients, and the scale may have changed since
+        they were scaled. Not checked for a scaler whose `scale` was never called (``loss.backward()``
+        with a NoScaler, say).
+        """
+        if self._scale_calls and self._stepped_at == self._scale_calls:
+            raise RuntimeError(
+                "mp.step was already called since the last scaler.scale(loss).backward(): stepping again "
+                "would update from the same gradients, unscaled by a scale that may have changed since. "
+                "If several optimizers share this backward, step them together: "
+                "mp.step([optimizer_a, optimizer_b], scaler)")
+
+    def mark_stepped(self) -> None:
+        """Record that `mp.step` consumed the gradients of the scale() calls so far."""
+        self._stepped_at = self._scale_calls
 
     def unscale_and_check_(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """Multiply every gradient in place by 1/scale; return 1.0 (0-dim tensor) if any was inf/NaN.

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,14 +67,24 @@ def _group_size(group: Any) -> int:
     return dist.get_world_size(group)
 
 
-def _gather_grads(optimizer: torch.optim.Optimizer, ranks: int) -> tuple[list[torch.Tensor], list[bool]]:
-    """The gradients the optimizer steps on, as local tensors, and whether each is a shard (FSDP2)."""
-    if isinstance(optimizer, MasterWeights):
-        # Across ranks, an FP32 gradient is used only where mixprec's DDP hook reduced it (equal on
-        # every rank); anything else (a reduction mixprec did not see) is read from param.grad.
-        grads = optimizer.collect_grads_(trust_fp32=ranks == 1)
-    else:
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+def _optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+    if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
+        raise TypeError(f"mp.step takes an optimizer or a list of optimizers (those mp.prepare returned), "
+                        f"got {optimizer!r}")
+    return optimizers
+
+
+def _gather_grads(optimizers: list[torch.optim.Optimizer], ranks: int) -> tuple[list[torch.Tensor], list[bool]]:
+    """The gradients the optimizers step on, as local tensors, and whether each is a shard (FSDP2)."""
+    grads: list[torch.Tensor] = []
+    for optimizer in optimizers:
+        if isinstance(optimizer, MasterWeights):
+            # Across ranks, an FP32 gradient is used only where mixprec's DDP hook reduced it (equal on
+            # every rank); anything else (a reduction mixprec did not see) is read from param.grad.
+            grads += optimizer.collect_grads_(trust_fp32=ranks == 1)
+        else:
+            grads += [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     local, sharded = [], []
     for g in grads:
         is_dtensor = hasattr(g, "to_local") and hasattr(g, "placements")
@@ -122,7 +133,7 @@ def _clip_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float, found
 
 
 def step(
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
     scaler: LossScaler,
     max_grad_norm: float | None = None,
     group: Any = None,
@@ -131,7 +142,9 @@ def step(
     the loss scale.
 
     Args:
-        optimizer: a `MasterWeights` or any plain ``torch.optim.Optimizer``.
+        optimizer: a `MasterWeights` or any plain ``torch.optim.Optimizer``; or a list of them when several
+            optimizers share one backward (e.g. Muon for matrices + AdamW for the rest): they are
+            checked, clipped (by their joint norm) and skipped together, and the scale updates once.
         scaler: the `LossScaler` whose ``scale(loss)`` was backpropagated (NoScaler for none).
         max_grad_norm: clip the unscaled gradients to this total L2 norm (``None``: no clipping).
         group: the process group whose ranks must agree (default: the world, when torch.distributed is
@@ -142,7 +155,9 @@ def step(
         `StepInfo`: whether the update was applied, the loss scale used, the gradient norm.
 
     Raises:
-        RuntimeError: no parameter has a gradient (backward was not called since ``zero_grad``).
+        RuntimeError: no parameter has a gradient (backward was not called since ``zero_grad``); or
+            step was already called since the last ``scaler.scale(loss)`` (a second update from the
+            same gradients, or one optimizer stepped after the scale changed: pass them all at once).
 
     Syncs: yes, exactly once: found-inf, gradient norm, loss scale and skipped-step count are read
     together in one transfer. (The optimizer's own step may add syncs of its own, as without mixprec.)
@@ -159,8 +174,10 @@ def step(
     """
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm!r}")
+    optimizers = _optimizers(optimizer)
+    scaler.check_not_stepped()
     ranks = _group_size(group)
-    grads, sharded = _gather_grads(optimizer, ranks)
+    grads, sharded = _gather_grads(optimizers, ranks)
     if not grads:
         raise RuntimeError(
             "mp.step found no gradients: call scaler.scale(loss).backward() before mp.step "
@@ -188,6 +205,9 @@ def step(
             norm = torch.sqrt(total_sq + replica_norm**2)
         else:
             norm = replica_norm
+        # A norm that overflows FP32 while every gradient is finite cannot clip (its coefficient is 0):
+        # skip the step as for an overflow instead of zeroing the gradients and stepping on.
+        found_inf = torch.maximum(found_inf, (~torch.isfinite(norm)).to(found_inf.device, found_inf.dtype))
         _clip_(grads, norm, max_grad_norm, found_inf)
 
     # 3. The one host sync.
@@ -198,14 +218,16 @@ def step(
     overflow, loss_scale, skipped_before = read[0] != 0, read[1], int(read[2])
 
     # 4. Update only with finite gradients.
-    if not overflow:
-        optimizer.step()
-    elif isinstance(optimizer, MasterWeights):
-        optimizer.release_grads_()  # the step consumed them, applied or not
+    for opt in optimizers:
+        if not overflow:
+            opt.step()
+        elif isinstance(opt, MasterWeights):
+            opt.release_grads_()  # the step consumed them, applied or not
 
     # 5. Scale update (tensor ops), then host-side bookkeeping with the values already read.
     scaler.update(found_inf)
     scaler.observe(overflow, loss_scale)
+    scaler.mark_stepped()
     return StepInfo(
         applied=not overflow,
         loss_scale=loss_scale,
