@@ -355,3 +355,101 @@ def test_weights_swapped_in_at_use_are_restored_when_forward_raises():
     with mp.autocast(model), pytest.raises(RuntimeError, match="boom"):
         model(torch.randn(2, 3))
     assert model._parameters == params and all(isinstance(p, nn.Parameter) for p in model.parameters())
+
+
+# ----- contracts users rely on: loading weights, re-preparing, all-or-nothing, the right optimizer --------
+
+BOTH = ["f16-master", "f16-master,execution=native"]
+
+
+def _net(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 1))
+
+
+def _one_step(model, opt, scaler, seed: int = 0) -> mp.StepInfo:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g)
+    with mp.autocast(model):
+        loss = torch.nn.functional.mse_loss(model(x).float(), y)
+    scaler.scale(loss).backward()
+    info = mp.step(opt, scaler)
+    opt.zero_grad()
+    return info
+
+
+@pytest.mark.parametrize("policy", BOTH)
+def test_weights_loaded_with_load_state_dict_after_prepare_survive_the_next_step(policy):
+    model = _net()
+    model, opt, scaler = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0), policy + ",scaling=static:1")
+    loaded = {k: torch.full_like(v, 3.0) for k, v in model.state_dict().items()}
+    model.load_state_dict(loaded)
+    assert _one_step(model, opt, scaler).applied
+    assert all(torch.all(v == 3.0) for v in model.state_dict().values())
+    assert all(torch.all(m == 3.0) for m in opt.master_params)
+
+
+@pytest.mark.parametrize("policy", BOTH)
+def test_masters_start_from_the_fp32_originals(policy):
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0 + 2.0**-12)  # below half an FP16 ulp above 1: the FP16 weight is 1.0
+    model, opt, _ = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), policy)
+    assert torch.all(model.weight == 1.0)
+    assert torch.all(opt.master_params[0] == 1.0 + 2.0**-12)
+
+
+@pytest.mark.parametrize("policy", BOTH)
+def test_unprepare_then_prepare_with_a_new_optimizer_trains_like_a_fresh_prepare(policy):
+    fresh = _net()
+    with torch.no_grad():  # the first prepare rounded the Linear weights for good: start the fresh one there
+        for layer in (fresh[0], fresh[2]):
+            for p in layer.parameters():
+                p.copy_(p.half())
+    fresh, fresh_opt, fresh_scaler = mp.prepare(fresh, torch.optim.Adam(fresh.parameters(), lr=1e-2), policy)
+    again = _net()
+    again, old_opt, _ = mp.prepare(again, torch.optim.Adam(again.parameters(), lr=1e-2), policy)
+    mp.unprepare(again)
+    again, new_opt, new_scaler = mp.prepare(again, torch.optim.Adam(again.parameters(), lr=1e-2), policy)
+    for i in range(3):
+        assert _one_step(fresh, fresh_opt, fresh_scaler, i).applied == _one_step(again, new_opt, new_scaler, i).applied
+    for a, b in zip(fresh.parameters(), again.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert all(m.grad is None for m in old_opt.master_params)  # the old optimizer's hooks are gone
+
+
+@pytest.mark.parametrize("policy", BOTH)
+def test_a_prepare_that_raises_half_way_changes_nothing(policy):
+    model = _net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inner = torch.optim.SGD([{"params": list(model.parameters()), "master_mode": "kahan"}], lr=0.1)
+    with pytest.raises(ValueError, match="master_mode"):
+        mp.prepare(model, inner, policy)
+    assert mp.prepared_state(model) is None
+    for k, v in model.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    assert inner.param_groups[0]["params"] == list(model.parameters())
+    model(torch.ones(2, 4)).sum().backward()  # no hook of mixprec's is left on the parameters
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    model2, opt2, scaler2 = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), policy)  # and again
+    model2.zero_grad()
+    assert _one_step(model2, opt2, scaler2).loss_scale > 0
+
+
+def test_a_parameter_added_after_prepare_is_a_clear_error():
+    model = _net()
+    model, opt, _ = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), "f16-master")
+    model.append(torch.nn.Linear(1, 1))
+    with pytest.raises(RuntimeError, match=r"parameters \['3.weight', '3.bias'\] were added .* after mp.prepare"):
+        with mp.autocast(model):
+            pass
+
+
+def test_stepping_the_optimizer_passed_to_prepare_is_a_clear_error():
+    model = _net()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt, scaler = mp.prepare(model, inner, "f16-master,scaling=static:1")
+    model(torch.ones(2, 4)).sum().backward()
+    with pytest.raises(RuntimeError, match="step the optimizer that mp.prepare"):
+        inner.step()
+    assert mp.step(opt, scaler).applied  # the returned one steps, through the same inner optimizer

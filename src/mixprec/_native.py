@@ -39,9 +39,14 @@ def cast_parameters_(model: torch.nn.Module, params: Iterable[tuple[torch.nn.Par
                 p.data = p.data.to(dtype)
                 if p.grad is not None:
                     p.grad = p.grad.to(dtype)
+    flatten_rnns(model)
+
+
+def flatten_rnns(model: torch.nn.Module) -> None:
+    """cuDNN wants an RNN's weights in one buffer of one dtype: re-flatten after their storage changed."""
     for module in model.modules():
         if isinstance(module, torch.nn.RNNBase):
-            module.flatten_parameters()  # cuDNN wants its weights in one buffer of one dtype
+            module.flatten_parameters()
 
 
 def add_forward_casts(model: torch.nn.Module, precisions: list[ModulePrecision], activation: Format,

@@ -51,8 +51,8 @@ class PreparedState:
         param_formats: qualified parameter name -> storage format of its values (emulated: the grid
             the float32 tensor's values lie on; native: the tensor's dtype).
         in_autocast: whether an `autocast` for this model is open.
-        grad_slots: the FP32 gradients of the masters that prepare's `MasterWeights` keeps (read by
-            the DDP communication hook).
+        master_weights: the `MasterWeights` prepare wrapped the optimizer in (its gradient hooks are
+            removed by `unprepare`), or None.
         sharded: FSDP2 manages the parameters (its sharded FP32 parameters are the masters).
     """
 
@@ -63,8 +63,13 @@ class PreparedState:
     param_formats: dict[str, Format]
     in_autocast: bool = False
     handles: list[RemovableHandle] = field(default_factory=list, repr=False)
-    grad_slots: list[GradSlot] = field(default_factory=list, repr=False)
+    master_weights: MasterWeights | None = field(default=None, repr=False)
     sharded: bool = False
+
+    @property
+    def grad_slots(self) -> list[GradSlot]:
+        """The parameters with FP32 masters and their FP32 gradients (read by the DDP hook)."""
+        return [] if self.master_weights is None else self.master_weights.grad_slots
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready summary: policy string, execution, device, and parameter counts per format."""
@@ -147,33 +152,62 @@ def prepare(
     named = policy.parameter_formats(model, precisions)
     formats = list(named.values())
 
-    handles: list[RemovableHandle] = []
-    if sharded:
-        pass  # FSDP2 keeps FP32 shards (the masters) and casts them for compute itself
-    elif execution == "native":
-        _native.cast_parameters_(model, formats)
+    if sharded:  # FSDP2 keeps FP32 shards (the masters) and casts them for compute itself
+        optimizer, handles = optimizer, []
     else:
-        _emulation.round_parameters_(formats)
-
-    if optimizer is not None and not sharded and any(fmt != F32 for _, fmt in formats):
-        mode = "fp32" if policy.master is not None else "none"
-        if execution == "native":
-            optimizer = MasterWeights(optimizer, mode=mode)
-        else:
-            # Per parameter: FP32 islands stay FP32 (their own masters), the rest emulate their format.
-            optimizer = MasterWeights(optimizer, mode=mode, param_format=dict(formats))
-    if execution == "emulated":
-        # MasterWeights rounds the gradients of the parameters it steps; round the others' here.
-        stepped = {id(p) for p in optimizer.model_params} if isinstance(optimizer, MasterWeights) else set()
-        handles += _emulation.add_gradient_rounding(
-            (p, fmt) for p, fmt in formats if p.requires_grad and id(p) not in stepped)
-
+        optimizer, handles = _apply(model, policy, execution, formats, optimizer)
     state = PreparedState(policy, execution, device, precisions,
                           {name: fmt for name, (_, fmt) in named.items()}, handles=handles,
-                          grad_slots=optimizer.grad_slots if isinstance(optimizer, MasterWeights) else [],
+                          master_weights=optimizer if isinstance(optimizer, MasterWeights) else None,
                           sharded=sharded)
     setattr(model, _STATE_ATTR, state)
     return model, optimizer, policy.make_scaler(device)
+
+
+def _apply(model: torch.nn.Module, policy: Policy, execution: str, formats: list[tuple[torch.nn.Parameter, Format]],
+           optimizer: torch.optim.Optimizer | None) -> tuple[torch.optim.Optimizer | None, list[RemovableHandle]]:
+    """Store the parameters in their formats, wrap the optimizer, add the gradient hooks: all or nothing.
+
+    The masters start from the parameters' values before rounding (the FP32 originals, as in the paper),
+    and anything that raises half-way leaves the parameters, their gradients and the optimizer as they were.
+    """
+    narrow = [p for p, fmt in formats if fmt != F32]
+    # Native casting replaces p.data (keeping a reference is free); emulation rounds in place (copy).
+    originals = {id(p): (p.data if execution == "native" else p.detach().clone(), p.grad) for p in narrow}
+    handles: list[RemovableHandle] = []
+    try:
+        if execution == "native":
+            _native.cast_parameters_(model, formats)
+        else:
+            _emulation.round_parameters_(formats)
+        if optimizer is not None and narrow:
+            mode = "fp32" if policy.master is not None else "none"
+            # Emulated: per parameter, FP32 islands stay FP32 (their own masters), the rest emulate their format.
+            optimizer = MasterWeights(optimizer, mode=mode,
+                                      param_format=None if execution == "native" else dict(formats))
+            with torch.no_grad():
+                for slot in optimizer.grad_slots:
+                    slot.master.copy_(originals[id(slot.param)][0])
+        if execution == "emulated":
+            # MasterWeights rounds the gradients of the parameters it steps; round the others' here.
+            stepped = {id(p) for p in optimizer.model_params} if isinstance(optimizer, MasterWeights) else set()
+            handles += _emulation.add_gradient_rounding(
+                (p, fmt) for p, fmt in formats if p.requires_grad and id(p) not in stepped)
+    except BaseException:
+        with torch.no_grad():
+            for p in narrow:
+                data, grad = originals[id(p)]
+                if execution == "native":
+                    p.data = data
+                else:
+                    p.copy_(data)
+                p.grad = grad
+        if execution == "native":
+            _native.flatten_rnns(model)
+        for handle in handles:
+            handle.remove()
+        raise
+    return optimizer, handles
 
 
 def _sharded_execution(policy: Policy, device: torch.device) -> str:
@@ -189,9 +223,8 @@ def _sharded_execution(policy: Policy, device: torch.device) -> str:
 
 
 def unprepare(model: torch.nn.Module) -> None:
-    """Remove what `prepare` attached (gradient hooks, the prepared mark); parameters keep their values.
-
-    The optimizer returned by prepare keeps its own hooks: drop it, or call its ``remove_hooks()``.
+    """Remove what `prepare` attached (gradient hooks, those of the `MasterWeights` it created too, the
+    prepared mark); parameters keep their values. Prepare again with a new optimizer, or train on plainly.
 
     Example:
         >>> m = torch.nn.Linear(2, 2)
@@ -205,6 +238,8 @@ def unprepare(model: torch.nn.Module) -> None:
         raise RuntimeError("unprepare inside mp.autocast for the same model: leave the autocast block first")
     for handle in state.handles:
         handle.remove()
+    if state.master_weights is not None:
+        state.master_weights.remove_hooks()
     delattr(model, _STATE_ATTR)
 
 
@@ -246,6 +281,11 @@ def autocast(model: torch.nn.Module, policy: Policy | str | None = None) -> Iter
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         register_comm_hook(model)  # once; a no-op afterwards
     model = unwrap(model)
+    added = [name for name, _ in model.named_parameters() if name not in state.param_formats]
+    if added:
+        raise RuntimeError(
+            f"parameters {added[:3]} were added to the model after mp.prepare, which gave them no format and "
+            f"no master: build the whole model first, or mp.unprepare(model) and prepare it again")
     if is_sharded(model) and not state.sharded:
         raise RuntimeError(
             "fully_shard was applied after mp.prepare: the prepared parameters and masters are no longer the "

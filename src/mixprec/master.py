@@ -140,6 +140,7 @@ class MasterWeights(torch.optim.Optimizer):
         self._rounded: list[tuple[torch.Tensor, Format]] = []  # mode "none", emulated: re-round after step
         self._hooks: list[Any] = []
         self._trust_fp32 = True
+        self._stepping = False  # inside step(): the inner optimizer may step
         self._build(optimizer)
 
         self._native_copy_groups: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
@@ -212,6 +213,8 @@ class MasterWeights(torch.optim.Optimizer):
                 optimizer.state[master] = {k: _to_fp32_state(k, v) for k, v in state.items()}
 
     def _register_hooks(self) -> None:
+        # Stepping the inner optimizer directly would update the masters and never the model.
+        self._hooks.append(self.optimizer.register_step_pre_hook(self._refuse_direct_step))
         for slot in self._slots:
             if slot.param.requires_grad:
                 self._hooks.append(slot.param.register_hook(slot.accumulate_hook))
@@ -219,6 +222,13 @@ class MasterWeights(torch.optim.Optimizer):
         for param, fmt in self._rounded:
             if param.requires_grad:
                 self._hooks.append(param.register_post_accumulate_grad_hook(_rounder(fmt)))
+
+    def _refuse_direct_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self._stepping:
+            raise RuntimeError(
+                f"this {type(optimizer).__name__} now steps FP32 master copies, not the model: step the "
+                f"optimizer that mp.prepare (or MasterWeights) returned, e.g. model, optimizer, scaler = "
+                f"mp.prepare(model, optimizer, policy); mp.step(optimizer, scaler)")
 
     def remove_hooks(self) -> None:
         """Detach the gradient hooks from the model's parameters (e.g. before dropping this object).
@@ -354,7 +364,11 @@ class MasterWeights(torch.optim.Optimizer):
             hook(self, (), {})
         self.collect_grads_()
         self.sync_masters_()
-        self.optimizer.step()
+        self._stepping = True
+        try:
+            self.optimizer.step()
+        finally:
+            self._stepping = False
         self.copy_to_model_()
         self.release_grads_()
         for param, fmt in self._rounded:
