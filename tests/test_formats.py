@@ -84,3 +84,12 @@ def test_impossible_bit_counts(e, m):
 def test_bias_outside_float32_range():
     with pytest.raises(ValueError, match="outside float32's -126..127"):
         Format("bad", 8, 7, bias=100)
+
+
+def test_a_custom_format_with_its_own_bias_round_trips_through_policy_strings():
+    fmt = mp.Format("e4m3b", 4, 3, has_inf=False, bias=8)
+    policy = mp.Policy(params=fmt, compute=fmt, master="fp32", rules=(mp.Rule("head", fmt, fmt),))
+    again = mp.Policy.parse(str(policy))
+    assert again == policy and again.params.bias == 8 and again.params.max == fmt.max
+    assert mp.Format.parse(fmt.spec) == fmt and mp.Format.parse("e5m2_bias15") == mp.E5M2
+    assert mp.Format.parse("e3m2_bias-1").bias == -1

@@ -123,8 +123,8 @@ class Format:
     def parse(cls, text: str | Format) -> Format:
         """Look up a named format (case-insensitive, with the usual aliases), or pass a Format through.
 
-        Also accepts ``"e<E>m<M>"`` for an IEEE-like custom format (``"e3m4"``) and ``"e<E>m<M>fn"``
-        for one without inf.
+        Also accepts ``"e<E>m<M>"`` for an IEEE-like custom format (``"e3m4"``), ``"e<E>m<M>fn"``
+        for one without inf, and a ``"_bias<B>"`` suffix for a bias other than the IEEE one.
 
         Example:
             >>> Format.parse("half") == F16, Format.parse("fp8_e4m3").max
@@ -143,24 +143,42 @@ class Format:
         valid = ", ".join(sorted({k for k in _ALIASES}))
         raise ValueError(
             f"unknown format {text!r}; valid names: {valid}; or 'e<E>m<M>' (IEEE-like) / "
-            f"'e<E>m<M>fn' (no inf) for a custom format, e.g. 'e3m4'"
+            f"'e<E>m<M>fn' (no inf) for a custom format, e.g. 'e3m4', with '_bias<B>' for another bias"
         )
 
     def __str__(self) -> str:
         return self.name
 
+    @property
+    def spec(self) -> str:
+        """A text `Format.parse` reads back to an equal format: the name when it does, else
+        ``e<E>m<M>[fn][_bias<B>]`` (used in policy strings).
+
+        Example:
+            >>> F16.spec, Format("e4m3b", 4, 3, has_inf=False, bias=8).spec
+            ('fp16', 'e4m3fn_bias8')
+        """
+        try:
+            if Format.parse(self.name) == self:
+                return self.name
+        except ValueError:
+            pass
+        text = f"e{self.exponent_bits}m{self.mantissa_bits}" + ("" if self.has_inf else "fn")
+        return text + ("" if self.bias == 2 ** (self.exponent_bits - 1) - 1 else f"_bias{self.bias}")
+
 
 def _parse_custom(key: str) -> Format | None:
     import re
 
-    match = re.fullmatch(r"e(\d+)m(\d+)(fn)?", key)
+    match = re.fullmatch(r"e(\d+)m(\d+)(fn)?(?:_bias(_?)(\d+))?", key)  # '-' was turned into '_'
     if match is None:
         return None
     e, m, fn = int(match[1]), int(match[2]), bool(match[3])
+    bias = 2 ** (e - 1) - 1 if match[5] is None else int(match[5]) * (-1 if match[4] else 1)
     for fmt in FORMATS.values():  # a custom spelling of a named format is that format
-        if (fmt.exponent_bits, fmt.mantissa_bits, fmt.has_inf) == (e, m, not fn) and fmt.bias == 2 ** (e - 1) - 1:
+        if (fmt.exponent_bits, fmt.mantissa_bits, fmt.has_inf, fmt.bias) == (e, m, not fn, bias):
             return fmt
-    return Format(key, e, m, has_inf=not fn)
+    return Format(key, e, m, has_inf=not fn, bias=bias)
 
 
 F32 = Format("fp32", 8, 23)

@@ -51,11 +51,11 @@ def _fmt(value: Format | str) -> Format:
 
 
 def _fmt_text(fmt: Format | None) -> str:
-    return "none" if fmt is None else fmt.name
+    return "none" if fmt is None else fmt.spec
 
 
 def _reduce_text(fmt: Format | None) -> str:
-    return "storage" if fmt is None else fmt.name
+    return "storage" if fmt is None else fmt.spec
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class Rule:
         return cls(match, _fmt(compute), _fmt(params) if params else None)
 
     def __str__(self) -> str:
-        return f"{self.match}:{self.compute.name}" + (f"/{self.params.name}" if self.params else "")
+        return f"{self.match}:{self.compute.spec}" + (f"/{self.params.spec}" if self.params else "")
 
 
 @dataclass(frozen=True)
@@ -238,7 +238,7 @@ class Policy:
         for name, preset in _PRESET_POLICIES.items():
             if preset == self:
                 return name
-        text = (f"params={self.params.name},compute={self.compute.name},output={self.output.name},"
+        text = (f"params={self.params.spec},compute={self.compute.spec},output={self.output.spec},"
                 f"master={_fmt_text(self.master)},reduce={_reduce_text(self.reduce)},"
                 f"scaling={self.scaling},execution={self.execution}")
         return text + "".join(f",rule={r}" for r in self.rules)
