@@ -113,7 +113,13 @@ def test_running_mean_and_alignment_of_curves():
 
 def test_write_report_on_a_real_comparison(tmp_path):
     c = compare("underflow", ["f32", "f16-master", "f16-master-noscale"], seeds=2, steps=30, threads=1)
-    path = write_report([c], tmp_path, title="test report")
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # stands for a notebook's inline backend: writing a report must not switch it
+    try:
+        path = write_report([c], tmp_path, title="test report")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(backend)
     results = json.loads((tmp_path / "results.json").read_text())
     env = results["environment"]
     assert {"device", "device_name", "torch", "python", "git_commit", "date", "mixprec"} <= set(env)

@@ -31,18 +31,19 @@ SMOOTH = 10  # steps in the loss's running mean
 
 def plot_comparison(comparison: Comparison, folder: Path) -> list[Path]:
     """Write ``<recipe>-curves.png`` and ``<recipe>-loss-scale.png`` into ``folder``; return their paths."""
+    # Figures made directly (not through pyplot) draw into files with the Agg canvas and leave the
+    # process's backend alone: a notebook keeps its inline plots.
     import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed, and no window on a desktop
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
-    colors = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(comparison.policies)}
+    tab10 = matplotlib.colormaps["tab10"]
+    colors = {p: tab10(i % 10) for i, p in enumerate(comparison.policies)}
     reference = reference_policy(comparison)
     paths = [folder / f"{comparison.recipe}-curves.png", folder / f"{comparison.recipe}-loss-scale.png"]
 
-    fig, (ax_metric, ax_loss, ax_final) = plt.subplots(
-        1, 3, figsize=(15, 4.2), constrained_layout=True, gridspec_kw={"width_ratios": [4, 4, 2.2]})
+    fig = Figure(figsize=(15, 4.2), layout="constrained")
+    ax_metric, ax_loss, ax_final = fig.subplots(1, 3, gridspec_kw={"width_ratios": [4, 4, 2.2]})
     for policy in comparison.policies:
         runs = comparison.runs_of(policy)
         style = _style(policy == reference)
@@ -64,9 +65,9 @@ def plot_comparison(comparison: Comparison, folder: Path) -> list[Path]:
     _legend(ax_metric, comparison)
     _finals(ax_final, comparison, colors, reference)
     fig.savefig(paths[0], dpi=110)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 3.6), constrained_layout=True)
+    fig = Figure(figsize=(7, 3.6), layout="constrained")
+    ax = fig.subplots()
     for policy in comparison.policies:
         run = comparison.runs_of(policy)[0]  # the scale trajectory of the first seed
         records = [r for r in run.history if r["kind"] == "step"]
@@ -83,7 +84,6 @@ def plot_comparison(comparison: Comparison, folder: Path) -> list[Path]:
            ylabel="loss scale")
     ax.legend(fontsize=8)
     fig.savefig(paths[1], dpi=110)
-    plt.close(fig)
     return paths
 
 
