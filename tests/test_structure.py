@@ -126,3 +126,32 @@ def test_core_stays_small():
     core = [p for p in SRC.rglob("*.py") if LEVEL[top_name(p)] <= CORE_LEVEL]
     lines = sum(code_lines(p) for p in core)
     assert 500 < lines < 2000, f"the core has {lines} lines of code; DESIGN.md aims under ~2,000: split or simplify"
+
+
+BLOCK_EXTRAS = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"matplotlib", "sklearn", "tensorboard", "rich"}:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_import_mixprec_needs_only_torch_and_numpy():
+    # The report/CLI dependencies (the `cli` extra) made unimportable: the library and its
+    # distributed part still import and prepare a model.
+    code = BLOCK_EXTRAS + (
+        "import torch, mixprec as mp, mixprec.distributed\n"
+        "m, o, s = mp.prepare(torch.nn.Linear(2, 2), None, 'f16-master')\n"
+        "print(sorted(k for k in sys.modules if k.split('.')[0] in {'rich', 'matplotlib', 'sklearn'}))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_cli_without_its_extras_says_what_to_install():
+    code = BLOCK_EXTRAS + "from mixprec.cli import main\nsys.exit(main(['formats']))\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "pip install 'mixprec[cli]'" in result.stderr
+    assert "Traceback" not in result.stderr

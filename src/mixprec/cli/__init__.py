@@ -38,7 +38,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: modules the command line needs beyond the library (the `cli` extra)
+CLI_EXTRAS = ("rich", "matplotlib", "sklearn", "tensorboard")
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except ModuleNotFoundError as error:
+        if error.name is None or error.name.split(".")[0] not in CLI_EXTRAS:
+            raise
+        print(f"mixprec: the command line needs {error.name}, which is not installed: "
+              f"pip install 'mixprec[cli]'", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
