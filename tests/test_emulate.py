@@ -13,8 +13,13 @@ from mixprec import emulate
 from mixprec.emulate import quantize_bits
 from mixprec.formats import Format
 
-NATIVE = [(mp.F16, torch.float16), (mp.BF16, torch.bfloat16), (mp.E4M3, torch.float8_e4m3fn),
-          (mp.E5M2, torch.float8_e5m2)]
+#: torch 2.6's CPU float8_e4m3fn cast returns NaN where OCP E4M3 saturates at +-448; mixprec then uses its
+#: general path (see emulate._EXACT_CASTS), and torch's cast is no reference to compare with.
+TORCH_E4M3_SATURATES = emulate._saturates(torch.float8_e4m3fn, 448.0)
+needs_saturating_e4m3 = pytest.mark.skipif(not TORCH_E4M3_SATURATES,
+                                           reason="this torch's float8_e4m3fn cast does not saturate")
+NATIVE = [(mp.F16, torch.float16), (mp.BF16, torch.bfloat16),
+          pytest.param(mp.E4M3, torch.float8_e4m3fn, marks=needs_saturating_e4m3), (mp.E5M2, torch.float8_e5m2)]
 
 
 def general_paths(x, fmt):
@@ -226,4 +231,5 @@ def test_general_path_does_not_depend_on_chunking(monkeypatch):
     monkeypatch.setattr(emulate, "_CHUNK", 1000)
     chunked = quantize_bits(x, mp.F16, "stochastic", torch.Generator().manual_seed(1))
     assert_same(whole, chunked)
-    assert_same(quantize_bits(x, mp.E4M3), x.to(torch.float8_e4m3fn).float())
+    if TORCH_E4M3_SATURATES:
+        assert_same(quantize_bits(x, mp.E4M3), x.to(torch.float8_e4m3fn).float())

@@ -155,3 +155,14 @@ def test_the_cli_without_its_extras_says_what_to_install():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "pip install 'mixprec[cli]'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_heavy_dependencies_are_extras_not_requirements():
+    import tomllib
+
+    project = tomllib.loads((SRC.parents[1] / "pyproject.toml").read_text())["project"]
+    required = {d.split(">")[0].split("=")[0].split("[")[0].strip() for d in project["dependencies"]}
+    assert required == {"torch", "numpy"}
+    cli = {d.split(">")[0].strip() for d in project["optional-dependencies"]["cli"]}
+    assert {"rich", "matplotlib", "scikit-learn", "tensorboard"} <= cli
+    assert "mixprec[cli]" in project["optional-dependencies"]["dev"]  # make test installs them

@@ -8,7 +8,8 @@ Two paths give the same values:
 
 * the general path, vectorised integer arithmetic on the float32 bit pattern, for any Format;
 * a fast path through torch's native cast (``x.to(dtype).to(x.dtype)``), used for round-to-nearest
-  when torch has the format as a dtype. The tests check the two agree value for value.
+  when torch has the format as a dtype and its cast rounds as the format says (`_EXACT_CASTS`). The
+  tests check the two agree value for value.
 """
 
 from __future__ import annotations
@@ -25,6 +26,17 @@ _INF_BITS = 0x7F800000
 # Elements per chunk of the general path: ~1 MiB of float32, so the dozen passes over a chunk stay in
 # cache instead of streaming the whole tensor through memory a dozen times.
 _CHUNK = 1 << 18
+
+
+def _saturates(dtype: torch.dtype, fmt_max: float) -> bool:
+    return torch.tensor([fmt_max * 4]).to(dtype).float().item() == fmt_max
+
+
+#: torch dtypes whose cast rounds exactly as the format says. float8_e4m3fn must saturate at +-448
+#: (OCP); older torch releases (2.6) return NaN on CPU instead, so there the general path is used.
+_EXACT_CASTS = {torch.float16, torch.bfloat16, torch.float8_e5m2}
+if _saturates(torch.float8_e4m3fn, 448.0):
+    _EXACT_CASTS.add(torch.float8_e4m3fn)
 
 
 def quantize(
@@ -90,7 +102,7 @@ def _quantize_values(x: torch.Tensor, fmt: Format, rounding: str, generator) -> 
     if fmt == F32 and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return x.clone()  # every value of these dtypes is already an FP32 value
     native = fmt.torch_dtype
-    if rounding == "nearest" and native is not None and x.dtype != torch.float64:
+    if rounding == "nearest" and native in _EXACT_CASTS and x.dtype != torch.float64:
         # Fast path: torch's cast rounds exactly like the general path (tested value for value).
         return x.to(native).to(x.dtype)
     return quantize_bits(x.float(), fmt, rounding, generator).to(x.dtype)
