@@ -92,12 +92,12 @@ def register_comm_hook(ddp: torch.nn.parallel.DistributedDataParallel) -> bool:
                         "on the model first, then wrap it in DistributedDataParallel")
     if getattr(ddp, _HOOK_ATTR, False):
         return False
-    setattr(ddp, _HOOK_ATTR, True)
     slots = {id(slot.param): slot for slot in state.grad_slots}
     storage = {id(p): state.param_formats[name] for name, p in ddp.module.named_parameters()}
     reduce = state.policy.reduce
     plain = not slots and (state.execution == "native" or all(f == F32 for f in storage.values()))
     if plain and (reduce is None or all(f == reduce for f in storage.values())):
+        setattr(ddp, _HOOK_ATTR, True)
         return False  # DDP's built-in all-reduce already sums each gradient in the asked format
     group = ddp.process_group
     with torch.no_grad():  # rank 0's masters, as DDP gave every rank rank 0's parameters
@@ -110,6 +110,7 @@ def register_comm_hook(ddp: torch.nn.parallel.DistributedDataParallel) -> bool:
         raise RuntimeError(
             f"could not register mixprec's communication hook ({error}); DDP takes one hook: remove "
             f"yours, or use reduce=storage in the policy and mp.autocast(ddp.module)") from error
+    setattr(ddp, _HOOK_ATTR, True)
     return True
 
 
@@ -121,6 +122,9 @@ def _spans(params: list[torch.Tensor]) -> list[tuple[int, int]]:
     return spans
 
 
+_WIRE_16 = (torch.float16, torch.bfloat16)
+
+
 def _round(x: torch.Tensor, fmt: Format | None) -> torch.Tensor:
     return x if fmt is None or fmt == F32 else quantize(x, fmt)
 
@@ -130,18 +134,7 @@ def _reduce_bucket(state: _Reduction, bucket: dist.GradBucket) -> torch.futures.
     buffer = bucket.buffer()
     params = bucket.parameters()
     spans = _spans(params)
-    native16 = state.reduce is not None and state.reduce.torch_dtype in (torch.float16, torch.bfloat16)
-    if state.execution == "native" and native16 and not state.slots:
-        # A real 16-bit all-reduce (divided first, as DDP does, to keep the sum in range).
-        wire = buffer.to(state.reduce.torch_dtype).div_(state.ranks)
-        fut = dist.all_reduce(wire, group=state.group, async_op=True).get_future()
-
-        def copy_back(fut: torch.futures.Future) -> torch.Tensor:
-            return buffer.copy_(fut.value()[0])
-
-        return fut.then(copy_back)
-
-    # FP32 work tensor: each gradient's best FP32 value (a master's FP32 gradient where it is valid).
+    # Each gradient's best FP32 value: a master's FP32 gradient where it is valid, else the 16-bit one.
     work = buffer.to(torch.float32, copy=True)
     for p, (a, b) in zip(params, spans, strict=True):
         slot = state.slots.get(id(p))
@@ -149,14 +142,17 @@ def _reduce_bucket(state: _Reduction, bucket: dist.GradBucket) -> torch.futures.
             work[a:b] = slot.refine(slot.master.grad, buffer[a:b].view_as(p)).flatten()
     formats = [state.reduce if state.reduce is not None else state.storage.get(id(p), F32) for p in params]
     sum_in_fp32 = all(f == F32 for f in formats)
-    if not sum_in_fp32:  # a 16-bit sum: divide first and round each addend, as a 16-bit all-reduce does
+    wire = work
+    if not sum_in_fp32:  # a 16-bit sum: divide first (to stay in range) and round each addend, as DDP does
         work.div_(state.ranks)
         for fmt, (a, b) in zip(formats, spans, strict=True):
             work[a:b] = _round(work[a:b], fmt)
-    fut = dist.all_reduce(work, group=state.group, async_op=True).get_future()
+        if state.execution == "native" and len(set(formats)) == 1 and formats[0].torch_dtype in _WIRE_16:
+            wire = work.to(formats[0].torch_dtype)  # natively the bytes on the wire are 16-bit too
+    fut = dist.all_reduce(wire, group=state.group, async_op=True).get_future()
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
-        total = fut.value()[0]
+        total = fut.value()[0].float()
         if sum_in_fp32:
             total.div_(state.ranks)
         for p, fmt, (a, b) in zip(params, formats, spans, strict=True):
