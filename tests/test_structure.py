@@ -21,7 +21,7 @@ LEVEL = {
     "step": 3,
     "numerics": 4,
     "__init__": 5,
-    "recipes": 6, "checkpoints": 6, "training": 6,
+    "recipes": 6, "checkpoints": 6, "training": 6, "integrations": 6,
     "report": 7,
     "cli": 8,
     "__main__": 9,  # python -m mixprec: runs the cli
@@ -165,4 +165,4 @@ def test_heavy_dependencies_are_extras_not_requirements():
     assert required == {"torch", "numpy"}
     cli = {d.split(">")[0].strip() for d in project["optional-dependencies"]["cli"]}
     assert {"rich", "matplotlib", "scikit-learn", "tensorboard"} <= cli
-    assert "mixprec[cli]" in project["optional-dependencies"]["dev"]  # make test installs them
+    assert "mixprec[cli,lightning,hf]" in project["optional-dependencies"]["dev"]  # make test installs them
