@@ -29,6 +29,12 @@ from .formats import F32, Format
 from .policy import ModulePrecision
 
 
+def eager(hook: Callable) -> Callable:
+    """Run `hook` outside torch.compile's tracing: it rounds with Format objects and swaps module
+    parameters, which dynamo cannot trace; a compiled model breaks its graph around each such hook."""
+    return torch.compiler.disable(hook, recursive=True)
+
+
 def round_chain(x: torch.Tensor, formats: tuple[Format, ...]) -> torch.Tensor:
     """Round `x` onto each format in turn (FP32 skipped); no autograd."""
     for fmt in formats:
@@ -133,14 +139,14 @@ def _input_hook(activation: Format, compute: Format) -> Callable:
 
         return map_floats(args, fn), map_floats(kwargs, fn)
 
-    return hook
+    return eager(hook)
 
 
 def _output_hook(formats: tuple[Format, ...]) -> Callable:
     def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
         return map_floats(output, lambda y: cast(y, formats, tuple(reversed(formats))))
 
-    return hook
+    return eager(hook)
 
 
 def _swap_weights_hook(compute: Format, swapped: list[dict[str, torch.Tensor]]) -> Callable:
@@ -161,7 +167,7 @@ def _swap_weights_hook(compute: Format, swapped: list[dict[str, torch.Tensor]]) 
             module._flat_weights = [module._parameters.get(n) for n in module._flat_weights_names]
         swapped.append(originals)
 
-    return hook
+    return eager(hook)
 
 
 def _restore_weights_hook(swapped: list[dict[str, torch.Tensor]]) -> Callable:
@@ -175,4 +181,4 @@ def _restore_weights_hook(swapped: list[dict[str, torch.Tensor]]) -> Callable:
         if flat is not None:
             module._flat_weights = flat
 
-    return hook
+    return eager(hook)

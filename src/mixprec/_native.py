@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from ._emulation import map_floats
+from ._emulation import eager, map_floats
 from .formats import F32, Format
 from .policy import ModulePrecision
 
@@ -82,7 +82,7 @@ def _enter_hook(compute: Format, device_type: str, contexts: list[torch.autocast
         contexts.append(context)
         return _inputs_to_hook(dtype)(module, args, kwargs)
 
-    return hook
+    return eager(hook)
 
 
 def _exit_hook(activation: Format, contexts: list[torch.autocast]) -> Callable:
@@ -94,18 +94,18 @@ def _exit_hook(activation: Format, contexts: list[torch.autocast]) -> Callable:
         contexts.pop().__exit__(None, None, None)
         return None if output is None else map_floats(output, lambda y: y.to(dtype))
 
-    return hook
+    return eager(hook)
 
 
 def _inputs_to_hook(dtype: torch.dtype) -> Callable:
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return map_floats(args, lambda x: x.to(dtype)), map_floats(kwargs, lambda x: x.to(dtype))
 
-    return hook
+    return eager(hook)
 
 
 def _cast_outputs_hook(dtype: torch.dtype) -> Callable:
     def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
         return map_floats(output, lambda y: y.to(dtype))
 
-    return hook
+    return eager(hook)

@@ -113,9 +113,11 @@ def prepare(
         policy: a Policy or its string (``"f16-master"``).
         device: where the model runs; default: the device of its first parameter.
 
-    Under FSDP2 (``fully_shard`` applied first, e.g. with `mixprec.distributed.fully_shard`), FSDP's
-    sharded FP32 parameters are the masters and FSDP casts them: prepare leaves the parameters and the
-    optimizer as they are and runs natively. With DDP, prepare first, then wrap.
+    `model` may be ``torch.compile(model)`` (or be compiled later): the module it wraps is prepared and
+    the compiled one returned. Under FSDP2 (``fully_shard`` applied first, e.g. with
+    `mixprec.distributed.fully_shard`), FSDP's sharded FP32 parameters are the masters and FSDP casts
+    them: prepare leaves the parameters and the optimizer as they are and runs natively. With DDP,
+    prepare first, then wrap.
 
     Raises:
         RuntimeError: the model is already prepared (call `unprepare` first).
@@ -133,10 +135,11 @@ def prepare(
     policy = Policy.parse(policy)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"prepare expects a torch.nn.Module, got {type(model).__name__}")
-    if unwrap(model) is not model:
+    if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
         raise TypeError(
             f"prepare got a {type(model).__name__}: prepare the model first, then wrap it, e.g. "
             f"model, opt, scaler = mp.prepare(model, opt, policy); model = DistributedDataParallel(model)")
+    given, model = model, unwrap(model)  # torch.compile(model) may come before prepare: prepare what it wraps
     if prepared_state(model) is not None:
         raise RuntimeError(
             f"this {type(model).__name__} is already prepared (policy {prepared_state(model).policy}); "
@@ -161,7 +164,7 @@ def prepare(
                           master_weights=optimizer if isinstance(optimizer, MasterWeights) else None,
                           sharded=sharded)
     setattr(model, _STATE_ATTR, state)
-    return model, optimizer, policy.make_scaler(device)
+    return given, optimizer, policy.make_scaler(device)
 
 
 def _apply(model: torch.nn.Module, policy: Policy, execution: str, formats: list[tuple[torch.nn.Parameter, Format]],

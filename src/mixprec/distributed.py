@@ -43,10 +43,21 @@ _HOOK_ATTR = "_mixprec_comm_hook"
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DistributedDataParallel (or DataParallel) wrapper; others as they are."""
-    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        model = model.module
-    return model
+    """The module inside DistributedDataParallel / DataParallel and torch.compile wrappers; others as
+    they are.
+
+    Example:
+        >>> m = torch.nn.Linear(2, 2)
+        >>> unwrap(torch.compile(m)) is m
+        True
+    """
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):  # torch.compile(model)
+            model = model._orig_mod
+        else:
+            return model
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
