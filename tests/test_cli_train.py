@@ -82,3 +82,31 @@ def test_bad_input_through_the_console_script():
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("mixprec train: error: unknown recipe 'nope'; valid: digits, lm, rnn, "
                                    "underflow, tiny-updates (or module.path:object for your own)")
+
+
+MY_TASKS = '''
+import mixprec.recipes.tiny_updates as base
+import dataclasses
+recipe = dataclasses.replace(base.recipe(), name="mine", steps=3, eval_every=3)
+'''
+
+
+@pytest.mark.parametrize("spec", ["my_tasks:recipe", "{tmp}/elsewhere/my_tasks.py:recipe"])
+def test_your_own_recipe_from_the_current_directory_or_a_file(tmp_path, spec):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "cwd").mkdir()
+    for folder in (tmp_path / "cwd", tmp_path / "elsewhere"):
+        (folder / "my_tasks.py").write_text(MY_TASKS)
+    # module:object from the folder that holds the module; a file path from anywhere else
+    run_in = tmp_path / "cwd" if spec.startswith("my_tasks") else tmp_path
+    proc = subprocess.run([MIXPREC, "train", "--recipe", spec.format(tmp=tmp_path), "--policy", "f16-master",
+                           "--no-progress", "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                          timeout=120, cwd=run_in)
+    assert proc.returncode == 0, proc.stderr
+    assert "mixprec train: mine under f16-master" in proc.stdout
+
+
+def test_a_recipe_file_that_does_not_exist_is_one_clear_line(tmp_path):
+    proc = subprocess.run([MIXPREC, "train", "--recipe", f"{tmp_path}/nope.py:recipe", "--policy", "f32"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "no such file" in proc.stderr and "Traceback" not in proc.stderr

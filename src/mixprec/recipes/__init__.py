@@ -1,7 +1,8 @@
 """Built-in tasks, and the way to name your own.
 
 ``get_recipe("digits")`` returns a built-in; ``get_recipe("my_pkg.tasks:my_recipe")`` imports a
-``Recipe`` (or a function returning one) from your code, which is what ``--recipe`` accepts too.
+``Recipe`` (or a function returning one) from your code, the current directory first, and
+``get_recipe("path/to/tasks.py:my_recipe")`` loads it from a file; ``--recipe`` accepts the same.
 
 Example:
     >>> from mixprec.recipes import RECIPES, get_recipe
@@ -14,6 +15,11 @@ Example:
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
 
 from .base import OPTIMIZERS, Batch, Data, Recipe
 
@@ -28,7 +34,8 @@ RECIPES: dict[str, tuple[str, str]] = {
 
 
 def get_recipe(spec: str) -> Recipe:
-    """A built-in recipe by name, or ``"module.path:object"`` for a Recipe (or factory) in your code.
+    """A built-in recipe by name, ``"module.path:object"`` (importable, or in the current directory) or
+    ``"path/to/file.py:object"`` for a Recipe (or factory) in your code.
 
     Raises ValueError naming the valid choices when ``spec`` matches nothing.
     """
@@ -43,13 +50,13 @@ def get_recipe(spec: str) -> Recipe:
 
 
 def _import_recipe(spec: str) -> Recipe:
-    module_name, _, attribute = spec.partition(":")
+    target, _, attribute = spec.rpartition(":")  # the last colon: a Windows path has one of its own
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"cannot import {module_name!r} for recipe {spec!r}: {error}") from None
+        module = _load_file(target) if target.endswith(".py") else _import_from_cwd(target)
+    except (ImportError, OSError) as error:
+        raise ValueError(f"cannot import {target!r} for recipe {spec!r}: {error}") from None
     if not hasattr(module, attribute):
-        raise ValueError(f"module {module_name!r} has no attribute {attribute!r} (recipe {spec!r})")
+        raise ValueError(f"module {target!r} has no attribute {attribute!r} (recipe {spec!r})")
     obj = getattr(module, attribute)
     if callable(obj) and not isinstance(obj, Recipe):
         obj = obj()
@@ -58,6 +65,40 @@ def _import_recipe(spec: str) -> Recipe:
             f"{spec!r} is a {type(obj).__name__}, not a mixprec.recipes.Recipe (or a function returning one)"
         )
     return obj
+
+
+def _import_from_cwd(module_name: str) -> ModuleType:
+    """Import ``module_name`` as ``python -m`` would find it: the current directory first.
+
+    The ``mixprec`` console script does not put the current directory on sys.path (``python -m`` does),
+    so it is added for this import only.
+    """
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
+def _load_file(path: str) -> ModuleType:
+    """Load a recipe file given by its path (``path/to/tasks.py``) as a module of its own."""
+    file = Path(path).resolve()
+    if not file.is_file():
+        raise ImportError(f"no such file: {file}")
+    name = f"mixprec_recipe_{file.stem}_{abs(hash(str(file)))}"
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up by name
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 __all__ = ["OPTIMIZERS", "RECIPES", "Batch", "Data", "Recipe", "get_recipe"]
