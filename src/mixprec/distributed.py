@@ -28,6 +28,7 @@ See docs/distributed.md.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -54,10 +55,17 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while True:
         if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
             model = model.module
-        elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):  # torch.compile(model)
+        elif _is_compiled(model):
             model = model._orig_mod
         else:
             return model
+
+
+def _is_compiled(model: torch.nn.Module) -> bool:
+    """Whether `model` is ``torch.compile(module)``; without importing dynamo (slow, and only loaded
+    once something was compiled)."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    return dynamo is not None and isinstance(model, dynamo.OptimizedModule)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
