@@ -46,7 +46,7 @@ def run(policy: str, compiled: bool, steps: int, warmup: int) -> tuple[list[floa
         optimizer.zero_grad()
         if step >= warmup:
             times.append(time.perf_counter() - start)
-    return times, float(loss)
+    return times, loss.item()
 
 
 def main() -> None:
