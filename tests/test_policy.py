@@ -242,3 +242,9 @@ def test_reduce_key_defaults_to_fp32_with_masters_and_round_trips(text, reduce):
 def test_unknown_reduce_format_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown format"):
         mp.Policy.parse("f16-master,reduce=fp12")
+
+
+def test_a_dynamic_initial_scale_above_the_default_ceiling_makes_a_scaler():
+    scaler = mp.Policy.parse(f"f16-master,scaling=dynamic:{2**40}").make_scaler()
+    assert scaler.loss_scale == 2.0**40 and scaler.max_scale == 2.0**40
+    assert mp.Policy.parse("f16-master,scaling=dynamic:1024").make_scaler().max_scale == 2.0**24

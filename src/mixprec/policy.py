@@ -406,7 +406,10 @@ class Policy:
         elif kind == "static":
             scaler = StaticScaler(float(value))
         else:
-            scaler = DynamicScaler(init_scale=float(value)) if value else DynamicScaler()
+            # An initial scale above the default ceiling (2^24) raises the ceiling to it, so that every
+            # "dynamic:S0" the string accepts makes a scaler (the scale only ever backs off from there).
+            scaler = DynamicScaler(init_scale=float(value), max_scale=max(2.0**24, float(value))) if value \
+                else DynamicScaler()
         if device is not None and hasattr(scaler, "to"):
             scaler = scaler.to(device) or scaler
         return scaler
