@@ -452,8 +452,9 @@ def model_memory(
     what the same run would take on hardware with the formats).
 
     params: each parameter in its storage format. masters: 4 bytes per 16-bit parameter when the
-    policy keeps FP32 masters. grads: the gradients the optimizer steps on (FP32 on the masters, else
-    in the parameter's format). optimizer state: the optimizer's floating state tensors (FP32 next to
+    policy keeps FP32 masters. grads: each parameter's gradient in its format (on the model, where
+    PyTorch keeps it), plus, with masters, its FP32 form that the optimizer steps on (held from the
+    first backward of a step to the step). optimizer state: the optimizer's floating state tensors (FP32 next to
     masters, else in the parameters' format). activations: tensors saved for backward in one forward
     pass (an estimate: see `activation_elements`).
 
@@ -472,7 +473,7 @@ def model_memory(
         params += nbytes
         mastered = policy.master is not None and fmt != mp.F32
         masters += p.numel() * 4 if mastered else 0
-        grads += p.numel() * 4 if mastered else nbytes
+        grads += nbytes + (p.numel() * 4 if mastered else 0)
         narrow_state = narrow_state and not mastered
     state_elements = sum(
         t.numel() for state in optimizer.state.values() for key, t in state.items()
