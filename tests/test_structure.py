@@ -21,7 +21,7 @@ LEVEL = {
     "step": 3,
     "numerics": 4,
     "__init__": 5,
-    "recipes": 6, "checkpoints": 6, "training": 6, "integrations": 6,
+    "recipes": 6, "checkpoints": 6, "processes": 6, "training": 6, "integrations": 6,
     "report": 7,
     "cli": 8,
     "__main__": 9,  # python -m mixprec: runs the cli

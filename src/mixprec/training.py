@@ -28,12 +28,11 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,8 @@ from mixprec.checkpoints import (
     set_rng_state,
     torch_threads,
 )
-from mixprec.recipes import Batch, Data, Recipe, get_recipe
+from mixprec.processes import check_one_process, process_group, rank_and_world_size, rows_per_process, shard
+from mixprec.recipes import Data, Recipe, get_recipe
 
 LOG_EVERY = 10  # steps between reading losses back from the device (one extra sync per LOG_EVERY steps)
 
@@ -161,7 +161,7 @@ def train(
     if log is None or rank != 0:
         log = _no_log  # under torchrun only rank 0 logs
 
-    with _process_group(device, world_size), isolated_rng(seed), torch_threads(threads):
+    with process_group(device, world_size), isolated_rng(seed), torch_threads(threads):
         # Every rank draws the same initial weights and, step by step, the same random numbers, so the
         # RNG state rank 0 checkpoints is every rank's.
         model = recipe.make_model().to(device)  # under the seed: the initial weights
@@ -192,7 +192,7 @@ def train(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
 
         if not activation_bytes:  # per process: its slice of a batch
-            batch = _shard(data.batch(0, recipe.batch_size, seed), rank, world_size)
+            batch = shard(data.batch(0, recipe.batch_size, seed), rank, world_size)
             activation_bytes = activation_elements(recipe, model, batch) * policy.compute.bits // 8
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -200,7 +200,7 @@ def train(
         pending: list[tuple[Record, torch.Tensor]] = []  # step records waiting for their loss value
         for step in range(start, end):
             tick = time.perf_counter()
-            batch = _shard(data.batch(step, recipe.batch_size, seed), rank, world_size)
+            batch = shard(data.batch(step, recipe.batch_size, seed), rank, world_size)
             net.train()
             # On the DDP wrapper, mp.autocast also registers mixprec's gradient communication hook (once).
             with mp.autocast(net):
@@ -284,71 +284,6 @@ def _flush(pending: list[tuple[Record, torch.Tensor]], history: list[Record], lo
         history.append(record)
         log(record)
     pending.clear()
-
-
-# ----- several processes (torchrun) ------------------------------------------------------------------
-
-
-def rank_and_world_size() -> tuple[int, int]:
-    """This process's rank and the number of processes training together: torch.distributed's when
-    initialised, else torchrun's environment (``RANK``, ``WORLD_SIZE``); ``(0, 1)`` for a plain run.
-
-    Example:
-        >>> rank_and_world_size()
-        (0, 1)
-    """
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def rows_per_process(recipe: Recipe, world_size: int) -> int:
-    """Rows of every batch each of ``world_size`` processes trains on: an equal slice of the recipe's
-    batch, which stays the global batch. ValueError if ``recipe.batch_size`` does not split evenly.
-
-    Example:
-        >>> rows_per_process(get_recipe("digits"), 2)
-        32
-    """
-    if recipe.batch_size % world_size:
-        fits = [str(n) for n in range(1, min(recipe.batch_size, 16) + 1) if recipe.batch_size % n == 0]
-        raise ValueError(
-            f"recipe {recipe.name!r} has batch_size {recipe.batch_size}, which {world_size} processes cannot "
-            f"split evenly (each trains on an equal slice of every batch); run {', '.join(fits)} "
-            f"processes, or give the recipe a batch_size divisible by {world_size}")
-    return recipe.batch_size // world_size
-
-
-def check_one_process(what: str) -> None:
-    """ValueError under torchrun with several processes: for what trains many runs and writes one report."""
-    world_size = rank_and_world_size()[1]
-    if world_size > 1:
-        raise ValueError(f"{what} runs in one process, not {world_size} (torchrun); under torchrun use "
-                         "`mixprec train`, one policy per run")
-
-
-@contextlib.contextmanager
-def _process_group(device: torch.device, world_size: int) -> Iterator[None]:
-    """Join torchrun's process group for the run (gloo on CPU, NCCL on CUDA) unless the caller already
-    has one, and leave it afterwards only if the run joined it."""
-    if world_size == 1 or dist.is_initialized():
-        yield
-        return
-    cuda = device.type == "cuda"
-    with torch.cuda.device(device) if cuda else contextlib.nullcontext():  # NCCL's current device, restored
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
-
-
-def _shard(batch: Batch, rank: int, world_size: int) -> Batch:
-    """Rank ``rank``'s contiguous 1/world_size of every tensor of ``batch`` (the whole batch for one process)."""
-    if world_size == 1:
-        return batch
-    size = len(batch[0]) // world_size
-    return tuple(t[rank * size : (rank + 1) * size] for t in batch)
 
 
 # ----- comparing policies ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import mixprec as mp
 from mixprec.checkpoints import check_writable
+from mixprec.processes import check_one_process
 from mixprec.recipes import RECIPES, Recipe, get_recipe
 from mixprec.report import (
     RunLogger,
@@ -24,7 +25,7 @@ from mixprec.report import (
     results_table,
     write_report,
 )
-from mixprec.training import Comparison, check_one_process, train
+from mixprec.training import Comparison, train
 
 from .train import add_run_arguments, default_device, slug
 

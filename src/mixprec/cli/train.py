@@ -21,9 +21,10 @@ import torch
 
 import mixprec as mp
 from mixprec.checkpoints import check_writable, checkpoint_step
+from mixprec.processes import rank_and_world_size, rows_per_process
 from mixprec.recipes import RECIPES, get_recipe
 from mixprec.report import RunLogger, TrainingProgress, environment, format_scale, write_json
-from mixprec.training import rank_and_world_size, rows_per_process, train
+from mixprec.training import train
 
 HELP = "Train one recipe under one policy: progress bar, JSONL + TensorBoard logs, checkpoints, --resume."
 
