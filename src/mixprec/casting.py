@@ -30,7 +30,8 @@ from torch.utils.hooks import RemovableHandle
 from . import _emulation, _native
 from .distributed import is_sharded, register_comm_hook, unwrap
 from .formats import F32, Format
-from .master import GradSlot, MasterWeights
+from .gradients import GradSlot
+from .master import MasterWeights
 from .policy import ModulePrecision, Policy
 from .scaling import LossScaler
 

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from .emulate import quantize
 from .formats import F32, Format
-from .master import GradSlot
+from .gradients import GradSlot
 
 __all__ = ["register_comm_hook", "fsdp_mixed_precision", "fully_shard", "is_sharded", "unwrap"]
 
