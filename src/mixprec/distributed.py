@@ -153,12 +153,15 @@ def _reduce_bucket(state: _Reduction, bucket: dist.GradBucket) -> torch.futures.
     buffer = bucket.buffer()
     params = bucket.parameters()
     spans = _spans(params)
-    # Each gradient's best FP32 value: a master's FP32 gradient where it is valid, else the 16-bit one.
+    # Each gradient's best FP32 value: a master's FP32 gradient, settled against param.grad (which the
+    # bucket holds a copy of; unchecked while param.grad is as the hook left it), else the 16-bit one.
     work = buffer.to(torch.float32, copy=True)
     for p, (a, b) in zip(params, spans, strict=True):
         slot = state.slots.get(id(p))
-        if slot is not None and slot.master.grad is not None:
-            work[a:b] = slot.refine(slot.master.grad, buffer[a:b].view_as(p)).flatten()
+        if slot is not None:
+            slot.settle_()
+            if slot.master.grad is not None:
+                work[a:b] = slot.master.grad.flatten()
     formats = [state.reduce if state.reduce is not None else state.storage.get(id(p), F32) for p in params]
     sum_in_fp32 = all(f == F32 for f in formats)
     wire = work
