@@ -28,7 +28,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from . import _emulation, _native
-from .distributed import is_sharded, register_comm_hook, unwrap
+from .distributed import is_dtensor, is_sharded, register_comm_hook, unwrap
 from .formats import F32, Format
 from .gradients import GradSlot
 from .master import MasterWeights
@@ -247,6 +247,27 @@ def unprepare(model: torch.nn.Module) -> None:
     delattr(model, _STATE_ATTR)
 
 
+def _storage_formats(model: torch.nn.Module, state: PreparedState) -> dict[int, Format]:
+    """Each parameter's storage format, by id; in the same pass, check that the parameters are still the
+    ones prepare saw (none added, none sharded since)."""
+    storage: dict[int, Format] = {}
+    added = []
+    for name, param in model.named_parameters():
+        if name not in state.param_formats:
+            added.append(name)
+        elif is_dtensor(param) and not state.sharded:
+            raise RuntimeError(
+                "fully_shard was applied after mp.prepare: the prepared parameters and masters are no longer "
+                "the model's. Shard first (e.g. mp.distributed.fully_shard(model, policy)), then mp.prepare")
+        else:
+            storage[id(param)] = state.param_formats[name]
+    if added:
+        raise RuntimeError(
+            f"parameters {added[:3]} were added to the model after mp.prepare, which gave them no format and "
+            f"no master: build the whole model first, or mp.unprepare(model) and prepare it again")
+    return storage
+
+
 @contextlib.contextmanager
 def autocast(model: torch.nn.Module, policy: Policy | str | None = None) -> Iterator[None]:
     """Run the forward passes of a prepared model under its policy, inside this block.
@@ -285,15 +306,7 @@ def autocast(model: torch.nn.Module, policy: Policy | str | None = None) -> Iter
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         register_comm_hook(model)  # once; a no-op afterwards
     model = unwrap(model)
-    added = [name for name, _ in model.named_parameters() if name not in state.param_formats]
-    if added:
-        raise RuntimeError(
-            f"parameters {added[:3]} were added to the model after mp.prepare, which gave them no format and "
-            f"no master: build the whole model first, or mp.unprepare(model) and prepare it again")
-    if is_sharded(model) and not state.sharded:
-        raise RuntimeError(
-            "fully_shard was applied after mp.prepare: the prepared parameters and masters are no longer the "
-            "model's. Shard first (e.g. mp.distributed.fully_shard(model, policy)), then call mp.prepare")
+    storage = _storage_formats(model, state)
     p = state.policy
     with contextlib.ExitStack() as stack:
         state.in_autocast = True
@@ -304,8 +317,6 @@ def autocast(model: torch.nn.Module, policy: Policy | str | None = None) -> Iter
             handles = _native.add_forward_casts(model, state.precisions, p.compute, p.output,
                                                 state.device.type)
         else:
-            storage = {id(param): state.param_formats[name] for name, param in
-                       model.named_parameters(remove_duplicate=True)}
             handles = _emulation.add_forward_rounding(model, state.precisions, storage, p.compute, p.output)
         for handle in handles:
             stack.callback(handle.remove)

@@ -38,7 +38,7 @@ from .emulate import quantize
 from .formats import F32, Format
 from .gradients import GradSlot
 
-__all__ = ["register_comm_hook", "fsdp_mixed_precision", "fully_shard", "is_sharded", "unwrap"]
+__all__ = ["register_comm_hook", "fsdp_mixed_precision", "fully_shard", "is_dtensor", "is_sharded", "unwrap"]
 
 _HOOK_ATTR = "_mixprec_comm_hook"
 
@@ -68,9 +68,14 @@ def _is_compiled(model: torch.nn.Module) -> bool:
     return dynamo is not None and isinstance(model, dynamo.OptimizedModule)
 
 
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether `t` is a DTensor (an FSDP2 parameter or gradient shard), without importing DTensor."""
+    return hasattr(t, "placements") and hasattr(t, "to_local")
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether FSDP2 (``fully_shard``) manages the model's parameters (they are DTensors)."""
-    return any(hasattr(p, "placements") and hasattr(p, "to_local") for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 class _Reduction:

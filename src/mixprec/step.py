@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .distributed import is_dtensor
 from .master import MasterWeights
 from .scaling import LossScaler
 
@@ -87,9 +88,9 @@ def _gather_grads(optimizers: list[torch.optim.Optimizer], ranks: int) -> tuple[
             grads += [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     local, sharded = [], []
     for g in grads:
-        is_dtensor = hasattr(g, "to_local") and hasattr(g, "placements")
-        local.append(g.to_local() if is_dtensor else g)
-        sharded.append(is_dtensor and any(p.is_shard() for p in g.placements))
+        shard = is_dtensor(g)
+        local.append(g.to_local() if shard else g)
+        sharded.append(shard and any(p.is_shard() for p in g.placements))
     return local, sharded
 
 
