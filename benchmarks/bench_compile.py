@@ -14,7 +14,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 import mixprec as mp
 from mixprec.recipes import get_recipe
+from mixprec.report import write_json
 from mixprec.report.environment import environment
 
 POLICIES = ["f32", "bf16-mixed", "f16-master", "bf16-master"]
@@ -81,7 +81,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(out, record)  # atomic, strict JSON: the writer the reports use
     print(f"wrote {out}")
 
 

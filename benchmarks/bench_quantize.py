@@ -16,7 +16,6 @@ Writes benchmarks/results/quantize.json with device, torch version, commit and d
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 
 import mixprec as mp
 from mixprec.emulate import quantize_bits
+from mixprec.report import write_json
 from mixprec.report.environment import environment
 
 
@@ -81,7 +81,7 @@ def main() -> None:
         "goal": "general >= 0.5x native throughput; quantize (nearest, fast path) == native",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)  # atomic, strict JSON: the writer the reports use
     print(f"wrote {args.out}")
 
 

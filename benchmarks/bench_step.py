@@ -23,7 +23,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 
 import mixprec as mp
+from mixprec.report import write_json
 from mixprec.report.environment import environment
 
 WIDTH, LAYERS = 448, 25  # 25 x (448*448 + 448) = 5.03M parameters in 50 tensors
@@ -170,7 +170,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(out, record)  # atomic, strict JSON: the writer the reports use
     print(f"wrote {out}")
 
 
