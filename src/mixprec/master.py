@@ -10,17 +10,10 @@ How it fits together:
 * The wrapped optimizer's param groups are pointed at the FP32 masters, so its state (Adam moments,
   step counters) is FP32 and attached to the masters; LR schedulers attach to the `MasterWeights`
   (a `torch.optim.Optimizer`), whose ``param_groups`` *are* the inner optimizer's.
-* Gradients live where PyTorch puts them: each 16-bit parameter's ``.grad`` is a 16-bit tensor that
-  ``model.zero_grad()``, ``optimizer.zero_grad()``, ``clip_grad_norm_(model.parameters())``, gradient
-  logging and DDP read and clear as usual. Next to it, the master holds the same gradient in FP32
-  (``master.grad``): a hook adds every incoming 16-bit gradient into it in FP32 (so micro-batches
-  accumulate in FP32) and writes its rounding back into ``param.grad``. The FP32 value is a
-  *refinement* of the 16-bit one and is trusted only where it still rounds to what ``param.grad``
-  holds: wherever something else changed or cleared ``param.grad`` (zero_grad, clipping, a
-  reduction), ``param.grad`` wins. The step consumes the FP32 gradients (``release_grads_``); the
-  16-bit ones stay until the user clears them, as after any optimizer step. See docs/distributed.md
-  for the cost (2 bytes per parameter for the visible 16-bit gradient, 4 for the FP32 one while a
-  step is being accumulated) and for how DDP reduces these FP32 gradients.
+* Gradients live where PyTorch puts them: each 16-bit parameter's ``.grad`` is 16-bit, read and
+  cleared as usual (``model.zero_grad()``, clipping, DDP); the master holds the same gradient in FP32,
+  accumulated in FP32 across micro-batches, and the step consumes it (``release_grads_``). How the two
+  stay one gradient: `mixprec.gradients`; what it costs: docs/distributed.md.
 * The masters follow the model's weights the same way: before each update a master is kept only
   where it still rounds to its parameter, so weights written after prepare (``load_state_dict``,
   DDP's broadcast of rank 0's weights) are what the optimizer continues from.
