@@ -238,7 +238,7 @@ class Boom(nn.LayerNorm):
         raise RuntimeError("boom")
 
 
-@pytest.mark.parametrize("execution", ["native", "emulated"])
+@pytest.mark.parametrize("execution", ["native", "emulated", "emulated-module"])
 @pytest.mark.parametrize("where", ["none", "body", "forward"])
 def test_autocast_restores_every_setting_and_hook(execution, where):
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
@@ -261,10 +261,10 @@ def test_autocast_restores_every_setting_and_hook(execution, where):
         assert where != "none"
     assert torch_settings() == before and hook_counts(model) == hooks
     assert not prepared_state(model).in_autocast
-    if execution == "native":
+    if execution == "emulated-module":
+        assert inside == before  # module emulation touches no torch setting
+    else:  # native and per-op emulation run under torch.autocast (restored on exit)
         assert inside["autocast_cpu"] and inside["autocast_dtype_cpu"] == torch.bfloat16
-    else:
-        assert inside == before  # emulation touches no torch setting
 
 
 def test_emulated_model_computes_in_fp32_outside_autocast():
@@ -348,10 +348,11 @@ class LinearBoom(nn.Linear):
         raise RuntimeError("boom")
 
 
-def test_weights_swapped_in_at_use_are_restored_when_forward_raises():
+@pytest.mark.parametrize("policy", ["f16-mixed,execution=emulated-module", "f16-master"])
+def test_weights_swapped_in_at_use_are_restored_when_forward_raises(policy):
     model = LinearBoom(3, 3)
     params = dict(model._parameters)
-    mp.prepare(model, None, "f16-mixed")
+    mp.prepare(model, None, policy)
     with mp.autocast(model), pytest.raises(RuntimeError, match="boom"):
         model(torch.randn(2, 3))
     assert model._parameters == params and all(isinstance(p, nn.Parameter) for p in model.parameters())

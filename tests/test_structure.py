@@ -17,11 +17,12 @@ SRC = Path(mp.__file__).parent
 LEVEL = {
     "formats": 0,
     "emulate": 1, "policy": 1, "scaling": 1,
-    "casting": 2, "_emulation": 2, "_native": 2, "master": 2, "gradients": 2, "memory": 2, "distributed": 2,
+    "casting": 2, "_emulation": 2, "_op_emulation": 2, "_native": 2, "master": 2, "gradients": 2, "memory": 2, "distributed": 2,
     "step": 3,
     "numerics": 4,
     "__init__": 5,
     "recipes": 6, "checkpoints": 6, "processes": 6, "training": 6, "integrations": 6,
+    "faults": 6,  # fault injection: a testing tool used by training and the CLI, outside the core's budget
     "report": 7,
     "cli": 8,
     "__main__": 9,  # python -m mixprec: runs the cli

@@ -124,8 +124,9 @@ def add_forward_rounding(model: torch.nn.Module, precisions: list[ModulePrecisio
             stored = {storage[id(p)] for p in module._parameters.values() if p is not None}
             if compute != F32 and stored - {compute}:  # some weight is wider than the compute format
                 swapped: list[dict[str, torch.Tensor]] = []  # a stack: a module may be re-entered
-                handles.append(module.register_forward_pre_hook(_swap_weights_hook(compute, swapped)))
-                handles.append(module.register_forward_hook(_restore_weights_hook(swapped), always_call=True))
+                handles.append(module.register_forward_pre_hook(swap_parameters_hook(
+                    lambda name, p, compute=compute: cast(p, (compute,), (compute,)), swapped)))
+                handles.append(module.register_forward_hook(restore_parameters_hook(swapped), always_call=True))
         handles.append(module.register_forward_hook(_output_hook((compute, activation))))
     # The model's outputs: what the loss sees. Natively a cast to `output`, whose backward casts back.
     handles.append(model.register_forward_hook(_output_hook((output,))))
@@ -149,18 +150,20 @@ def _output_hook(formats: tuple[Format, ...]) -> Callable:
     return eager(hook)
 
 
-def _swap_weights_hook(compute: Format, swapped: list[dict[str, torch.Tensor]]) -> Callable:
-    """Put weights rounded onto `compute` in place of the module's own parameters for this call.
+def swap_parameters_hook(make: Callable[[str, torch.Tensor], torch.Tensor],
+                         swapped: list[dict[str, torch.Tensor]]) -> Callable:
+    """A forward pre-hook putting ``make(name, p)`` in place of each of the module's own parameters for
+    this call (undone by `restore_parameters_hook`).
 
     Writes module._parameters[name] directly (keeping the key's order: state_dict and named_parameters
-    are unchanged) because nn.Module's setattr refuses a non-Parameter tensor; the rounded tensor's
-    backward rounds the weight gradient onto `compute` and flows into the original Parameter.
+    are unchanged) because nn.Module's setattr refuses a non-Parameter tensor; the replacement's backward
+    flows into the original Parameter.
     """
 
     def hook(module: torch.nn.Module, args: tuple) -> None:
         originals = {k: p for k, p in module._parameters.items() if p is not None}
         for name, p in originals.items():
-            module._parameters[name] = cast(p, (compute,), (compute,))
+            module._parameters[name] = make(name, p)
         if isinstance(module, torch.nn.RNNBase):
             # RNNs read a cached list of their weights (refreshed by their own setattr, which we bypass).
             originals["__flat_weights__"] = module._flat_weights  # type: ignore[assignment]
@@ -170,7 +173,7 @@ def _swap_weights_hook(compute: Format, swapped: list[dict[str, torch.Tensor]]) 
     return eager(hook)
 
 
-def _restore_weights_hook(swapped: list[dict[str, torch.Tensor]]) -> Callable:
+def restore_parameters_hook(swapped: list[dict[str, torch.Tensor]]) -> Callable:
     def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
         if not swapped:  # the swap hook did not run (an earlier pre-hook raised)
             return

@@ -50,8 +50,11 @@ def flatten_rnns(model: torch.nn.Module) -> None:
 
 
 def add_forward_casts(model: torch.nn.Module, precisions: list[ModulePrecision], activation: Format,
-                      output: Format, device_type: str) -> list[RemovableHandle]:
-    """Hooks for the modules whose compute format differs from their parent's, and for the outputs."""
+                      output: Format, device_type: str,
+                      dtype_of: Callable[[Format], torch.dtype] = dtype_of) -> list[RemovableHandle]:
+    """Hooks for the modules whose compute format differs from their parent's, and for the outputs.
+
+    `dtype_of` maps a format to the dtype that holds it (per-op emulation passes its carriers)."""
     handles: list[RemovableHandle] = []
     by_name = dict(model.named_modules())
     compute_of = {mp.name: mp.compute for mp in precisions}
@@ -67,17 +70,17 @@ def add_forward_casts(model: torch.nn.Module, precisions: list[ModulePrecision],
             continue
         contexts: list[torch.autocast] = []  # a stack: a module may be re-entered
         handles.append(module.register_forward_pre_hook(
-            _enter_hook(mp.compute, device_type, contexts), with_kwargs=True))
-        handles.append(module.register_forward_hook(_exit_hook(activation, contexts), always_call=True))
+            _enter_hook(dtype_of(mp.compute), device_type, contexts), with_kwargs=True))
+        handles.append(module.register_forward_hook(_exit_hook(dtype_of(activation), contexts), always_call=True))
     handles.append(model.register_forward_hook(_cast_outputs_hook(dtype_of(output))))
     return handles
 
 
-def _enter_hook(compute: Format, device_type: str, contexts: list[torch.autocast]) -> Callable:
-    dtype = dtype_of(compute)
+def _enter_hook(dtype: torch.dtype, device_type: str, contexts: list[torch.autocast]) -> Callable:
+    lower = dtype != torch.float32
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        context = torch.autocast(device_type, dtype=dtype if compute != F32 else None, enabled=compute != F32)
+        context = torch.autocast(device_type, dtype=dtype if lower else None, enabled=lower)
         context.__enter__()
         contexts.append(context)
         return _inputs_to_hook(dtype)(module, args, kwargs)
@@ -85,9 +88,7 @@ def _enter_hook(compute: Format, device_type: str, contexts: list[torch.autocast
     return eager(hook)
 
 
-def _exit_hook(activation: Format, contexts: list[torch.autocast]) -> Callable:
-    dtype = dtype_of(activation)
-
+def _exit_hook(dtype: torch.dtype, contexts: list[torch.autocast]) -> Callable:
     def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
         if not contexts:  # the enter hook did not run (an earlier pre-hook raised)
             return None

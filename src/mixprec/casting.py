@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from . import _emulation, _native
+from . import _emulation, _native, _op_emulation
 from .distributed import is_dtensor, is_sharded, register_comm_hook, unwrap
 from .formats import F32, Format
 from .gradients import GradSlot
@@ -47,6 +47,7 @@ class PreparedState:
     Attributes:
         policy: the policy applied.
         execution: ``"native"`` or ``"emulated"``: what runs.
+        emulation: ``"per op"`` or ``"module boundaries"`` when emulated (see `Policy.emulation`), else None.
         device: the model's device at prepare.
         precisions: per module (named_modules order): params/compute format and why.
         param_formats: qualified parameter name -> storage format of its values (emulated: the grid
@@ -68,13 +69,18 @@ class PreparedState:
     sharded: bool = False
 
     @property
+    def emulation(self) -> str | None:
+        return None if self.execution == "native" else self.policy.emulation
+
+    @property
     def grad_slots(self) -> list[GradSlot]:
         """The parameters with FP32 masters and their FP32 gradients (read by the DDP hook)."""
         return [] if self.master_weights is None else self.master_weights.grad_slots
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready summary: policy string, execution, device, and parameter counts per format."""
-        return {"policy": str(self.policy), "execution": self.execution, "device": str(self.device),
+        return {"policy": str(self.policy), "execution": self.execution, "emulation": self.emulation,
+                "device": str(self.device),
                 "master": None if self.policy.master is None else self.policy.master.name,
                 "param_formats": {f.name: n for f, n in _count(self.param_formats.values()).items()}}
 
@@ -151,6 +157,8 @@ def prepare(
     sharded = is_sharded(model)
     execution = _sharded_execution(policy, device) if sharded else policy.resolve_execution(device)
     precisions = policy.module_precisions(model, warn=True)
+    if execution == "emulated" and policy.emulation == "per op":  # refuse formats it cannot carry, now
+        _op_emulation.sub_carrier_formats(_computed_formats(policy, precisions))
 
     # Each parameter's storage format is its module's (the widest of them, for tied weights).
     named = policy.parameter_formats(model, precisions)
@@ -220,10 +228,15 @@ def _sharded_execution(policy: Policy, device: torch.device) -> str:
         raise ValueError(
             f"policy {policy} has no master weights, but FSDP2 keeps FP32 sharded parameters that take "
             f"the update (masters): use a master-weight policy (e.g. f16-master) or DDP")
-    if policy.execution == "emulated":
-        raise ValueError("execution=emulated under FSDP2 is not supported: FSDP2 casts the parameters to "
+    if policy.execution.startswith("emulated"):
+        raise ValueError(f"execution={policy.execution} under FSDP2 is not supported: FSDP2 casts the parameters to "
                          "16 bits natively; use execution=auto or native, or DDP for emulated runs")
     return policy.replace(execution="native").resolve_execution(device)
+
+
+def _computed_formats(policy: Policy, precisions: list[ModulePrecision]) -> list[Format]:
+    """The formats ops produce values in: every module's compute format and the output format."""
+    return [policy.output, *(mp.compute for mp in precisions)]
 
 
 def unprepare(model: torch.nn.Module) -> None:
@@ -311,13 +324,19 @@ def autocast(model: torch.nn.Module, policy: Policy | str | None = None) -> Iter
     with contextlib.ExitStack() as stack:
         state.in_autocast = True
         stack.callback(setattr, state, "in_autocast", False)
-        if state.execution == "native":
-            if p.compute != F32:
-                stack.enter_context(torch.autocast(state.device.type, dtype=_native.dtype_of(p.compute)))
-            handles = _native.add_forward_casts(model, state.precisions, p.compute, p.output,
-                                                state.device.type)
-        else:
+        if state.emulation == "module boundaries":
             handles = _emulation.add_forward_rounding(model, state.precisions, storage, p.compute, p.output)
+        else:
+            # Native, or per-op emulation: torch.autocast and the native module hooks, in carrier dtypes.
+            dtype_of = _native.dtype_of if state.execution == "native" else _op_emulation.carrier_of
+            if p.compute != F32:
+                stack.enter_context(torch.autocast(state.device.type, dtype=dtype_of(p.compute)))
+            handles = _native.add_forward_casts(model, state.precisions, p.compute, p.output,
+                                                state.device.type, dtype_of)
+            if state.execution == "emulated":
+                handles += _op_emulation.add_parameter_casts(model, storage)
+                rounding = _op_emulation.sub_carrier_formats(_computed_formats(p, state.precisions))
+                stack.enter_context(_op_emulation.OpEmulation(state.device.type, rounding))
         for handle in handles:
             stack.callback(handle.remove)
         yield

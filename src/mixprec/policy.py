@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Policy", "Rule", "PRESETS", "ModulePrecision", "EXECUTIONS", "DEFAULT_FP32_TYPES"]
 
-EXECUTIONS = ("auto", "native", "emulated")
+EXECUTIONS = ("auto", "native", "emulated", "emulated-module")
 
 #: Module type-name globs that run in FP32 by default (the paper: large reductions stay in FP32).
 DEFAULT_FP32_TYPES: tuple[str, ...] = (
@@ -142,7 +142,9 @@ class Policy:
             bits than FP32 (FP16, FP8: small gradients underflow without scaling), else ``"none"``.
             It is resolved at construction, so ``str(policy)`` always names the concrete choice.
         execution: ``"auto"`` (native where the device has every format, else emulated),
-            ``"native"`` or ``"emulated"``.
+            ``"native"``, ``"emulated"`` (per op: torch.autocast's own rules, FP32 arithmetic, values on
+            the formats' grids; see docs/emulation.md) or ``"emulated-module"`` (rounding only where
+            tensors cross module boundaries: faster, but blind to overflow inside a module's forward).
         rules: per-module rules, tried in order before the default FP32 islands.
 
     Example:
@@ -211,6 +213,7 @@ class Policy:
             raise ValueError(f"empty policy string; valid presets: {', '.join(PRESETS)}")
         fields: dict[str, object] = {}
         rules: list[Rule] = []
+        given: dict[str, str] = {}  # key -> the part that set it, to refuse a key given twice
         if "=" not in parts[0]:
             preset = parts.pop(0).lower()
             if preset not in _PRESET_POLICIES:
@@ -230,8 +233,13 @@ class Policy:
                     f"only come first (valid presets: {', '.join(PRESETS)})")
             if key == "rule":
                 rules.append(Rule.parse(value.strip()))
-            else:
-                fields[key] = value.strip()
+                continue
+            if key in given:  # the second value would silently replace the first: refuse
+                raise ValueError(
+                    f"policy key {key!r} is given twice in {text!r} ({given[key]!r} and {part!r}); give each "
+                    f"key once (only rule= may repeat; a preset's fields may be overridden once each)")
+            given[key] = part
+            fields[key] = value.strip()
         return cls(**fields, rules=tuple(rules))  # type: ignore[arg-type]
 
     def __str__(self) -> str:
@@ -271,7 +279,7 @@ class Policy:
         narrow = [f for f in self.formats if f != F32]
         if not narrow:
             return "native"
-        if self.execution == "emulated":
+        if self.execution.startswith("emulated"):
             return "emulated"
         if self.execution == "auto":
             native = device.type == "cuda" and all(f in _NATIVE_CUDA for f in narrow)
@@ -284,6 +292,17 @@ class Policy:
                 f"execution=native on {device}: {', '.join(missing) or 'this device'} has no native support "
                 f"in mixprec yet (fp16 and bf16 on cuda or cpu do); use execution=emulated or auto")
         return "native"
+
+    @property
+    def emulation(self) -> str:
+        """How this policy is emulated where it is: ``"per op"`` (execution auto or emulated: torch.autocast's
+        per-op rules with FP32 arithmetic) or ``"module boundaries"`` (execution=emulated-module).
+
+        Example:
+            >>> Policy.parse("f16-master").emulation, Policy.parse("f16-master,execution=emulated-module").emulation
+            ('per op', 'module boundaries')
+        """
+        return "module boundaries" if self.execution == "emulated-module" else "per op"
 
     def module_precisions(self, model: torch.nn.Module, *, warn: bool = True) -> list[ModulePrecision]:
         """What every module of `model` gets, in `named_modules` order, and why.
@@ -360,7 +379,7 @@ class Policy:
         Example:
             >>> print(Policy.parse("f16-master").explain(torch.nn.Sequential(
             ...     torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))))  # doctest: +NORMALIZE_WHITESPACE
-            policy f16-master: execution emulated on cpu, loss scaling dynamic, output fp32, reduce fp32
+            policy f16-master: execution emulated (per op) on cpu, loss scaling dynamic, output fp32, reduce fp32
             module  type       params  stored as  compute  master  why
             0       Linear     fp16    float32    fp16     fp32    policy default
             1       LayerNorm  fp32    float32    fp32     -       default fp32 island (LayerNorm)
@@ -368,7 +387,8 @@ class Policy:
         if device is None:
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
         execution = self.resolve_execution(device)
-        header = (f"policy {self}: execution {execution} on {torch.device(device)}, loss scaling "
+        ran = execution if execution == "native" else f"emulated ({self.emulation})"
+        header = (f"policy {self}: execution {ran} on {torch.device(device)}, loss scaling "
                   f"{self.scaling}, output {self.output.name}, reduce {_reduce_text(self.reduce)}")
         rows = [("module", "type", "params", "stored as", "compute", "master", "why")]
         precisions = self.module_precisions(model, warn=True)
