@@ -7,14 +7,16 @@
     mp.step(optimizer, scaler)
 
 Execution is **native** where the device has every format of the policy (CUDA: fp16, bf16; CPU when
-asked for with ``execution=native``) and **emulated** elsewhere: FP32 tensors holding values on the
-format's grid, FP32 arithmetic (see `mixprec._emulation` and `mixprec._native` for the exact model).
+asked for with ``execution=native``) and **emulated** elsewhere: per op by default (torch.autocast's
+rules, 16-bit values, FP32 arithmetic: `mixprec._op_emulation`), or at module boundaries with
+``execution=emulated-module`` (`mixprec._emulation`); `mixprec._native` has the native model.
 
 What `prepare` does (kept until `unprepare`): stores parameters in their format (native: cast in place,
 same Parameter objects; emulated: rounded in place), rounds weight gradients onto it after each
 accumulation (emulated), wraps the optimizer in `MasterWeights` when parameters are narrower than FP32,
-and builds the policy's loss scaler on the model's device. What `autocast` does (only inside it): the
-per-module casting or rounding of activations, and torch.autocast when native.
+and builds the policy's loss scaler on the model's device. What `autocast` does (only inside it):
+torch.autocast and the FP32 islands' casts (native and per-op emulation), the FP32 arithmetic and the
+parameter casts of per-op emulation, or the rounding hooks of module emulation.
 """
 
 from __future__ import annotations
@@ -286,9 +288,10 @@ def autocast(model: torch.nn.Module, policy: Policy | str | None = None) -> Iter
     """Run the forward passes of a prepared model under its policy, inside this block.
 
     Native: torch.autocast for the compute dtype, FP32 islands and output casts by module hooks.
-    Emulated: module hooks round inputs, weights at use, outputs and (in backward) their gradients.
-    Outside the block the hooks are gone and no torch setting is changed: an emulated model then
-    computes in FP32 on its (rounded) parameters, e.g. for an FP32 evaluation. Backward may run after
+    Emulated per op: the same, in carrier dtypes, with FP32 arithmetic for matmuls and convolutions.
+    Emulated at module boundaries: module hooks round inputs, weights at use, outputs and (in
+    backward) their gradients. Outside the block the hooks are gone and no torch setting is changed:
+    an emulated model then computes in FP32 on its (rounded) parameters, e.g. for an FP32 evaluation. Backward may run after
     the block: the rounding of gradients is recorded in the graph during the forward.
 
     `policy`, if given, must be the one the model was prepared with (a check against mix-ups).
