@@ -27,7 +27,9 @@ from accelerate.state import AcceleratorState  # noqa: E402
 # second overflow on, and the gradients fit FP16 again at 2^15, after 10 skipped steps.
 POLICY = "f16-master,scaling=dynamic:16777216"
 STEPS, BATCH, LR = 20, 4, 3e-3
-SKIPPED = 10  # measured: steps 1-10 overflow, 11-20 apply
+# From 2^24 the first steps overflow while the scale halves (measured: steps 1-6 always, and a few later
+# ones near FP16's edge, which depend on FP32 summation order, so the reference run counts them).
+STOP = 6  # where the resume tests stop: after a skipped step, the scale still falling
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -110,18 +112,19 @@ def plain_loop(args: transformers.TrainingArguments) -> dict:
         optimizer.zero_grad()
         losses.append(loss.item())
         infos.append(info)
-    assert scheduler.last_epoch == STEPS - SKIPPED
+    assert scheduler.last_epoch == sum(i.applied for i in infos)
     return record(losses, lrs, infos, model, optimizer)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
     ref = plain_loop(training_args(tmp_path_factory.mktemp("plain")))
-    assert ref["applied"] == [False] * SKIPPED + [True] * (STEPS - SKIPPED)
-    # Skipped steps hold the schedule: LR stays at its start until the first applied step, then decays.
-    assert ref["lr"][:SKIPPED + 1] == [LR] * (SKIPPED + 1)
-    assert ref["lr"][SKIPPED + 1:] == sorted(ref["lr"][SKIPPED + 1:], reverse=True) and ref["lr"][-1] < LR
-    assert ref["loss"][-1] < ref["loss"][SKIPPED]  # and it learns
+    applied = ref["applied"]
+    assert applied[:STOP] == [False] * STOP and sum(applied) >= STEPS // 2
+    # Skipped steps hold the schedule: the LR moves (down) only after an applied step.
+    for i in range(STEPS - 1):
+        assert (ref["lr"][i + 1] < ref["lr"][i]) if applied[i] else (ref["lr"][i + 1] == ref["lr"][i]), i
+    assert ref["lr"][0] == LR and ref["loss"][-1] < ref["loss"][applied.index(True)]  # and it learns
     return ref
 
 
@@ -151,18 +154,19 @@ def test_trainer_matches_the_plain_loop(tmp_path, reference):
                  trainer.optimizer.optimizer)
     run.update(loss_scale=[h["loss_scale"] for h in logs], grad_norm=[h["grad_norm"] for h in logs])
     assert_matches(run, reference)
-    assert [h["skipped_steps"] for h in logs] == [min(i, SKIPPED) for i in range(1, STEPS + 1)]
-    assert trainer.lr_scheduler.last_epoch == STEPS - SKIPPED and trainer.state.global_step == STEPS
+    skipped = [not a for a in reference["applied"]]
+    assert [h["skipped_steps"] for h in logs] == [sum(skipped[:i]) for i in range(1, STEPS + 1)]
+    assert trainer.lr_scheduler.last_epoch == STEPS - sum(skipped) and trainer.state.global_step == STEPS
     assert trainer.last_step_info.applied and mp.prepared_state(trainer.model).execution == "emulated"
 
 
 def test_trainer_resumes_from_a_checkpoint_as_if_never_stopped(tmp_path, reference):
-    """The scaler travels in the optimizer's checkpoint: stopping at step 10 (the last skipped step, scale
-    still halving) and resuming gives the uninterrupted run's weights."""
-    args = training_args(tmp_path, save_strategy="steps", save_steps=SKIPPED)
+    """The scaler travels in the optimizer's checkpoint: stopping at step 9 (a skipped step, scale still
+    halving) and resuming gives the uninterrupted run's weights."""
+    args = training_args(tmp_path, save_strategy="steps", save_steps=STOP)
     hf.Trainer(policy=POLICY, model=tiny_gpt2(), args=args, train_dataset=examples()).train()
     trainer = hf.Trainer(policy=POLICY, model=tiny_gpt2(), args=args, train_dataset=examples())
-    trainer.train(resume_from_checkpoint=str(tmp_path / f"checkpoint-{SKIPPED}"))
+    trainer.train(resume_from_checkpoint=str(tmp_path / f"checkpoint-{STOP}"))
     for name, w in reference["weights"].items():
         assert torch.equal(trainer.model.state_dict()[name], w), name
     assert trainer.scaler.loss_scale == reference["loss_scale"][-1]
@@ -221,11 +225,11 @@ def test_accelerate_loop_matches_the_plain_loop(tmp_path, reference):
 
 def test_accelerate_resumes_from_save_state_as_if_never_stopped(tmp_path, reference):
     args = training_args(tmp_path)
-    accelerate_loop(args, slice(None, SKIPPED), save_to=tmp_path / "state")
+    accelerate_loop(args, slice(None, STOP), save_to=tmp_path / "state")
     AcceleratorState._reset_state(reset_partial_state=True)
-    run = accelerate_loop(args, slice(SKIPPED, None), load_from=tmp_path / "state")
-    assert run["loss_scale"] == reference["loss_scale"][SKIPPED:]
-    assert run["lr"] == reference["lr"][SKIPPED:]
+    run = accelerate_loop(args, slice(STOP, None), load_from=tmp_path / "state")
+    assert run["loss_scale"] == reference["loss_scale"][STOP:]
+    assert run["lr"] == reference["lr"][STOP:]
     for name, w in reference["weights"].items():
         assert torch.equal(run["weights"][name], w), name
 

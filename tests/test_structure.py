@@ -17,7 +17,8 @@ SRC = Path(mp.__file__).parent
 LEVEL = {
     "formats": 0,
     "emulate": 1, "policy": 1, "scaling": 1,
-    "casting": 2, "_emulation": 2, "_op_emulation": 2, "_native": 2, "master": 2, "gradients": 2, "memory": 2, "distributed": 2,
+    "casting": 2, "_emulation": 2, "_op_emulation": 2, "_native": 2, "master": 2, "gradients": 2, "memory": 2,
+    "distributed": 2,
     "step": 3,
     "numerics": 4,
     "__init__": 5,

@@ -291,8 +291,8 @@ def autocast(model: torch.nn.Module, policy: Policy | str | None = None) -> Iter
     Emulated per op: the same, in carrier dtypes, with FP32 arithmetic for matmuls and convolutions.
     Emulated at module boundaries: module hooks round inputs, weights at use, outputs and (in
     backward) their gradients. Outside the block the hooks are gone and no torch setting is changed:
-    an emulated model then computes in FP32 on its (rounded) parameters, e.g. for an FP32 evaluation. Backward may run after
-    the block: the rounding of gradients is recorded in the graph during the forward.
+    an emulated model then computes in FP32 on its (rounded) parameters, e.g. for an FP32 evaluation.
+    Backward may run after the block: the rounding of gradients is recorded in the graph during the forward.
 
     `policy`, if given, must be the one the model was prepared with (a check against mix-ups).
     Every torch setting and hook it changes is restored on exit, also when the block raises.
