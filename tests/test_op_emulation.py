@@ -191,6 +191,28 @@ def test_formats_without_a_torch_dtype_round_every_op_output_onto_their_grid():
     assert not all(torch.equal(t, mp.quantize(t, mp.E4M3)) for t in recorder.outputs if t.dtype == torch.float32)
 
 
+class InPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.linear(x)
+        h += 0.3  # in place, on the float16 carrier
+        h.mul_(1.7)
+        return h, h.view(-1)[::3]
+
+
+def test_in_place_results_are_rounded_in_place_and_views_share_them():
+    model = InPlace()
+    mp.prepare(model, None, "params=fp16,compute=e4m3,output=e4m3,scaling=none")
+    with mp.autocast(model):
+        h, view = model(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)))
+    assert h.dtype == torch.float16
+    assert torch.equal(h.float(), mp.quantize(h.float(), mp.E4M3))
+    assert torch.equal(view, h.reshape(-1)[::3])
+
+
 def test_carriers_and_the_formats_they_cannot_carry():
     assert carrier_of(mp.F16) == torch.float16 and carrier_of(mp.BF16) == torch.bfloat16
     assert carrier_of(mp.E4M3) == carrier_of(mp.E5M2) == torch.float16

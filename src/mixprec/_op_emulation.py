@@ -36,7 +36,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from ._emulation import cast, map_floats, restore_parameters_hook, swap_parameters_hook
+from ._emulation import cast, map_floats, restore_parameters_hook, round_chain, swap_parameters_hook
 from .formats import BF16, F16, F32, Format
 
 _CARRIERS = ((torch.float16, F16), (torch.bfloat16, BF16))
@@ -127,7 +127,7 @@ class OpEmulation(TorchFunctionMode):
             with torch.autocast(self.device_type, enabled=False):
                 out = func(*map_floats(args, to_fp32), **map_floats(kwargs, to_fp32))
             out = map_floats(out, lambda y: y.to(dtype))
-        return self._round(out, args) if self.rounding else out
+        return self._round(func, out, args) if self.rounding else out
 
     def _arithmetic_dtype(self, args: tuple, kwargs: dict) -> torch.dtype | None:
         """The 16-bit dtype native execution would compute this call in, or None (leave it as it is)."""
@@ -139,17 +139,24 @@ class OpEmulation(TorchFunctionMode):
             return torch.get_autocast_dtype(self.device_type)
         return dtypes.pop() if len(dtypes) == 1 and dtypes <= {torch.float16, torch.bfloat16} else None
 
-    def _round(self, out: Any, args: tuple) -> Any:
-        """Round every new floating output in a sub-carrier dtype onto its format (views and in-place
-        results hold values already rounded: left as they are)."""
+    def _round(self, func: Callable, out: Any, args: tuple) -> Any:
+        """Round every floating output in a sub-carrier dtype onto its format: new tensors with the
+        gradient rounded too; an in-place result in place; a view (values already rounded) not at all."""
         inputs = set()
         map_floats(args, lambda x: inputs.add(x.untyped_storage().data_ptr()) or x)
+        name = getattr(func, "__name__", "")
+        in_place = name.endswith("_") and not name.endswith("__") or name.startswith("__i")
 
         def round_one(y: torch.Tensor) -> torch.Tensor:
             fmt = self.rounding.get(y.dtype)
-            if fmt is None or y.untyped_storage().data_ptr() in inputs:
+            if fmt is None:
                 return y
-            return cast(y, (fmt,), (fmt,))
+            if y.untyped_storage().data_ptr() not in inputs:
+                return cast(y, (fmt,), (fmt,))
+            if in_place:
+                with torch.no_grad():
+                    y.copy_(round_chain(y, (fmt,)))
+            return y
 
         return map_floats(out, round_one)
 
