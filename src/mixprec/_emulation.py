@@ -75,6 +75,8 @@ def map_floats(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
         return type(obj)(*(map_floats(o, fn) for o in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(map_floats(o, fn) for o in obj)
+    if type(obj) is dict:  # a plain dict (kwargs): built anew, which torch.compile can trace
+        return {key: map_floats(value, fn) for key, value in obj.items()}
     if isinstance(obj, dict):
         new = copy.copy(obj)  # keeps the mapping's type (OrderedDict, transformers' ModelOutput)
         for key, value in obj.items():
