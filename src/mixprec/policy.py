@@ -450,11 +450,13 @@ def _normalize_scaling(text: str) -> str:
         scale = float(value)
     except ValueError:
         raise ValueError(f"loss scale in {text!r} is not a number; {valid}") from None
+    if not scale > 0 or scale == float("inf"):
+        raise ValueError(f"loss scale in {text!r} must be positive and finite; {valid}")
     stored, f32 = torch.tensor(scale, dtype=torch.float32).item(), torch.finfo(torch.float32)  # as a scaler holds it
     if not (f32.tiny <= stored < float("inf")):
         raise ValueError(
-            f"loss scale in {text!r} is {stored!r} once stored in float32: it must be a finite, normal float32 "
-            f"above 0 (between {f32.tiny:.3g} and {f32.max:.3g}); {valid}")
+            f"loss scale in {text!r} ({scale:g}) is {stored!r} once stored in float32: it must be a finite, normal "
+            f"float32 above 0 (between {f32.tiny:.3g} and {f32.max:.3g}); {valid}")
     return f"{kind}:{int(scale) if scale.is_integer() else repr(scale)}"
 
 
