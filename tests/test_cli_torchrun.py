@@ -58,7 +58,7 @@ def test_two_processes_write_one_set_of_files_and_land_near_one_process(two_proc
     # Rank 0 alone prints and writes: one header, one metrics.jsonl, one result.json, one TensorBoard file.
     assert stdout.count("mixprec train:") == 1 and "2 processes" in stdout
     assert stdout.count(f"finished step {STEPS}") == 1
-    assert len(list(out.glob("events.out.tfevents.*"))) == 1 and (out / "checkpoint.pt").is_file()
+    assert len(list(out.glob("events.out.tfevents.*"))) == 1 and (out / f"checkpoint-{STEPS:06d}.pt").is_file()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, STEPS + 1))
     two = _result(out)
@@ -136,7 +136,7 @@ def test_master_weights_under_torchrun_killed_mid_run_and_resumed_match_an_unint
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while not (part / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        while not list(part.glob("checkpoint-*.pt")) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be killed: raise STEPS"
     finally:

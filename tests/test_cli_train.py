@@ -36,7 +36,7 @@ def test_short_run_writes_logs_tensorboard_checkpoint_and_result(tmp_path, capsy
     records = _records(out)
     assert [r["step"] for r in records if r["kind"] == "step"] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 6]
-    assert list(out.glob("events.out.tfevents.*")) and (out / "checkpoint.pt").is_file()
+    assert list(out.glob("events.out.tfevents.*")) and (out / "checkpoint-000006.pt").is_file()
     result = json.loads((out / "result.json").read_text())
     assert result["policy"] == "f16-master" and result["execution"] == "emulated"
     assert result["environment"]["torch"] and result["final_loss_scale"] == 65536.0
@@ -110,3 +110,61 @@ def test_a_recipe_file_that_does_not_exist_is_one_clear_line(tmp_path):
     proc = subprocess.run([MIXPREC, "train", "--recipe", f"{tmp_path}/nope.py:recipe", "--policy", "f32"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----- run folders: never overwritten unless asked, and what --resume / --overwrite / --keep-checkpoints do
+
+
+TINY = ["train", "--recipe", "tiny-updates", "--policy", "f16-master", "--no-progress"]
+
+
+def test_a_folder_holding_a_run_is_refused_with_exit_2_and_left_as_it_was(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TINY, "--steps", "6", "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main([*TINY, "--steps", "6", "--out", str(out)]) == 2  # the same command again
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (
+        f"mixprec train: error: output folder '{out}' already holds a run (checkpoint-000006.pt, metrics.jsonl, "
+        "result.json, TensorBoard events); pass --resume to continue it, --overwrite to start it again, or "
+        "another --out")
+    assert captured.out == ""  # refused before the run began
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_overwrite_replaces_the_run_and_its_tensorboard_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TINY, "--steps", "8", "--checkpoint-every", "2", "--out", str(out)]) == 0
+    assert main([*TINY, "--steps", "4", "--out", str(out), "--overwrite"]) == 0
+    assert [r["step"] for r in _records(out) if r["kind"] == "step"] == [1, 2, 3, 4]
+    assert len(list(out.glob("events.out.tfevents.*"))) == 1
+    assert sorted(p.name for p in out.glob("checkpoint*")) == ["checkpoint-000004.pt"]
+    assert json.loads((out / "result.json").read_text())["steps"] == 4
+    assert main([*TINY, "--steps", "4", "--out", str(out), "--overwrite", "--resume"]) == 2
+    assert "pass one of them" in capsys.readouterr().err
+
+
+def test_keep_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TINY, "--steps", "5", "--checkpoint-every", "1", "--keep-checkpoints", "3", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("checkpoint*")) == [f"checkpoint-00000{s}.pt" for s in (3, 4, 5)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*TINY, "--keep-checkpoints", "0", "--out", str(tmp_path / "other")])
+    assert exit_info.value.code == 2 and "--keep-checkpoints" in capsys.readouterr().err
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_saying_which_and_why(tmp_path, capsys):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert main([*TINY, "--steps", "6", "--out", str(whole)]) == 0
+    assert main([*TINY, "--steps", "6", "--out", str(part), "--stop-at", "4", "--checkpoint-every", "2"]) == 0
+    newest = part / "checkpoint-000004.pt"
+    newest.write_bytes(newest.read_bytes()[:3000])  # a copy cut short
+    capsys.readouterr()
+    assert main([*TINY, "--steps", "6", "--out", str(part), "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"mixprec train: warning: checkpoint '{newest}' is truncated: 2")
+    assert "skipped it, resuming from an older checkpoint" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+    assert "resuming at step 2 from checkpoint-000002.pt" in captured.out
+    assert _records(part) == _records(whole)

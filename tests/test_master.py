@@ -345,3 +345,27 @@ def test_weights_loaded_after_prepare_are_what_the_optimizer_continues_from():
     _backward(model, scaler, 0)
     assert mp.step(opt, scaler).applied
     assert torch.all(model[0].weight == 3.0) and torch.all(opt.master_params[0] == 3.0)
+
+
+@pytest.mark.parametrize("policy", ["bf16-master", "f16-master,scaling=static:8"])
+def test_a_nan_written_into_a_master_weight_is_reported_by_name(policy):
+    # Issue 15: with bf16 nothing was said at all, and every later step was skipped. Now the step after the
+    # first skipped one checks the weights (in its one sync) and names the parameter.
+    model, opt, scaler = _prepared(policy)
+    for i in range(2):
+        _backward(model, scaler, i)
+        assert mp.step(opt, scaler).applied
+        opt.zero_grad()
+    with torch.no_grad():
+        opt.master_params[0][3, 1] = float("nan")  # the FP32 master of the 16-bit 0.weight
+    infos = []
+    with pytest.raises(mp.NaNStormError) as caught:
+        for i in range(2, 10):
+            _backward(model, scaler, i)
+            infos.append(mp.step(opt, scaler))
+            opt.zero_grad()
+    # step 3 applies (finite gradients) and rounds the NaN into the model, step 4 skips, step 5 says why
+    assert [info.applied for info in infos] == [True, False]
+    error = caught.value.named(model)
+    assert error.reason == "weights" and error.weights == {"0.weight": "nan"}
+    assert str(error).startswith("the weights of 0.weight: nan hold inf/NaN: every later step would be skipped")

@@ -99,10 +99,11 @@ def test_run_logger_writes_jsonl_and_tensorboard_and_truncates_on_resume(tmp_pat
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 7 and lines[-1]["loss"] is None  # NaN written as null: strict JSON
     assert list(tmp_path.glob("events.out.tfevents.*"))
-    with RunLogger(tmp_path, resume_step=2, tensorboard=False):
+    # A resume passes its checkpoint's history: metrics.jsonl is rewritten to hold exactly that.
+    with RunLogger(tmp_path, history=lines[:3], tensorboard=False):
         pass
-    kept = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert kept == [0, 1, 2]
+    kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == lines[:3] and [r["step"] for r in kept] == [0, 1, 2]
 
 
 def test_running_mean_and_alignment_of_curves():

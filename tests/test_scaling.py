@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 import mixprec as mp
 from mixprec import scaling
+from mixprec.scaling import SMALLEST_SCALE as TINY
 from mixprec.scaling import LossScaleFloorError, find_nonfinite, unscale_and_check_
 
 INF = float("inf")
@@ -47,7 +49,7 @@ def test_trajectory_equals_torch_update_kernel(
         backoff_factor=backoff_factor,
         growth_interval=growth_interval,
         hysteresis=1,
-        min_scale=0.0,
+        min_scale=TINY,  # the smallest floor a float32 scale allows: 1/scale stays finite
         max_scale=INF,
     )
     scale = torch.full((), init_scale, dtype=torch.float32)
@@ -56,12 +58,13 @@ def test_trajectory_equals_torch_update_kernel(
     for overflow in overflows:
         found_inf = torch.tensor(float(overflow))
         torch._amp_update_scale_(scale, tracker, found_inf, growth_factor, backoff_factor, growth_interval)
+        scale.clamp_(min=TINY)  # torch's kernel has no floor; below 2^-126 it goes on to subnormals and 0
         theirs.append(scale.item())
     assert trajectory(ours, overflows) == theirs
 
 
 def test_growth_that_would_overflow_float32_keeps_the_scale_like_torch():
-    ours = mp.DynamicScaler(init_scale=2.0**127, growth_interval=1, hysteresis=1, min_scale=0, max_scale=INF)
+    ours = mp.DynamicScaler(init_scale=2.0**127, growth_interval=1, hysteresis=1, min_scale=TINY, max_scale=INF)
     assert trajectory(ours, [False, False]) == [2.0**127, 2.0**127]
 
 
@@ -233,14 +236,14 @@ def test_load_state_dict_rejects_wrong_dicts():
         (dict(backoff_factor=1.0), r"backoff_factor must be in \(0, 1\).*got 1.0"),
         (dict(backoff_factor=0.0), "backoff_factor.*got 0.0"),
         (dict(min_scale=8.0, max_scale=4.0, init_scale=4.0), r"min_scale \(8.0\) must be <= max_scale"),
-        (dict(init_scale=0.0), "init_scale must be a finite number > 0, got 0.0"),
+        (dict(init_scale=0.0), r"init_scale must be a finite number > 0 .*in \[2\^-126 .*got 0.0"),
         (dict(init_scale=-2.0), "init_scale.*got -2.0"),
         (dict(init_scale=INF, max_scale=INF), "init_scale.*got inf"),
         (dict(init_scale=0.5), r"init_scale \(0.5\) must lie in \[min_scale, max_scale\]"),
         (dict(growth_interval=0), "growth_interval must be an integer >= 1.*got 0"),
         (dict(hysteresis=0), "hysteresis must be an integer >= 1.*got 0"),
         (dict(hysteresis=1.5), "hysteresis.*got 1.5"),
-        (dict(min_scale=-1.0), "min_scale must be a finite number >= 0.*got -1.0"),
+        (dict(min_scale=-1.0), "min_scale must be a finite number > 0.*got -1.0"),
     ],
 )
 def test_invalid_dynamic_arguments(kwargs, message):
@@ -286,3 +289,163 @@ def test_update_takes_a_python_bool_or_number_as_well_as_a_tensor():
         a.update("yes")
     with pytest.raises(ValueError, match="one value"):
         a.update(torch.zeros(3))
+
+
+# ----- scales validated as float32 stores them (issue 15) ------------------------------------------------
+
+
+@pytest.mark.parametrize("make, stored", [
+    (lambda: mp.StaticScaler(1e-50), "0.0"),  # stored as 0.0: 1/S is inf, the weights became NaN
+    (lambda: mp.StaticScaler(1e-45), "1.401298464324817e-45"),  # a float32 subnormal: 1/S is inf
+    (lambda: mp.StaticScaler(1e39), "inf"),  # every step was skipped
+    (lambda: mp.DynamicScaler(init_scale=1e39, max_scale=INF), "inf"),
+    (lambda: mp.DynamicScaler(min_scale=0), None),  # the scale collapsed to 0 after ~166 overflows
+    (lambda: mp.DynamicScaler(min_scale=1e-40, init_scale=1.0), "9.99994610111476e-41"),
+])
+def test_scales_are_checked_as_float32_stores_them(make, stored):
+    with pytest.raises(ValueError, match=r"must be a finite number > 0 that float32 stores as a normal number, "
+                                         r"i\.e\. in \[2\^-126 \(1\.18e-38\), 3\.4e\+38\]") as error:
+        make()
+    if stored is not None:
+        assert f"float32 stores as {stored}" in str(error.value)
+
+
+def test_loading_a_scale_float32_cannot_hold_is_refused():
+    sd = mp.StaticScaler(8.0).state_dict()
+    with pytest.raises(ValueError, match="got 1e-45, which float32 stores as"):
+        mp.StaticScaler(1.0).load_state_dict({**sd, "scale": 1e-45})
+    sd = mp.DynamicScaler().state_dict()
+    with pytest.raises(ValueError, match="min_scale must be a finite number > 0.*got 0.0"):
+        mp.DynamicScaler().load_state_dict({**sd, "min_scale": 0.0})
+
+
+def test_the_extremes_float32_holds_are_accepted():
+    largest = scaling.LARGEST_SCALE
+    assert mp.StaticScaler(TINY).loss_scale == TINY and mp.StaticScaler(largest).loss_scale == largest
+    assert mp.DynamicScaler(init_scale=TINY, min_scale=TINY).loss_scale == TINY
+
+
+def test_a_static_scale_from_a_policy_string_is_checked_as_stored():
+    for choice in ["static:1e-50", "static:1e-45", "static:1e39", "dynamic:1e39"]:
+        with pytest.raises(ValueError, match=r"float32.*1\.18e-38"):  # at parse time, or by the scaler
+            mp.prepare(torch.nn.Linear(2, 2), None, f"f16-master,scaling={choice}")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_gradient_that_overflows_when_unscaled_is_an_overflow(monkeypatch, fused):
+    # S = 2^-100: a finite scaled gradient of 2^40 is 2^140 once unscaled, beyond float32. The check used to
+    # run before the 1/S multiply only, so the step applied inf.
+    if not fused:
+        monkeypatch.setattr(scaling, "_FUSED_DEVICE_TYPES", set())
+    grads = [torch.tensor([2.0**40, 1.0]), torch.tensor([1.0], dtype=torch.float16)]
+    found = mp.StaticScaler(2.0**-100).unscale_and_check_(grads)
+    assert float(found) == 1.0 and math.isinf(grads[0][0])
+    clean = [torch.tensor([2.0**-110, 1.0])]
+    assert float(mp.StaticScaler(2.0**-100).unscale_and_check_(clean)) == 0.0
+    assert clean[0].tolist() == [2.0**-10, 2.0**100]
+
+
+def test_at_the_lowest_floor_an_overflow_still_skips_and_never_writes_inf():
+    # The min_scale=0 case of issue 15, with the smallest floor allowed: ~170 overflows in a row drive the
+    # scale to 2^-126, where 1/S = 2^126 turns any gradient above 4 into inf. mp.step must skip, not apply.
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=1.0)
+    scaler = mp.DynamicScaler(init_scale=2.0**16, hysteresis=1, min_scale=TINY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the floor's warning
+        for _ in range(150):
+            p.grad = torch.tensor([INF, 1.0])
+            mp.step(opt, scaler, max_skips_in_a_row=None)
+        assert scaler.loss_scale == TINY
+        p.grad = torch.tensor([8.0, 1.0])  # finite, but 8 * 2^126 is not
+        info = mp.step(opt, scaler, max_skips_in_a_row=None)
+    assert not info.applied and p.tolist() == [1.0, 1.0]
+
+
+# ----- the scaler state machine against a pure-Python model (hypothesis) ----------------------------------
+
+
+def model_scaler(options: dict, init_scale: float, overflows: list[bool]) -> list[tuple[float, int, int, int]]:
+    """DynamicScaler's rules in plain Python floats (the scale rounded to float32 after each change, as it is
+    stored): hysteresis counts down on overflows and backs off once it is 0; clean steps count up to
+    growth_interval, then grow and refill the hysteresis; the scale is clamped to [min_scale, max_scale], and
+    a growth to inf keeps the scale."""
+    def f32(x: float) -> float:
+        return float(np.float32(x)) if abs(x) < 3.5e38 else math.copysign(INF, x)
+
+    scale, growth, hyst, skipped = init_scale, 0, options["hysteresis"], 0
+    out = []
+    for overflow in overflows:
+        if overflow:
+            skipped += 1
+            growth, hyst = 0, max(hyst - 1, 0)
+            if hyst == 0:
+                scale = max(f32(scale * options["backoff_factor"]), options["min_scale"])
+        else:
+            growth += 1
+            if growth >= options["growth_interval"]:
+                grown = min(f32(scale * options["growth_factor"]), options["max_scale"])
+                scale = grown if math.isfinite(grown) else scale
+                growth, hyst = 0, options["hysteresis"]
+        out.append((f32(scale), growth, hyst, skipped))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    overflows=st.lists(st.booleans(), min_size=1, max_size=80),
+    init_exp=st.integers(-20, 30),
+    growth_factor=st.sampled_from([1.5, 2.0, 4.0, 1.0001]),
+    backoff_factor=st.sampled_from([0.5, 0.25, 0.9, 0.125]),
+    growth_interval=st.integers(1, 5),
+    hysteresis=st.integers(1, 4),
+    min_exp=st.integers(-30, 0),
+    max_exp=st.one_of(st.integers(0, 40), st.just(None)),
+)
+def test_dynamic_scaler_follows_its_rules_step_by_step(overflows, init_exp, growth_factor, backoff_factor,
+                                                       growth_interval, hysteresis, min_exp, max_exp):
+    min_scale = 2.0**min_exp
+    max_scale = INF if max_exp is None else 2.0**max(max_exp, min_exp)
+    init_scale = min(max(2.0**init_exp, min_scale), max_scale)
+    options = dict(growth_factor=growth_factor, backoff_factor=backoff_factor, growth_interval=growth_interval,
+                   hysteresis=hysteresis, min_scale=min_scale, max_scale=max_scale)
+    scaler = mp.DynamicScaler(init_scale=init_scale, **options)
+    expected = model_scaler(options, init_scale, overflows)
+    in_a_row = 0
+    for overflow, (scale, growth, hyst, skipped) in zip(overflows, expected, strict=True):
+        before = scaler.loss_scale
+        scaler.update(torch.tensor(float(overflow)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the floor's warning
+            scaler.observe(overflow, before)
+        in_a_row = in_a_row + 1 if overflow else 0
+        sd = scaler.state_dict()
+        assert (sd["scale"], sd["growth_tracker"], sd["hysteresis_tracker"], sd["skipped_steps"]) == (
+            scale, growth, hyst, skipped)
+        assert min_scale <= sd["scale"] <= max_scale and math.isfinite(sd["scale"])  # invariants
+        assert scaler.skipped_in_a_row == in_a_row
+
+
+@settings(max_examples=50, deadline=None)
+@given(hysteresis=st.integers(1, 4), backoff_exp=st.integers(1, 3), min_exp=st.integers(-20, 4),
+       span=st.integers(0, 40), start_exp=st.integers(0, 40))
+def test_a_start_up_descent_never_reaches_the_storm_limit(hysteresis, backoff_exp, min_exp, span, start_exp):
+    # From anywhere up to the ceiling, overflowing on every step until the floor takes fewer consecutive
+    # skips than storm_limit(): a healthy start-up or recovery never trips the NaN-storm guard.
+    min_scale, max_scale = 2.0**min_exp, 2.0 ** (min_exp + span)
+    init = min(2.0 ** (min_exp + start_exp), max_scale)
+    s = mp.DynamicScaler(init_scale=init, backoff_factor=2.0**-backoff_exp, hysteresis=hysteresis,
+                         min_scale=min_scale, max_scale=max_scale)
+    skips = 0
+    while s.loss_scale > min_scale or skips < hysteresis:
+        s.update(True)
+        skips += 1
+    assert skips < s.storm_limit() and s.storm_limit() >= scaling.STORM_SKIPS
+
+
+def test_empty_tensors_are_finite_and_unscale_to_nothing():
+    # A rank's FSDP shard of a small parameter can be empty: torch's inf-norm refuses those.
+    grads = [torch.ones(0), torch.tensor([2.0, INF]), torch.ones(0, dtype=torch.float16)]
+    assert find_nonfinite(grads).tolist() == [False, True, False]
+    assert float(mp.StaticScaler(0.5).unscale_and_check_(grads)) == 1.0 and grads[1][0] == 4.0
+    assert float(unscale_and_check_([torch.ones(0)], torch.tensor(2.0), check_unscaled=True)) == 0.0

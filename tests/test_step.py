@@ -4,6 +4,7 @@ the paper's finding (a) (gradients below 2^-24 need loss scaling), and bitwise-e
 from __future__ import annotations
 
 import copy
+import importlib
 import io
 import math
 import warnings
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mixprec as mp
+from mixprec.scaling import SMALLEST_SCALE as TINY
 from mixprec.scaling import LossScaleFloorError
 
 INF = float("inf")
@@ -171,7 +173,7 @@ def test_scale_trajectory_and_params_equal_torch_grad_scaler(overflows, interval
     ours_model, theirs_model = mlp(torch.float32), mlp(torch.float32)
     ours_opt = torch.optim.SGD(ours_model.parameters(), lr=0.05, momentum=0.9)
     theirs_opt = torch.optim.SGD(theirs_model.parameters(), lr=0.05, momentum=0.9)
-    ours = mp.DynamicScaler(init_scale=2.0**4, growth_interval=interval, hysteresis=1, min_scale=0, max_scale=INF)
+    ours = mp.DynamicScaler(init_scale=2.0**4, growth_interval=interval, hysteresis=1, min_scale=TINY, max_scale=INF)
     theirs = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=interval)
     for i, overflow in enumerate(overflows):
         ours.scale(loss_of(ours_model, i, torch.float32)).backward()
@@ -203,7 +205,7 @@ def test_two_optimizers_one_scaler_follow_torch_grad_scaler_step_by_step(overflo
     # torch.amp: scaler.step(a); scaler.step(b); scaler.update(). mixprec: mp.step([a, b], scaler).
     ours_model, theirs_model = mlp(torch.float32), mlp(torch.float32)
     ours_opts, theirs_opts = _two_optimizers(ours_model), _two_optimizers(theirs_model)
-    ours = mp.DynamicScaler(init_scale=2.0**4, growth_interval=interval, hysteresis=1, min_scale=0, max_scale=INF)
+    ours = mp.DynamicScaler(init_scale=2.0**4, growth_interval=interval, hysteresis=1, min_scale=TINY, max_scale=INF)
     theirs = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=interval)
     for i, overflow in enumerate(overflows):
         ours.scale(loss_of(ours_model, i, torch.float32)).backward()
@@ -365,3 +367,146 @@ def test_save_load_continue_is_bitwise_identical_to_an_uninterrupted_run():
     assert int(scaler2.skipped_steps) == int(straight[3].skipped_steps) == 3
     assert scaler2.state_dict() == straight[3].state_dict()
     assert bitwise_equal(snapshot(opt2, model2), snapshot(straight[1], straight[0]))
+
+
+# ----- an optimizer built after prepare (issue 15) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["f16-master", "f16-pure"])
+def test_an_optimizer_built_after_prepare_is_refused(policy):
+    model = mlp(torch.float32)
+    model, _, scaler = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), policy)
+    late = torch.optim.SGD(model.parameters(), lr=0.1)  # over the 16-bit parameters, with no masters
+    with mp.autocast(model):
+        loss = loss_of(model, 0, torch.float32)
+    scaler.scale(loss).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"plain SGD over parameter #0 \(shape \(8, 4\)\) and 3 more that "
+                                           r"mp.prepare gave FP32 master weights.*Build the optimizer first"):
+        mp.step(late, scaler)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    mp.unprepare(model)  # after unprepare the parameters are the user's again: a plain optimizer is fine
+    assert mp.step(late, mp.NoScaler()).applied
+
+
+def test_a_plain_optimizer_where_prepare_made_no_masters_is_fine():
+    model = mlp(torch.float32)
+    model, opt, scaler = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), "bf16-mixed")
+    assert not isinstance(opt, mp.MasterWeights)  # FP32 parameters: nothing to master
+    scaler.scale(loss_of(model, 0, torch.float32)).backward()
+    assert mp.step(opt, scaler).applied
+
+
+# ----- the NaN-storm guard ---------------------------------------------------------------------------------
+
+
+def test_a_nan_storm_stops_with_a_diagnosis_and_the_last_good_state():
+    model = mlp(torch.float32)
+    model, opt, scaler = mp.prepare(model, torch.optim.Adam(model.parameters(), lr=1e-2), "f16-master")
+    scaler = mp.StaticScaler(2.0**8)
+    for i in range(3):  # some clean steps first, so that Adam has state
+        scaler.scale(loss_of(model, i, torch.float32)).backward()
+        assert mp.step(opt, scaler).applied
+        opt.zero_grad()
+    good = snapshot(opt, model)
+    for i in range(5):
+        scaler.scale(loss_of(model, 3 + i, torch.float32)).backward()
+        model[2].bias.grad[0] = math.nan  # a NaN made in backward, at every step: no loss scale helps
+        if i < 4:
+            assert not mp.step(opt, scaler, max_skips_in_a_row=5).applied
+            opt.zero_grad()
+    with pytest.raises(mp.NaNStormError) as caught:
+        mp.step(opt, scaler, max_skips_in_a_row=5)
+    error = caught.value
+    assert (error.reason, error.skipped_in_a_row, error.skipped_steps, error.loss_scale) == ("storm", 5, 5, 256.0)
+    assert error.gradients == {"#3 (shape 1)": "nan"} and error.weights == {}
+    assert "NaN storm: 5 steps in a row were skipped (loss scale 256, 5 skipped in all)" in str(error)
+    named = error.named(model, step=8, checkpoint="run/checkpoint-000008.pt")
+    assert named.gradients == {"2.bias": "nan"}
+    assert str(named).startswith("NaN storm at step 8: ") and "saved in run/checkpoint-000008.pt" in str(named)
+    assert bitwise_equal(snapshot(opt, model), good)  # the storm's steps changed nothing
+
+
+def test_a_start_up_descent_from_the_ceiling_does_not_trip_the_default_guard():
+    # The default DynamicScaler, started at its ceiling 2^24, on gradients that overflow at any scale above 1:
+    # 25 skips in a row (2 absorbed by the hysteresis, then 2^24 -> 1), then clean steps at 1.
+    p = torch.nn.Parameter(torch.ones(2))
+    opt, scaler = torch.optim.SGD([p], lr=0.0), mp.DynamicScaler(init_scale=2.0**24)
+    infos = []
+    for _ in range(30):
+        p.grad = torch.tensor([2.0**127, 1.0]) * scaler.loss_scale  # overflows float32 above a scale of 1
+        infos.append(mp.step(opt, scaler))
+    assert [i.applied for i in infos] == [False] * 25 + [True] * 5 and scaler.storm_limit() == 52
+    # Overflowing at the floor is a storm: it stops after 52 skips in a row, never spinning or crashing.
+    with warnings.catch_warnings(), pytest.raises(mp.NaNStormError, match="52 steps in a row"):
+        warnings.simplefilter("ignore")  # the floor's warning
+        for _ in range(52):
+            p.grad = torch.tensor([INF, 1.0])
+            mp.step(opt, scaler)
+    assert scaler.skipped_in_a_row == 52
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True, "never"])
+def test_bad_max_skips_in_a_row(value):
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.ones(2)
+    with pytest.raises(ValueError, match=r"max_skips_in_a_row must be an integer >= 1, 'auto' \(the scaler's "
+                                         r"storm_limit\(\), 50 here\) or None \(never stop\), got"):
+        mp.step(torch.optim.SGD([p], lr=0.1), mp.NoScaler(), max_skips_in_a_row=value)
+    assert p.tolist() == [1.0, 1.0]
+
+
+def test_clean_steps_do_no_extra_work_for_the_guards(monkeypatch):
+    # The weights are checked only on the step after a skipped one, in the same single read.
+    step_module = importlib.import_module("mixprec.step")  # mp.step is the function
+    calls = {"find_nonfinite": 0, "reads": 0}
+    real_find, real_read = step_module.find_nonfinite, step_module._read_together
+
+    def counting_find(*args):
+        calls["find_nonfinite"] += 1
+        return real_find(*args)
+
+    def counting_read(*args):
+        calls["reads"] += 1
+        return real_read(*args)
+
+    monkeypatch.setattr(step_module, "find_nonfinite", counting_find)
+    monkeypatch.setattr(step_module, "_read_together", counting_read)
+    p = torch.nn.Parameter(torch.ones(2))
+    opt, scaler = torch.optim.SGD([p], lr=0.1), mp.StaticScaler(4.0)
+    for grad in [[1.0, 1.0], [1.0, 1.0], [INF, 1.0], [1.0, 1.0], [1.0, 1.0]]:
+        p.grad = torch.tensor(grad)
+        mp.step(opt, scaler)
+    # The skipped step names its overflowing gradients (StepInfo.nonfinite), the step after it checks the
+    # weights: two checks, both around the skip; the clean steps before and after do none.
+    assert calls == {"find_nonfinite": 2, "reads": 5}
+
+
+# ----- provenance of a skipped step ------------------------------------------------------------------
+
+def test_a_skipped_step_names_the_parameters_whose_gradients_overflowed(monkeypatch):
+    step_module = importlib.import_module("mixprec.step")  # mp.step is the function
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    model, opt, scaler = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                    "f16-master,scaling=static:128")
+    calls = []
+    real = step_module._diagnose
+    monkeypatch.setattr(step_module, "_diagnose", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def one_step(fault: bool) -> mp.StepInfo:
+        with mp.autocast(model):
+            loss = model(torch.ones(2, 3)).float().sum()
+        scaler.scale(loss).backward()
+        if fault:
+            model[2].weight.grad[0, 1] = float("nan")
+        info = mp.step(opt, scaler)
+        opt.zero_grad()
+        return info
+
+    clean = one_step(False)
+    assert clean.applied and clean.nonfinite is None and clean.named(model) is None and not calls
+    info = one_step(True)
+    assert not info.applied and len(calls) == 1
+    assert info.nonfinite == {"#2 (shape 2x4)": "nan"} and info.named(model) == {"2.weight": "nan"}

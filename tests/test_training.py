@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from mixprec.checkpoints import CHECKPOINT_NAME, load_checkpoint
+from mixprec.checkpoints import find_checkpoint
 from mixprec.recipes import get_recipe
 from mixprec.training import compare, model_memory, train
 
@@ -35,8 +35,8 @@ def test_stopped_and_resumed_run_ends_bitwise_identical_to_an_uninterrupted_one(
     assert stopped.steps == 9
     resumed = train("digits", "f16-master", out=tmp_path / "resumed", resume=True, **kwargs)
 
-    a = load_checkpoint(tmp_path / "whole" / CHECKPOINT_NAME)
-    b = load_checkpoint(tmp_path / "resumed" / CHECKPOINT_NAME)
+    _, a, _ = find_checkpoint(tmp_path / "whole")
+    _, b, _ = find_checkpoint(tmp_path / "resumed")
     state_a = dict(_tensors({k: a[k] for k in ("model", "optimizer", "scaler", "scheduler")}))
     state_b = dict(_tensors({k: b[k] for k in ("model", "optimizer", "scaler", "scheduler")}))
     assert state_a.keys() == state_b.keys() and any("master" in k for k in state_a)

@@ -17,7 +17,7 @@ from .formats import BF16, E4M3, E5M2, F16, F32, FORMATS, Format
 from .master import MasterWeights
 from .policy import PRESETS, Policy, Rule
 from .scaling import DynamicScaler, LossScaleFloorError, LossScaler, NoScaler, StaticScaler
-from .step import StepInfo, step
+from .step import NaNStormError, StepInfo, step
 
 __version__ = "0.1.0"
 
@@ -34,6 +34,7 @@ __all__ = [
     "LossScaleFloorError",
     "LossScaler",
     "MasterWeights",
+    "NaNStormError",
     "NoScaler",
     "Policy",
     "Rule",

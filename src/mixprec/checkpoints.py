@@ -1,17 +1,54 @@
-"""Checkpoints and random state for the reference training loop: atomic writes, safe loads, exact resume.
+"""Checkpoints, run folders and random state for the reference training loop.
 
-A checkpoint is a dict of tensors and plain data (loaded with ``torch.load(weights_only=True)``, so no
-arbitrary pickle runs), written to a temporary file and moved into place with os.replace: a crash
-mid-write leaves the previous checkpoint intact.
+**Checkpoint files.** A run folder keeps its last ``keep`` checkpoints (default 2), one file per
+step, named for it: ``checkpoint-000100.pt``. Each file is a two-line header and a payload:
+
+    MIXPREC-CHECKPOINT 2
+    sha256 <64 hex digits> bytes <n>
+    <n bytes: torch.save of the state dict>
+
+The header names the format and its version; the sha256 of the payload tells a truncated or
+corrupted file from an intact one before anything is unpickled; the payload is read with
+``torch.load(weights_only=True)`` only (tensors and plain data: a malicious pickle is refused).
+
+Writing (`save_checkpoint`): a temporary ``.checkpoint-000100.pt.XXXX.tmp`` in the folder, fsync,
+``os.replace`` onto the final name, then the rotation removes the checkpoints older than the newest
+``keep`` (and any with a later step, left by an attempt that was interrupted and is being redone).
+A kill at any moment leaves every earlier checkpoint intact; at worst a temporary file, which the
+next run in the folder removes.
+
+Reading: `load_checkpoint` raises a one-line ValueError naming the file and what is wrong with it
+(missing, empty, not a mixprec checkpoint, another format version, truncated, corrupted, refused
+pickle, missing keys); `find_checkpoint` returns the newest intact checkpoint and the files it
+skipped, with why.
+
+**Run folders.** `prepare_run_folder` refuses to start a run in a folder that holds one (metrics.jsonl,
+checkpoints, result.json, TensorBoard event files) unless asked to resume it or overwrite it, and
+removes temporary files that killed runs left behind.
+
+Example:
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> path = save_checkpoint(folder, {"step": 3, "weights": torch.ones(2)})
+    >>> path.name, load_checkpoint(path, required=("step",))["step"]
+    ('checkpoint-000003.pt', 3)
+    >>> _ = path.write_bytes(path.read_bytes()[:60])
+    >>> load_checkpoint(path)
+    Traceback (most recent call last):
+    ValueError: checkpoint '.../checkpoint-000003.pt' is truncated: ...
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import os
+import pickle
 import random
+import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +58,22 @@ import torch
 import mixprec as mp
 from mixprec.recipes import Recipe
 
-CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_FORMAT = "MIXPREC-CHECKPOINT"
+CHECKPOINT_VERSION = 2  # 1: a bare torch.save in checkpoint.pt (no header, no checksum, one file kept)
+DEFAULT_KEEP = 2  # checkpoints kept in a run folder: a damaged newest one still leaves one to resume from
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.pt")
+LEGACY_CHECKPOINT_NAME = "checkpoint.pt"  # format 1: recognised as a run's file, never resumed from
 
+#: what the training loop stores in a checkpoint (`load_checkpoint` checks they are all there)
+CHECKPOINT_KEYS = ("recipe", "policy", "seed", "steps", "step", "model", "optimizer", "scaler", "scheduler",
+                   "rng", "history", "train_seconds", "activation_bytes")
+
+#: the files a run writes into its folder (the CLI's metrics.jsonl, result.json and TensorBoard events
+#: included): what makes a folder hold a run, and all that overwriting it removes
+RUN_FILE_PATTERNS = ("metrics.jsonl", "result.json", LEGACY_CHECKPOINT_NAME, "checkpoint-*.pt",
+                     "events.out.tfevents.*")
+#: temporary files of atomic writes (checkpoints, metrics.jsonl, result.json) that a kill can leave behind
+TEMP_FILE_PATTERNS = (".checkpoint*.tmp", ".metrics.jsonl.*.tmp", ".result.json.*.tmp")
 
 
 def check_writable(folder: Path) -> None:
@@ -42,13 +92,46 @@ def check_writable(folder: Path) -> None:
         ) from None
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then os.replace,
-    so a crash mid-write leaves the previous checkpoint intact."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+# ----- checkpoint files -----------------------------------------------------------------------------
+
+
+def checkpoint_path(folder: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives in ``folder``: ``checkpoint-000100.pt``."""
+    return Path(folder) / f"checkpoint-{step:06d}.pt"
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """The (step, path) of every checkpoint file in ``folder``, oldest first (intact or not)."""
+    found = []
+    for path in Path(folder).glob("checkpoint-*.pt"):
+        match = CHECKPOINT_PATTERN.fullmatch(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def save_checkpoint(folder: Path, state: dict[str, Any], keep: int = DEFAULT_KEEP) -> Path:
+    """Write ``state`` (tensors and plain data, with an int ``"step"``) as ``folder``'s checkpoint of that
+    step, atomically, then keep only the newest ``keep`` checkpoints up to it. Returns its path.
+
+    The temporary file is fsynced before os.replace puts it in place, and the folder after, so the new
+    checkpoint exists whole or not at all; only then are older ones removed.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1 (checkpoints kept in the run folder), got {keep}")
+    folder = Path(folder)
+    step = int(state["step"])
+    path = checkpoint_path(folder, step)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getbuffer()
+    header = (f"{CHECKPOINT_FORMAT} {CHECKPOINT_VERSION}\n"
+              f"sha256 {hashlib.sha256(payload).hexdigest()} bytes {len(payload)}\n").encode()
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            f.write(header)
+            f.write(payload)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -56,35 +139,182 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    _fsync_folder(folder)
+    older = [p for s, p in list_checkpoints(folder) if s < step]
+    later = [p for s, p in list_checkpoints(folder) if s > step]  # an interrupted attempt's, being redone
+    for stale in later + older[: max(0, len(older) - (keep - 1))]:
+        stale.unlink(missing_ok=True)
+    return path
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint written by `save_checkpoint` (tensors and plain data only: weights_only)."""
-    if not path.is_file():
-        raise ValueError(f"no checkpoint to resume from at {str(path)!r}; run once without --resume first")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint {str(path)!r} has version {state.get('version')!r}, "
-                         f"this mixprec reads version {CHECKPOINT_VERSION}")
+def load_checkpoint(path: Path, required: Iterable[str] = CHECKPOINT_KEYS) -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint`: header, length and sha256 checked, then the
+    payload unpickled with ``torch.load(weights_only=True)`` (tensors and plain data only).
+
+    Raises a one-line ValueError naming the file and what is wrong: missing, unreadable, empty, not a
+    mixprec checkpoint (e.g. a plain torch.save), another format version, truncated, corrupted, holding
+    objects weights_only refuses, or lacking one of the ``required`` keys.
+    """
+    path = Path(path)
+
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"checkpoint {str(path)!r} {problem}")
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise bad("does not exist") from None
+    except OSError as error:
+        raise bad(f"cannot be read: {error.strerror or error}") from None
+    if not data:
+        raise bad("is empty (0 bytes)")
+    magic = CHECKPOINT_FORMAT.encode()
+    if not data.startswith(magic):
+        if magic.startswith(data):
+            raise bad(f"is truncated: it ends inside its header, after {len(data)} bytes")
+        if data.startswith(b"PK\x03\x04") or data.startswith(b"\x80"):
+            raise bad(f"is a plain torch.save/pickle file, not a mixprec checkpoint (no {CHECKPOINT_FORMAT} "
+                      f"header): written by another program, or by a mixprec older than format "
+                      f"{CHECKPOINT_VERSION}")
+        raise bad(f"is not a mixprec checkpoint: it does not begin with {CHECKPOINT_FORMAT!r} "
+                  f"(random or overwritten bytes?)")
+    lines = data.split(b"\n", 2)
+    if len(lines) < 3:
+        raise bad(f"is truncated: it ends inside its header, after {len(data)} bytes")
+    first, second, payload = lines
+    version = first[len(magic):].strip().decode("ascii", "replace")
+    if version != str(CHECKPOINT_VERSION):
+        raise bad(f"has format version {version!r}; this mixprec reads version {CHECKPOINT_VERSION}")
+    match = re.fullmatch(rb"sha256 ([0-9a-f]{64}) bytes (\d+)", second)
+    if match is None:
+        raise bad("has a damaged header: its second line should read 'sha256 <64 hex digits> bytes <n>'")
+    digest, size = match.group(1).decode(), int(match.group(2))
+    if len(payload) < size:
+        raise bad(f"is truncated: {len(payload)} of its {size} payload bytes (the file was cut short)")
+    if len(payload) > size:
+        raise bad(f"is corrupted: {len(payload) - size} bytes more than the {size} its header declares")
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise bad("is corrupted: its payload's sha256 differs from the one in its header")
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise bad(f"holds objects other than tensors and plain data; refused to unpickle them "
+                  f"(weights_only): {_reason(error)}") from None
+    except Exception as error:  # torch's reader raises RuntimeError and others for a bad archive
+        raise bad(f"cannot be unpacked by torch.load: {_reason(error)}") from None
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise bad(f"lacks {', '.join(missing)}: it is not a checkpoint of mixprec's training loop")
     return state
 
 
-def checkpoint_step(out: Path, recipe: Recipe, policy: mp.Policy, seed: int, steps: int) -> int:
-    """The step a run in ``out`` can resume from; ValueError if there is no checkpoint or it is of
-    another run (recipe, policy, seed or steps differ)."""
-    checkpoint = load_checkpoint(Path(out) / CHECKPOINT_NAME)
-    check_same_run(checkpoint, recipe, policy, seed, steps)
-    return int(checkpoint["step"])
+def find_checkpoint(folder: Path) -> tuple[Path, dict[str, Any], list[str]]:
+    """The newest intact checkpoint in ``folder``: (path, state, skipped), where ``skipped`` holds one
+    line per newer file that could not be read, saying which and why (`load_checkpoint`'s message).
+
+    Raises ValueError if there is no checkpoint, or none is intact (every file named, with why).
+    """
+    folder = Path(folder)
+    candidates = [p for _, p in reversed(list_checkpoints(folder))]
+    if (folder / LEGACY_CHECKPOINT_NAME).exists():
+        candidates.append(folder / LEGACY_CHECKPOINT_NAME)  # only to say why it cannot be resumed
+    skipped = []
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path), skipped
+        except ValueError as error:
+            skipped.append(str(error))
+    if not skipped:
+        raise ValueError(f"no checkpoint to resume from in {str(folder)!r}: start the run without resume first")
+    raise ValueError(f"no intact checkpoint to resume from in {str(folder)!r}: {'; '.join(skipped)}; "
+                     "start the run again with --overwrite (overwrite=True)")
 
 
 def check_same_run(checkpoint: dict[str, Any], recipe: Recipe, policy: mp.Policy, seed: int,
-                    steps: int) -> None:
+                   steps: int) -> None:
+    """ValueError naming the differences if ``checkpoint`` is not of this recipe, policy, seed and steps."""
     wanted = {"recipe": recipe.name, "policy": str(policy), "seed": seed, "steps": steps}
     different = {k: (checkpoint[k], v) for k, v in wanted.items() if checkpoint[k] != v}
     if different:
         what = ", ".join(f"{k} {old!r} (asked: {new!r})" for k, (old, new) in different.items())
         raise ValueError(f"the checkpoint is of another run: {what}; resume with the same settings")
 
+
+def _reason(error: BaseException) -> str:
+    """The informative line of a (torch) error message, which can run to many lines of advice."""
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue", "WeightsUnpickler")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(boilerplate)] or lines or [type(error).__name__]
+    return useful[0][:200]
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (not needed against kills, only against power loss)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ----- run folders ---------------------------------------------------------------------------------------
+
+
+def run_files(folder: Path) -> list[Path]:
+    """The files of a run in ``folder`` (see RUN_FILE_PATTERNS), sorted; [] if it holds none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = {p for pattern in RUN_FILE_PATTERNS for p in folder.glob(pattern) if p.is_file()}
+    return sorted(p for p in found if not p.name.startswith("checkpoint-") or CHECKPOINT_PATTERN.fullmatch(p.name))
+
+
+def remove_temp_files(folder: Path) -> list[Path]:
+    """Remove the temporary files that killed runs left in ``folder`` (see TEMP_FILE_PATTERNS)."""
+    removed = []
+    for pattern in TEMP_FILE_PATTERNS:
+        for path in Path(folder).glob(pattern):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def prepare_run_folder(folder: Path, *, resume: bool, overwrite: bool, cli: bool = False) -> None:
+    """Make ``folder`` ready for a run: refuse one that holds a run unless ``resume`` (continue it) or
+    ``overwrite`` (remove its files: only those mixprec writes); remove stale temporary files.
+
+    ``cli`` words the advice with the command line's options instead of train()'s arguments.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "metrics.jsonl").write_text("")
+        >>> prepare_run_folder(folder, resume=False, overwrite=False)
+        Traceback (most recent call last):
+        ValueError: output folder '...' already holds a run (metrics.jsonl) but no checkpoint to resume ...
+    """
+    resume_opt, overwrite_opt, out_opt = ("--resume", "--overwrite", "--out") if cli else (
+        "resume=True", "overwrite=True", "out=")
+    if resume and overwrite:
+        raise ValueError(f"{resume_opt} continues the run in the folder and {overwrite_opt} replaces it: "
+                         "pass one of them")
+    folder = Path(folder)
+    remove_temp_files(folder)
+    files = run_files(folder)
+    if resume or not files:
+        return
+    if not overwrite:
+        names = ", ".join(sorted({p.name for p in files if not p.name.startswith("events.")})
+                          + ["TensorBoard events"] * any(p.name.startswith("events.") for p in files))
+        if list_checkpoints(folder):
+            advice = f"; pass {resume_opt} to continue it, {overwrite_opt} to start it again, or another {out_opt}"
+        else:
+            advice = f" but no checkpoint to resume from; pass {overwrite_opt} to start it again, or another {out_opt}"
+        raise ValueError(f"output folder {str(folder)!r} already holds a run ({names}){advice}")
+    for path in files:
+        path.unlink(missing_ok=True)
 
 # ----- random state -------------------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ numerics on any machine, not the fast path.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -48,11 +49,34 @@ from .emulate import quantize
 from .formats import F32, FORMATS, Format
 from .gradients import GradSlot
 
-__all__ = ["MasterWeights", "MODES"]
+__all__ = ["MasterWeights", "MODES", "managed"]
 
 MODES = ("fp32", "none")
 _PLANNED_MODES = ("compact", "kahan", "stochastic")
 STATE_VERSION = 1
+
+
+#: Every MasterWeights with hooks on a model (weakly held): `managed` looks parameters up in them.
+_LIVE: weakref.WeakSet[MasterWeights] = weakref.WeakSet()
+
+
+def managed(params: list[torch.Tensor]) -> list[int]:
+    """Positions in ``params`` of those a live `MasterWeights` steps through an FP32 master (or rounds
+    back onto their format after each step). `mp.step` refuses a plain optimizer over such parameters:
+    one built after ``mp.prepare`` would train the 16-bit weights without masters.
+
+    Syncs: no (a dictionary look-up per parameter, and none while no MasterWeights is in use).
+
+    Example:
+        >>> p, q = torch.nn.Parameter(torch.ones(2, dtype=torch.float16)), torch.nn.Parameter(torch.ones(2))
+        >>> opt = MasterWeights(torch.optim.SGD([p], lr=0.1))
+        >>> managed([q, p])
+        [1]
+    """
+    owners = list(_LIVE)
+    if not owners:
+        return []
+    return [i for i, p in enumerate(params) if any(o._managed.get(id(p)) is p for o in owners)]
 
 
 def _native_format(dtype: torch.dtype) -> Format | None:
@@ -108,8 +132,7 @@ class MasterWeights(torch.optim.Optimizer):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"MasterWeights wraps a torch.optim.Optimizer built over the model's parameters, "
-                f"got {type(optimizer).__name__}"
-            )
+                f"got {type(optimizer).__name__}")
         self.optimizer = optimizer
         self.mode = _check_mode(mode, "mode")
         self._formats_by_param: dict[int, Format] | None = None
@@ -122,12 +145,9 @@ class MasterWeights(torch.optim.Optimizer):
         self.defaults = optimizer.defaults
         # The hook registries torch.optim.Optimizer.__init__ would create (it is not called: the param
         # groups and state belong to the inner optimizer).
-        self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        for kind in ("step", "state_dict", "load_state_dict"):
+            setattr(self, f"_optimizer_{kind}_pre_hooks", OrderedDict())
+            setattr(self, f"_optimizer_{kind}_post_hooks", OrderedDict())
 
         self._model_params: list[torch.Tensor] = []  # every parameter, in param-group order
         self._slots: list[GradSlot] = []  # one per parameter with an FP32 master
@@ -145,6 +165,9 @@ class MasterWeights(torch.optim.Optimizer):
                 models.append(slot.param)
                 masters.append(slot.master)
         self._register_hooks()
+        # The parameters no plain optimizer may step while this object is in use (see `managed`).
+        self._managed = {id(p): p for p in [s.param for s in self._slots] + [p for p, _ in self._rounded]}
+        _LIVE.add(self)
 
     # ----- construction -----------------------------------------------------------------------------
     def _format_of(self, param: torch.Tensor, index: int) -> tuple[Format | None, bool]:
@@ -157,14 +180,12 @@ class MasterWeights(torch.optim.Optimizer):
             return (fmt, True) if fmt is not None and fmt != F32 else (None, False)
         if not param.is_floating_point():
             raise ValueError(
-                f"parameter {index} has dtype {param.dtype}; MasterWeights needs floating-point parameters"
-            )
+                f"parameter {index} has dtype {param.dtype}; MasterWeights needs floating-point parameters")
         if self.param_format is not None and native is not None and self.param_format != native:
             raise ValueError(
                 f"parameter {index} is {param.dtype} but param_format is {self.param_format}: "
                 f"param_format is for float32 parameters that emulate a narrower format; "
-                f"leave it out for {param.dtype} parameters"
-            )
+                f"leave it out for {param.dtype} parameters")
         return native, False
 
     def _build(self, optimizer: torch.optim.Optimizer) -> None:
@@ -195,8 +216,7 @@ class MasterWeights(torch.optim.Optimizer):
                 f"MasterWeights(mode='fp32') found no 16-bit parameters (dtypes: {', '.join(dtypes)}): "
                 f"FP32 masters of FP32 parameters would do nothing. Use the plain optimizer, cast the "
                 f"model to 16 bits first, or pass param_format=mp.F16 (say) to emulate 16-bit "
-                f"parameters in FP32 storage"
-            )
+                f"parameters in FP32 storage")
         # Only now that every check passed, point the inner optimizer at the masters.
         for group, stepped in zip(optimizer.param_groups, new_groups, strict=True):
             group["params"] = stepped
@@ -233,6 +253,7 @@ class MasterWeights(torch.optim.Optimizer):
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        _LIVE.discard(self)
 
     # ----- what torch.optim.Optimizer users expect ---------------------------------------------------
     @property
@@ -264,8 +285,7 @@ class MasterWeights(torch.optim.Optimizer):
         """Not supported: add every group to the inner optimizer before wrapping it."""
         raise NotImplementedError(
             "MasterWeights cannot add param groups after construction: add the group to the inner "
-            "optimizer first, then wrap it in MasterWeights"
-        )
+            "optimizer first, then wrap it in MasterWeights")
 
     # ----- the hot path ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -352,8 +372,7 @@ class MasterWeights(torch.optim.Optimizer):
         """
         if closure is not None:
             raise ValueError(
-                "MasterWeights.step does not take a closure: compute the loss and call backward first"
-            )
+                "MasterWeights.step does not take a closure: compute the loss and call backward first")
         for hook in list(self._optimizer_step_pre_hooks.values()):
             hook(self, (), {})
         self.collect_grads_()
@@ -413,7 +432,7 @@ class MasterWeights(torch.optim.Optimizer):
             "has_master": self._has_master_flags(),
             "masters": [slot.master for slot in self._slots],
             "optimizer": self.optimizer.state_dict(),
-        }
+            "optimizer_type": type(self.optimizer).__name__}
 
     def _format_name(self) -> str | None:
         if self._formats_by_param is not None:
@@ -438,36 +457,35 @@ class MasterWeights(torch.optim.Optimizer):
             [1.0, 1.0]
         """
         keys = {"version", "mode", "param_format", "shapes", "has_master", "masters", "optimizer"}
-        if not isinstance(state_dict, dict) or set(state_dict) != keys:
+        if not isinstance(state_dict, dict) or set(state_dict) - {"optimizer_type"} != keys:
             got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
             raise ValueError(f"not a MasterWeights state dict: expected keys {sorted(keys)}, got {got}")
         if state_dict["version"] != STATE_VERSION:
             raise ValueError(
                 f"MasterWeights state dict version {state_dict['version']!r} is not supported; "
-                f"this mixprec reads version {STATE_VERSION}"
-            )
+                f"this mixprec reads version {STATE_VERSION}")
         if state_dict["mode"] != self.mode:
             raise ValueError(
                 f"the state dict was saved with mode={state_dict['mode']!r}, this MasterWeights has "
-                f"mode={self.mode!r}: create it with the same mode"
-            )
+                f"mode={self.mode!r}: create it with the same mode")
         saved, ours = state_dict["shapes"], [list(p.shape) for p in self._model_params]
         if len(saved) != len(ours):
             raise ValueError(
                 f"the state dict holds {len(saved)} parameters, this MasterWeights has {len(ours)}: "
-                f"it was saved for a different model or param groups"
-            )
+                f"it was saved for a different model or param groups")
         for i, (a, b) in enumerate(zip(saved, ours, strict=True)):
             if a != b:
                 raise ValueError(
                     f"parameter {i}: saved shape {tuple(a)}, this MasterWeights has {tuple(b)}: "
-                    f"the state dict was saved for a different model"
-                )
+                    f"the state dict was saved for a different model")
         if state_dict["has_master"] != self._has_master_flags():
             raise ValueError(
                 "the state dict's masters belong to different parameters (their dtypes or the param_format "
-                "differ): create the model and MasterWeights as when it was saved"
-            )
+                "differ): create the model and MasterWeights as when it was saved")
+        ours, theirs = type(self.optimizer).__name__, state_dict.get("optimizer_type", type(self.optimizer).__name__)
+        if theirs != ours:  # its state would load silently and fail at the first step (or step wrongly)
+            raise ValueError(f"the state dict was saved over a {theirs}, this MasterWeights wraps a {ours}: "
+                             f"build the same optimizer as when it was saved")
         self.optimizer.load_state_dict(state_dict["optimizer"])
         with torch.no_grad():
             for slot, saved_master in zip(self._slots, state_dict["masters"], strict=True):

@@ -37,21 +37,24 @@ from typing import Any
 
 import torch
 
-__all__ = [
-    "LossScaler",
-    "NoScaler",
-    "StaticScaler",
-    "DynamicScaler",
-    "LossScaleFloorError",
-    "unscale_and_check_",
-    "find_nonfinite",
-]
+__all__ = ["LossScaler", "NoScaler", "StaticScaler", "DynamicScaler", "LossScaleFloorError", "unscale_and_check_",
+           "find_nonfinite", "check_loss_scale"]
 
 STATE_VERSION = 1
 
 # torch's fused unscale+check kernel exists for these device types and dtypes (checked on torch 2.4+).
 _FUSED_DEVICE_TYPES = {"cpu", "cuda", "xpu"}
 _FUSED_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+
+# A loss scale lives in a float32 tensor: it must be stored there as a finite, normal number, so that
+# S and 1/S (at most 2^126) are both finite and nonzero. 1e-45 would be stored as 0.0 and 1e39 as inf.
+SMALLEST_SCALE = torch.finfo(torch.float32).tiny  # 2^-126
+LARGEST_SCALE = torch.finfo(torch.float32).max
+SCALE_RANGE = f"[2^-126 ({SMALLEST_SCALE:.3g}), {LARGEST_SCALE:.3g}]"
+
+# Consecutive skipped steps after which `mp.step` calls a run a NaN storm, for scalers that do not move
+# (NoScaler, StaticScaler): a burst of bad batches skips a handful of steps, 50 in a row is no burst.
+STORM_SKIPS = 50
 
 
 class LossScaleFloorError(RuntimeError):
@@ -64,21 +67,28 @@ class LossScaleFloorError(RuntimeError):
 def _group_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
     groups: dict[tuple, list[torch.Tensor]] = {}
     for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
+        if t.numel():  # an empty tensor (a rank's empty FSDP shard) holds nothing to check or unscale
+            groups.setdefault((t.device, t.dtype), []).append(t)
     return groups
 
 
-def unscale_and_check_(grads: Sequence[torch.Tensor], inv_scale: torch.Tensor) -> torch.Tensor:
+def unscale_and_check_(grads: Sequence[torch.Tensor], inv_scale: torch.Tensor,
+                       check_unscaled: bool = False) -> torch.Tensor:
     """Multiply every gradient in place by ``inv_scale`` and report whether any was inf/NaN.
 
     One fused pass per (device, dtype) group: torch's ``_amp_foreach_non_finite_check_and_unscale_``
-    where it exists for the device and dtype, otherwise a pure-torch foreach fallback (inf-norm per
-    tensor, which is inf/NaN exactly when the tensor holds an inf/NaN, then a foreach multiply).
-    Non-finite values are detected on the scaled gradients, before the multiply.
+    where it exists for the device and dtype (it checks the scaled values, before the multiply),
+    otherwise a pure-torch foreach fallback (a foreach multiply, then an inf-norm per tensor, which is
+    inf/NaN exactly when the tensor holds an inf/NaN).
+
+    With ``inv_scale <= 1`` a finite gradient stays finite when unscaled, so checking before the multiply
+    is enough. With ``inv_scale > 1`` (a loss scale below 1) a finite gradient can overflow when unscaled:
+    pass ``check_unscaled=True`` to check the unscaled values as well (one more pass).
 
     Args:
         grads: gradient tensors, on any devices and floating dtypes.
         inv_scale: 0-dim float32 tensor, ``1 / scale``; the result lives on its device.
+        check_unscaled: also check the gradients after the multiply.
 
     Returns:
         a 0-dim float32 tensor on ``inv_scale``'s device: 1.0 if any gradient had an inf/NaN, else 0.0.
@@ -94,12 +104,14 @@ def unscale_and_check_(grads: Sequence[torch.Tensor], inv_scale: torch.Tensor) -
     for (device, dtype), group in _group_by_device_and_dtype(grads).items():
         found = torch.zeros((), dtype=torch.float32, device=device)
         inv = inv_scale.to(device=device, non_blocking=True)
-        if device.type in _FUSED_DEVICE_TYPES and dtype in _FUSED_DTYPES:
+        fused = device.type in _FUSED_DEVICE_TYPES and dtype in _FUSED_DTYPES
+        if fused:
             torch._amp_foreach_non_finite_check_and_unscale_(group, found, inv)
         else:
-            norms = torch._foreach_norm(group, ord=math.inf)
-            found = torch.logical_not(torch.isfinite(torch.stack(norms)).all()).float()
             torch._foreach_mul_(group, inv.to(dtype))
+        if check_unscaled or not fused:  # inf * x and NaN * x stay non-finite: this checks both
+            norms = torch._foreach_norm(group, ord=math.inf)
+            found = torch.maximum(found, torch.logical_not(torch.isfinite(torch.stack(norms)).all()).float())
         found_infs.append(found)
     if not found_infs:
         return torch.zeros((), dtype=torch.float32, device=inv_scale.device)
@@ -124,7 +136,7 @@ def find_nonfinite(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     if not grads:
         return torch.zeros(0, dtype=torch.bool)
     device = grads[0].device
-    flags = torch.empty(len(grads), dtype=torch.bool, device=device)
+    flags = torch.zeros(len(grads), dtype=torch.bool, device=device)
     index = {id(g): i for i, g in enumerate(grads)}
     for group in _group_by_device_and_dtype(grads).values():
         norms = torch.stack(torch._foreach_norm(group, ord=math.inf)).to(device)
@@ -174,9 +186,10 @@ class LossScaler:
     kind = "LossScaler"
 
     def __init__(self, scale: float = 1.0, device: torch.device | str = "cpu") -> None:
-        _check_positive_finite("scale", scale)
+        self._lowest_scale = check_loss_scale("scale", scale)  # the lowest scale it can hold (host)
         self.device = torch.device(device)
         self._scale = torch.tensor(float(scale), dtype=torch.float32, device=self.device)
+        self.skipped_in_a_row = 0  # host count of consecutive skipped steps, from `observe`
         self._skipped = torch.zeros((), dtype=torch.int64, device=self.device)
         self._scale_calls = 0  # scale() calls so far, and how many there had been at the last mp.step
         self._stepped_at: int | None = None
@@ -234,7 +247,8 @@ class LossScaler:
             inv_scale = 1 / self._scale
         else:
             inv_scale = self._scale.double().reciprocal().float()
-        return unscale_and_check_(grads, inv_scale)
+        # A scale below 1 multiplies the gradients up: then the unscaled values are checked too.
+        return unscale_and_check_(grads, inv_scale, check_unscaled=self._lowest_scale < 1)
 
     def update(self, found_inf: torch.Tensor) -> None:
         """Record one step's result: count it as skipped if ``found_inf`` is nonzero.
@@ -254,10 +268,25 @@ class LossScaler:
     def observe(self, found_inf: bool, loss_scale: float) -> None:
         """Host-side bookkeeping with values already read on the host (by `mp.step`'s one sync).
 
-        The base scalers do nothing; `DynamicScaler` warns once (or raises) at its floor.
+        Counts consecutive skipped steps in ``skipped_in_a_row`` (for `mp.step`'s NaN-storm guard; not
+        in the state dict: it restarts from 0 after loading); `DynamicScaler` also warns once (or raises)
+        at its floor.
 
         Syncs: no.
         """
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if found_inf else 0
+
+    def storm_limit(self) -> int:
+        """Consecutive skipped steps after which `mp.step` stops the run as a NaN storm (its ``"auto"``).
+
+        Here `STORM_SKIPS` (50): a fixed scale never changes between attempts, so 50 overflowing
+        batches in a row are no burst. `DynamicScaler` allows for its back-off as well.
+
+        Example:
+            >>> StaticScaler(1024.0).storm_limit()
+            50
+        """
+        return STORM_SKIPS
 
     # ----- reading and moving the state -----------------------------------------------------------
     @property
@@ -294,8 +323,7 @@ class LossScaler:
         if device.type != self.device.type:
             raise ValueError(
                 f"{what} is on {device} but the {type(self).__name__} state is on {self.device}: "
-                f"move the scaler with scaler.to({str(device)!r}) (or create it with device=...)"
-            )
+                f"move the scaler with scaler.to({str(device)!r}) (or create it with device=...)")
 
     # ----- checkpoints ----------------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
@@ -315,8 +343,7 @@ class LossScaler:
             "kind": self.kind,
             "scale": self.loss_scale,
             "skipped_steps": int(self._skipped.item()),
-            **self._config(),
-        }
+            **self._config()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore every field written by `state_dict` (the state stays on this scaler's device).
@@ -331,31 +358,30 @@ class LossScaler:
         """
         expected = set(self.state_dict())
         if not isinstance(state_dict, dict):
+            raise ValueError(f"load_state_dict takes a dict from state_dict(), got {type(state_dict).__name__}")
+        if "kind" not in state_dict and "_growth_tracker" in state_dict:
             raise ValueError(
-                f"load_state_dict takes a dict from state_dict(), got {type(state_dict).__name__}"
-            )
+                f"this is a torch.amp.GradScaler state dict, not a mixprec {self.kind!r} state dict; mixprec "
+                f"scalers load only their own (make a DynamicScaler(init_scale=...) with the GradScaler's scale)")
         if state_dict.get("kind") != self.kind:
             raise ValueError(
                 f"this state dict is for {state_dict.get('kind')!r}, not {self.kind!r}: load it into a "
-                f"{state_dict.get('kind')} (or create the scaler that wrote it)"
-            )
+                f"{state_dict.get('kind')} (or create the scaler that wrote it)")
         if state_dict.get("version") != STATE_VERSION:
             raise ValueError(
                 f"scaler state dict version {state_dict.get('version')!r} is not supported; this mixprec "
-                f"reads version {STATE_VERSION}"
-            )
+                f"reads version {STATE_VERSION}")
         if set(state_dict) != expected:
             missing, extra = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
             raise ValueError(
                 f"{self.kind} state dict has missing keys {missing} and unexpected keys {extra}; "
-                f"expected exactly {sorted(expected)}"
-            )
+                f"expected exactly {sorted(expected)}")
         self._load_config(state_dict)
         self._scale = torch.tensor(float(state_dict["scale"]), dtype=torch.float32, device=self.device)
-        self._skipped = torch.tensor(int(state_dict["skipped_steps"]), dtype=torch.int64, device=self.device)
+        self._skipped = torch.tensor(_count(state_dict, "skipped_steps"), dtype=torch.int64, device=self.device)
 
     def _load_config(self, state_dict: dict[str, Any]) -> None:
-        _check_positive_finite("scale", state_dict["scale"])
+        self._lowest_scale = check_loss_scale("scale", state_dict["scale"])
 
     def __repr__(self) -> str:
         config = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
@@ -410,7 +436,8 @@ class DynamicScaler(LossScaler):
       counter is refilled and ``scale = min(scale * growth_factor, max_scale)`` (kept unchanged if that
       would be inf, as torch.amp.GradScaler does).
 
-    With ``hysteresis=1, min_scale=0, max_scale=inf`` the trajectory equals torch.amp.GradScaler's.
+    With ``hysteresis=1, min_scale=2**-126, max_scale=inf`` the trajectory equals torch.amp.GradScaler's
+    (while its scale stays above 2^-126).
     At the floor (overflow while ``scale <= min_scale``) the scaler never crashes: steps keep being
     skipped and counted, and `observe` (called by `mp.step`) warns once; with
     ``raise_at_min_scale=True`` it raises `LossScaleFloorError` instead.
@@ -421,8 +448,9 @@ class DynamicScaler(LossScaler):
         backoff_factor: in (0, 1).
         growth_interval: clean steps before growing, >= 1.
         hysteresis: overflows tolerated before backing off, >= 1.
-        min_scale: floor, >= 0 (0 means none: the scale may collapse towards zero).
-        max_scale: ceiling, >= min_scale, may be inf.
+        min_scale: floor, a number that float32 stores as a finite normal number > 0 (``SCALE_RANGE``;
+            a smaller floor would let the scale reach 0, and 1/0 turns every gradient into inf/NaN).
+        max_scale: ceiling, >= min_scale, may be inf (the scale itself never grows to inf).
         raise_at_min_scale: raise instead of warning when gradients overflow at the floor.
         device: where the state lives; see `LossScaler.to`.
 
@@ -448,34 +476,28 @@ class DynamicScaler(LossScaler):
         raise_at_min_scale: bool = False,
         device: torch.device | str = "cpu",
     ) -> None:
-        config = dict(
-            init_scale=init_scale,
-            growth_factor=growth_factor,
-            backoff_factor=backoff_factor,
-            growth_interval=growth_interval,
-            hysteresis=hysteresis,
-            min_scale=min_scale,
-            max_scale=max_scale,
-        )
-        _validate_dynamic(**config)
+        options = dict(growth_factor=growth_factor, backoff_factor=backoff_factor, growth_interval=growth_interval,
+                       hysteresis=hysteresis, min_scale=min_scale, max_scale=max_scale)
+        _validate_dynamic(init_scale, **options)
         super().__init__(init_scale, device)
-        self.growth_factor = float(growth_factor)
-        self.backoff_factor = float(backoff_factor)
-        self.growth_interval = int(growth_interval)
-        self.hysteresis = int(hysteresis)
-        self.min_scale = float(min_scale)
-        self.max_scale = float(max_scale)
-        self.raise_at_min_scale = bool(raise_at_min_scale)
+        self._set_options(**options, raise_at_min_scale=raise_at_min_scale)
         self._warned_at_floor = False
         self._growth_tracker = torch.zeros((), dtype=torch.int32, device=self.device)
         self._hysteresis_tracker = torch.full((), self.hysteresis, dtype=torch.int32, device=self.device)
+
+    def _set_options(self, growth_factor: float, backoff_factor: float, growth_interval: int, hysteresis: int,
+                     min_scale: float, max_scale: float, raise_at_min_scale: bool) -> None:
+        self.growth_factor, self.backoff_factor = float(growth_factor), float(backoff_factor)
+        self.growth_interval, self.hysteresis = int(growth_interval), int(hysteresis)
+        self.min_scale, self.max_scale = float(min_scale), float(max_scale)
+        self.raise_at_min_scale = bool(raise_at_min_scale)
+        self._lowest_scale = self.min_scale
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         return {
             **super()._state_tensors(),
             "_growth_tracker": self._growth_tracker,
-            "_hysteresis_tracker": self._hysteresis_tracker,
-        }
+            "_hysteresis_tracker": self._hysteresis_tracker}
 
     def update(self, found_inf: torch.Tensor) -> None:
         """Back off or grow the scale after one step (see the class docstring). Syncs: no.
@@ -520,29 +542,40 @@ class DynamicScaler(LossScaler):
         Raises:
             LossScaleFloorError: with ``raise_at_min_scale=True``.
         """
+        super().observe(found_inf, loss_scale)
         if not (found_inf and loss_scale <= self.min_scale):
             return
         message = (
             f"gradients overflow even at the minimum loss scale {self.min_scale:g}: the step was skipped "
             f"({int(self._skipped.item())} skipped so far). Something other than the loss scale produces "
-            f"inf/NaN (look for an overflowing activation or a NaN loss), or lower min_scale."
-        )
+            f"inf/NaN (look for an overflowing activation or a NaN loss), or lower min_scale.")
         if self.raise_at_min_scale:
             raise LossScaleFloorError(message)
         if not self._warned_at_floor:
             self._warned_at_floor = True
             warnings.warn(message + " (warned once; steps keep being skipped)", RuntimeWarning, stacklevel=3)
 
+    def storm_limit(self) -> int:
+        """Consecutive skipped steps after which `mp.step` stops the run as a NaN storm (its ``"auto"``).
+
+        Twice the longest run of skips a healthy start-up or recovery can take: backing off from the
+        ceiling (at most the largest float32) down to the floor, plus the overflows the hysteresis
+        absorbs first; and at least `STORM_SKIPS`. So a start at 2^16 descending to a good scale never
+        trips it, and a run overflowing at the floor stops after a bounded number of steps. Defaults
+        (2^24 -> 1, backoff 0.5, hysteresis 2): 2 * (24 + 2) = 52.
+
+        Example:
+            >>> DynamicScaler().storm_limit(), DynamicScaler(hysteresis=1, min_scale=2.0**-8).storm_limit()
+            (52, 66)
+        """
+        top = min(self.max_scale, LARGEST_SCALE)
+        descent = math.ceil(math.log(top / self.min_scale) / -math.log(self.backoff_factor))
+        return max(STORM_SKIPS, 2 * (descent + self.hysteresis))
+
     def _config(self) -> dict[str, Any]:
-        return dict(
-            growth_factor=self.growth_factor,
-            backoff_factor=self.backoff_factor,
-            growth_interval=self.growth_interval,
-            hysteresis=self.hysteresis,
-            min_scale=self.min_scale,
-            max_scale=self.max_scale,
-            raise_at_min_scale=self.raise_at_min_scale,
-        )
+        names = ("growth_factor", "backoff_factor", "growth_interval", "hysteresis", "min_scale", "max_scale",
+                 "raise_at_min_scale")
+        return {name: getattr(self, name) for name in names}
 
     def state_dict(self) -> dict[str, Any]:
         """Versioned dict: scale, trackers, skipped steps, warned flag and every option. Syncs: yes.
@@ -555,48 +588,59 @@ class DynamicScaler(LossScaler):
             **super().state_dict(),
             "growth_tracker": int(self._growth_tracker.item()),
             "hysteresis_tracker": int(self._hysteresis_tracker.item()),
-            "warned_at_floor": self._warned_at_floor,
-        }
+            "warned_at_floor": self._warned_at_floor}
 
     def _load_config(self, state_dict: dict[str, Any]) -> None:
-        _validate_dynamic(
-            init_scale=state_dict["scale"],
-            **{k: state_dict[k] for k in self._config() if k != "raise_at_min_scale"},
-        )
-        self.growth_factor = float(state_dict["growth_factor"])
-        self.backoff_factor = float(state_dict["backoff_factor"])
-        self.growth_interval = int(state_dict["growth_interval"])
-        self.hysteresis = int(state_dict["hysteresis"])
-        self.min_scale = float(state_dict["min_scale"])
-        self.max_scale = float(state_dict["max_scale"])
-        self.raise_at_min_scale = bool(state_dict["raise_at_min_scale"])
+        options = {k: state_dict[k] for k in self._config()}
+        _validate_dynamic(state_dict["scale"], **{k: v for k, v in options.items() if k != "raise_at_min_scale"})
+        self._set_options(**options)
         self._warned_at_floor = bool(state_dict["warned_at_floor"])
-        self._growth_tracker = torch.tensor(
-            int(state_dict["growth_tracker"]), dtype=torch.int32, device=self.device
-        )
-        self._hysteresis_tracker = torch.tensor(
-            int(state_dict["hysteresis_tracker"]), dtype=torch.int32, device=self.device
-        )
+        as_int32 = {"dtype": torch.int32, "device": self.device}
+        self._growth_tracker = torch.tensor(_count(state_dict, "growth_tracker"), **as_int32)
+        self._hysteresis_tracker = torch.tensor(_count(state_dict, "hysteresis_tracker"), **as_int32)
 
 
 # ----- argument checks ----------------------------------------------------------------------------
 
 
-def _check_positive_finite(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+def _count(state_dict: dict[str, Any], key: str) -> int:
+    """A state dict's counter: an integer >= 0 (a tensor holding one is fine), else a ValueError naming it."""
+    value = state_dict[key]
+    number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+        raise ValueError(f"scaler state dict: {key} must be an integer >= 0, got {value!r}")
+    return number
 
 
-def _validate_dynamic(
-    init_scale: Any,
-    growth_factor: Any,
-    backoff_factor: Any,
-    growth_interval: Any,
-    hysteresis: Any,
-    min_scale: Any,
-    max_scale: Any,
-) -> None:
-    _check_positive_finite("init_scale", init_scale)
+def check_loss_scale(name: str, value: Any) -> float:
+    """Return ``value`` as the float32 a scaler stores; ValueError unless that is finite, normal and > 0.
+
+    The check is on the stored value: ``1e-45`` is stored as 0.0 and ``1e39`` as inf, both refused.
+
+    Example:
+        >>> check_loss_scale("scale", 2**16)
+        65536.0
+        >>> check_loss_scale("scale", 1e-45)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: scale must be a finite number > 0 that float32 stores as a normal number, ...
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a finite number > 0 (a Python int or float), got {value!r}")
+    try:
+        stored = float(torch.tensor(float(value), dtype=torch.float32))
+    except OverflowError:  # an int beyond float64
+        stored = math.inf
+    if not SMALLEST_SCALE <= stored <= LARGEST_SCALE:
+        as_stored = "" if stored == value or math.isnan(stored) else f", which float32 stores as {stored!r}"
+        raise ValueError(
+            f"{name} must be a finite number > 0 that float32 stores as a normal number, i.e. in "
+            f"{SCALE_RANGE}; got {value!r}{as_stored}. Loss scales are usually powers of two, e.g. 2**16")
+    return stored
+
+
+def _validate_dynamic(init_scale: Any, growth_factor: Any, backoff_factor: Any, growth_interval: Any,
+                      hysteresis: Any, min_scale: Any, max_scale: Any) -> None:
+    init_scale = check_loss_scale("init_scale", init_scale)
     if not isinstance(growth_factor, (int, float)) or not (1 < growth_factor < math.inf):
         raise ValueError(f"growth_factor must be a finite number > 1 (e.g. 2.0), got {growth_factor!r}")
     if not isinstance(backoff_factor, (int, float)) or not (0 < backoff_factor < 1):
@@ -604,16 +648,12 @@ def _validate_dynamic(
     if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) or growth_interval < 1:
         raise ValueError(f"growth_interval must be an integer >= 1 (e.g. 2000), got {growth_interval!r}")
     if isinstance(hysteresis, bool) or not isinstance(hysteresis, int) or hysteresis < 1:
-        raise ValueError(
-            f"hysteresis must be an integer >= 1 (1 backs off on every overflow), got {hysteresis!r}"
-        )
-    if not isinstance(min_scale, (int, float)) or not (0 <= min_scale < math.inf):
-        raise ValueError(f"min_scale must be a finite number >= 0 (0: no floor), got {min_scale!r}")
+        raise ValueError(f"hysteresis must be an integer >= 1 (1 backs off on every overflow), got {hysteresis!r}")
+    check_loss_scale("min_scale", min_scale)  # > 0: a scale of 0 would make 1/scale inf
     if not isinstance(max_scale, (int, float)) or math.isnan(max_scale) or max_scale <= 0:
         raise ValueError(f"max_scale must be a number > 0 (inf: no ceiling), got {max_scale!r}")
     if min_scale > max_scale:
         raise ValueError(f"min_scale ({min_scale!r}) must be <= max_scale ({max_scale!r})")
     if not min_scale <= init_scale <= max_scale:
         raise ValueError(
-            f"init_scale ({init_scale!r}) must lie in [min_scale, max_scale] = [{min_scale!r}, {max_scale!r}]"
-        )
+            f"init_scale ({init_scale!r}) must lie in [min_scale, max_scale] = [{min_scale!r}, {max_scale!r}]")

@@ -16,6 +16,11 @@ gradient destroys the weights, and stepping an LR scheduler on a skipped step sh
    optimizer state tensor untouched;
 6. update the loss scale (tensor ops) and let the scaler warn or raise at its floor.
 
+Two guards end a run that skipping cannot save, with a `NaNStormError` naming the parameters: a NaN
+storm (``max_skips_in_a_row`` skipped steps in a row: a NaN loss, an inf activation or bad data, which
+no loss scale fixes), and weights that hold inf/NaN (checked on the step after a skipped one, read in
+the same sync: every later gradient would be inf/NaN too). Clean steps pay nothing for them.
+
 Example:
     >>> import torch, mixprec as mp
     >>> model = torch.nn.Linear(3, 1)
@@ -29,17 +34,17 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .distributed import is_dtensor
-from .master import MasterWeights
-from .scaling import LossScaler
+from .master import MasterWeights, managed
+from .scaling import LossScaler, find_nonfinite
 
-__all__ = ["StepInfo", "step"]
+__all__ = ["StepInfo", "step", "NaNStormError"]
 
 
 @dataclass(frozen=True)
@@ -53,12 +58,117 @@ class StepInfo:
         grad_norm: total L2 norm of the unscaled gradients (inf/NaN on an overflow), or None when no
             clipping was asked for (pass ``max_grad_norm=float("inf")`` to measure without clipping).
         skipped_steps: steps skipped so far by this scaler, this one included.
+        nonfinite: on a skipped step, the parameters whose gradients held inf/NaN on this rank, as
+            ``{"#i (shape 64x32)": "inf" | "nan" | "inf, nan"}`` (i: position among the optimizer's
+            parameters; `named` gives model names); ``{}`` when none did (the norm overflowed, or another
+            rank's gradients did); None on an applied step (nothing is read for it).
     """
 
     applied: bool
     loss_scale: float
     grad_norm: float | None
     skipped_steps: int = 0
+    nonfinite: dict[str, str] | None = None
+    _params: tuple = field(default=(), repr=False, compare=False)
+
+    def named(self, model: torch.nn.Module) -> dict[str, str] | None:
+        """`nonfinite` with the parameters named as in `model`.
+
+        Example:
+            >>> import torch, mixprec as mp
+            >>> model = torch.nn.Linear(2, 1)
+            >>> model.weight.grad, model.bias.grad = torch.ones(1, 2), torch.tensor([float("inf")])
+            >>> info = mp.step(torch.optim.SGD(model.parameters(), lr=0.1), mp.NoScaler())
+            >>> info.applied, info.nonfinite, info.named(model)
+            (False, {'#1 (shape 1)': 'inf'}, {'bias': 'inf'})
+        """
+        if self.nonfinite is None:
+            return None
+        names = {id(p): name for name, p in model.named_parameters()}
+        return {names.get(id(p), label): kinds for (label, kinds), p in zip(self.nonfinite.items(), self._params,
+                                                                            strict=True)}
+
+
+class NaNStormError(RuntimeError):
+    """`step` stopped a run whose steps keep being skipped, where skipping cannot end it.
+
+    Raised when ``max_skips_in_a_row`` steps in a row had inf/NaN gradients (``reason="storm"``), or as
+    soon as the weights themselves hold inf/NaN (``reason="weights"``; every later gradient would too).
+    The step that raises was not applied: parameters, masters and optimizer state are those of the last
+    applied step, the last good state.
+
+    Attributes:
+        reason: ``"storm"`` or ``"weights"``.
+        skipped_in_a_row: consecutive skipped steps, the one that raised included.
+        skipped_steps: steps the scaler skipped in all.
+        loss_scale: the scale the last step's gradients were scaled by.
+        gradients: ``{parameter: "inf" | "nan" | "inf, nan"}`` for the gradients that held them.
+        weights: the same for the weights (FP32 masters, where a parameter has one).
+        step: the training step, where the caller told it (`named`).
+        checkpoint: where the caller saved the last good state, if it did (`named`).
+
+    Parameters are labelled ``"#i (shape 64x32)"`` (i: position among the optimizer's parameters) until
+    `named` gives them their names in a model.
+
+    Example:
+        >>> import mixprec as mp
+        >>> p = torch.nn.Parameter(torch.ones(2))
+        >>> p.grad = torch.tensor([float("nan"), 1.0])
+        >>> try:
+        ...     step(torch.optim.SGD([p], lr=0.1), mp.NoScaler(), max_skips_in_a_row=1)
+        ... except NaNStormError as error:
+        ...     print(error.gradients, error.loss_scale)
+        {'#0 (shape 2)': 'nan'} 1.0
+    """
+
+    def __init__(self, reason: str, skipped_in_a_row: int, skipped_steps: int, loss_scale: float,
+                 found: list[tuple[str, int, torch.Tensor, str]], names: dict[int, str] | None = None,
+                 step: int | None = None, checkpoint: str | None = None) -> None:
+        self._args = (reason, skipped_in_a_row, skipped_steps, loss_scale, found)
+        self.reason, self.skipped_in_a_row, self.skipped_steps = reason, skipped_in_a_row, skipped_steps
+        self.loss_scale, self.step, self.checkpoint = loss_scale, step, checkpoint
+        labels = [(names or {}).get(id(p)) or _label(i, p) for _, i, p, _ in found]
+        self.gradients, self.weights = ({label: kinds for (w, _, _, kinds), label in zip(found, labels, strict=True)
+                                         if w == where} for where in ("gradients", "weights"))
+        super().__init__(self._message())
+
+    def named(self, model: torch.nn.Module, step: int | None = None, checkpoint: str | None = None) -> NaNStormError:
+        """The same error, with the parameters named as in ``model`` (and the step and checkpoint, if given).
+
+        Example:
+            >>> model = torch.nn.Linear(2, 1)
+            >>> error = NaNStormError("storm", 50, 50, 1.0, [("gradients", 1, model.bias, "nan")])
+            >>> error.gradients, error.named(model, step=120).gradients
+            ({'#1 (shape 1)': 'nan'}, {'bias': 'nan'})
+        """
+        names = {id(p): name for name, p in model.named_parameters()}
+        return NaNStormError(*self._args, names, self.step if step is None else step, checkpoint or self.checkpoint)
+
+    def _message(self) -> str:
+        at = f" at step {self.step}" if self.step is not None else ""
+        if self.reason == "weights":
+            text = (f"the weights of {_listed(self.weights)} hold inf/NaN{at}: every later step would be skipped "
+                    f"(their gradients are inf/NaN too). Something other than a step wrote them (a NaN written "
+                    f"into a master weight, say), or the optimizer made them from finite gradients (e.g. Adam "
+                    f"with eps=0): restore the last good checkpoint")
+        else:
+            grads = _listed(self.gradients) or "none on the parameters (the unscaled values or their norm overflowed)"
+            weights = f"; weights with inf/NaN: {_listed(self.weights)}" if self.weights else "; the weights are finite"
+            text = (f"NaN storm{at}: {self.skipped_in_a_row} steps in a row were skipped (loss scale "
+                    f"{self.loss_scale:g}, {self.skipped_steps} skipped in all); inf/NaN gradients in {grads}"
+                    f"{weights}. A loss scale does not fix this: look for a NaN loss, an inf activation or bad "
+                    f"data in these steps (or pass max_skips_in_a_row=None to mp.step to keep skipping)")
+        return text + (f". The last good state is saved in {self.checkpoint}" if self.checkpoint else "")
+
+
+def _label(i: int, p: torch.Tensor) -> str:
+    return f"#{i} (shape {'x'.join(map(str, p.shape)) or '()'})"
+
+
+def _listed(found: dict[str, str], most: int = 6) -> str:
+    items = [f"{label}: {kinds}" for label, kinds in found.items()]
+    more = f" and {len(items) - most} more" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
 
 
 def _group_size(group: Any) -> int:
@@ -85,7 +195,16 @@ def _gather_grads(optimizers: list[torch.optim.Optimizer], ranks: int) -> tuple[
             # every rank); anything else (a reduction mixprec did not see) is read from param.grad.
             grads += optimizer.collect_grads_(trust_fp32=ranks == 1)
         else:
-            grads += [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            refused = managed(params)
+            if refused:
+                p = params[refused[0]]
+                raise RuntimeError(
+                    f"mp.step got a plain {type(optimizer).__name__} over parameter #{refused[0]} (shape "
+                    f"{tuple(p.shape)}) and {len(refused) - 1} more that mp.prepare gave FP32 master weights: "
+                    f"built after prepare, it would train them without masters. Build the optimizer first and "
+                    f"step the one prepare returns: model, optimizer, scaler = mp.prepare(model, optimizer, policy)")
+            grads += [p.grad for p in params if p.grad is not None]
     local, sharded = [], []
     for g in grads:
         shard = is_dtensor(g)
@@ -108,13 +227,56 @@ def _norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True).to(device)
 
 
-def _agree(found_inf: torch.Tensor, shard_sq: torch.Tensor | None, group: Any) -> tuple[torch.Tensor, Any]:
-    """Sum the found-inf flags (any rank's overflow skips every rank) and the sharded squared norms
-    over `group`, in one collective."""
-    packed = torch.stack([found_inf.float(), torch.zeros_like(found_inf.float()) if shard_sq is None
-                          else shard_sq.to(found_inf.device, torch.float32)])
+def _agree(found_inf: torch.Tensor, shard_sq: torch.Tensor | None, bad_weights: torch.Tensor | None,
+           group: Any) -> tuple[torch.Tensor, Any, Any]:
+    """Sum the found-inf flags (any rank's overflow skips every rank), the sharded squared norms and the
+    non-finite-weights flags (a shard's NaN stops every rank) over `group`, in one collective."""
+    zero = torch.zeros_like(found_inf.float())
+    packed = torch.stack([found_inf.float()] + [zero if t is None else t.to(zero.device, torch.float32)
+                                                for t in (shard_sq, bad_weights)])
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    return torch.clamp(packed[0], max=1.0), packed[1]
+    return torch.clamp(packed[0], max=1.0), packed[1], packed[2]
+
+
+def _weights(optimizers: list[torch.optim.Optimizer]) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(position, model parameter, tensor the optimizer steps: its master or itself) for each parameter."""
+    found: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    for opt in optimizers:
+        stepped = [t for group in opt.param_groups for t in group["params"]]
+        models = opt.model_params if isinstance(opt, MasterWeights) else stepped
+        found += [(len(found) + i, p, t) for i, (p, t) in enumerate(zip(models, stepped, strict=True))]
+    return found
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if is_dtensor(t) else t
+
+
+def _diagnose(optimizers: list[torch.optim.Optimizer], grads: list[torch.Tensor],
+              weights_too: bool = True) -> list[tuple[str, int, Any, str]]:
+    """Which gradients (and weights) hold inf/NaN, by parameter (cold path: it reads values to the host).
+    Run before the step releases the FP32 gradients: `grads` line up with the stepped tensors that have one."""
+    weights = _weights(optimizers)
+    checks = [("gradients", [(i, p) for i, p, t in weights if t.grad is not None], grads)]
+    if weights_too:
+        checks.append(("weights", [(i, p) for i, p, _ in weights], [_local(t) for _, _, t in weights]))
+    found = []
+    for where, owners, tensors in checks:
+        flags = find_nonfinite(tensors).tolist() if tensors else []
+        for (i, p), t, bad in zip(owners, tensors, flags, strict=True):
+            if bad:
+                kinds = [k for k, f in (("inf", torch.isinf), ("nan", torch.isnan)) if bool(f(t).any())]
+                found.append((where, i, p, ", ".join(kinds)))
+    return found
+
+
+def _skip_limit(value: Any, scaler: LossScaler) -> int | None:
+    if isinstance(value, str) and value == "auto":
+        return scaler.storm_limit()
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"max_skips_in_a_row must be an integer >= 1, 'auto' (the scaler's storm_limit(), "
+                         f"{scaler.storm_limit()} here) or None (never stop), got {value!r}")
+    return value
 
 
 def _clip_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float, found_inf: torch.Tensor) -> None:
@@ -138,6 +300,7 @@ def step(
     scaler: LossScaler,
     max_grad_norm: float | None = None,
     group: Any = None,
+    max_skips_in_a_row: int | str | None = "auto",
 ) -> StepInfo:
     """Unscale and check the gradients, clip them, step the optimizer unless they overflowed, update
     the loss scale.
@@ -151,18 +314,25 @@ def step(
         group: the process group whose ranks must agree (default: the world, when torch.distributed is
             initialised). Every rank skips when any rank's gradients overflowed, and the norm of
             sharded (FSDP2) gradients is summed over the ranks. Every rank of the group must call step.
+        max_skips_in_a_row: raise `NaNStormError` when this many steps in a row were skipped: ``"auto"``
+            (``scaler.storm_limit()``: 52 for the default DynamicScaler, more than its back-off from the
+            ceiling to the floor takes; 50 for a fixed scale), an integer >= 1, or None (skip forever).
 
     Returns:
         `StepInfo`: whether the update was applied, the loss scale used, the gradient norm.
 
     Raises:
-        RuntimeError: no parameter has a gradient (backward was not called since ``zero_grad``); or
-            step was already called since the last ``scaler.scale(loss)`` (a second update from the
-            same gradients, or one optimizer stepped after the scale changed: pass them all at once).
+        RuntimeError: no parameter has a gradient (backward was not called since ``zero_grad``); step
+            was already called since the last ``scaler.scale(loss)`` (a second update from the same
+            gradients, or one optimizer stepped after the scale changed: pass them all at once); or a
+            plain optimizer steps parameters that mp.prepare gave FP32 masters (built after prepare).
+        NaNStormError: ``max_skips_in_a_row`` skipped steps in a row, or weights holding inf/NaN.
 
-    Syncs: yes, exactly once: found-inf, gradient norm, loss scale and skipped-step count are read
-    together in one transfer. (The optimizer's own step may add syncs of its own, as without mixprec.)
-    With several ranks, one all-reduce of two numbers comes right before that read.
+    Syncs: yes, exactly once: found-inf, gradient norm, loss scale and skipped-step count (and, on the
+    step after a skipped one, whether the weights are finite) are read together in one transfer. (The
+    optimizer's own step may add syncs of its own, as without mixprec.) With several ranks, one
+    all-reduce of three numbers comes right before that read. A skipped step reads more to fill
+    `StepInfo.nonfinite` (which parameters), and so does a `NaNStormError`; applied steps never do.
 
     Example:
         >>> import torch, mixprec as mp
@@ -173,23 +343,35 @@ def step(
         >>> info.applied, info.loss_scale, scaler.loss_scale, p.tolist()
         (False, 4.0, 2.0, [1.0, 1.0])
     """
+    if not isinstance(scaler, LossScaler):
+        raise TypeError(f"mp.step takes the LossScaler mp.prepare returned (or mp.NoScaler()), got "
+                        f"{type(scaler).__name__} {scaler!r}")
+    if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))):
+        raise TypeError(f"max_grad_norm must be a number > 0 or None, got {type(max_grad_norm).__name__} "
+                        f"{max_grad_norm!r}")
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm!r}")
     optimizers = _optimizers(optimizer)
+    limit = _skip_limit(max_skips_in_a_row, scaler)
     scaler.check_not_stepped()
     ranks = _group_size(group)
     grads, sharded = _gather_grads(optimizers, ranks)
     if not grads:
         raise RuntimeError(
             "mp.step found no gradients: call scaler.scale(loss).backward() before mp.step "
-            "(and optimizer.zero_grad() after it, not before)"
-        )
+            "(and optimizer.zero_grad() after it, not before)")
 
     # 1. Unscale + check, fused; grads are FP32 masters' grads when MasterWeights is used.
     found_inf = scaler.unscale_and_check_(grads)
 
     # 2. Agree across ranks (one collective), then clip the unscaled gradients if they are finite.
     device = found_inf.device
+    # After a skipped step, also check that the weights are finite (a NaN weight makes every later step
+    # skip); read with the one sync below, so clean steps pay nothing.
+    bad_weights = None
+    if scaler.skipped_in_a_row:
+        local = [_local(t) for _, _, t in _weights(optimizers)]
+        bad_weights = find_nonfinite(local).any().float().to(device) if local else None
     norm = None
     if max_grad_norm is not None:
         # In FP32: a 16-bit norm overflows long before the gradients do (a plain optimizer over
@@ -199,7 +381,9 @@ def step(
         shard_sq = _norm(shards, device) ** 2 if shards else None
         replica_norm = _norm(replicas, device)
     if ranks > 1:
-        found_inf, shard_sq_total = _agree(found_inf, shard_sq if max_grad_norm is not None else None, group)
+        found_inf, shard_sq_total, bad_total = _agree(
+            found_inf, shard_sq if max_grad_norm is not None else None, bad_weights, group)
+        bad_weights = None if bad_weights is None else bad_total
     if max_grad_norm is not None:
         if any(sharded):
             total_sq = shard_sq_total if ranks > 1 else shard_sq
@@ -215,8 +399,24 @@ def step(
     values = [found_inf, scaler.scale_tensor, scaler.skipped_steps]
     if norm is not None:
         values.append(norm.to(found_inf.device))
+    if bad_weights is not None:
+        values.append(bad_weights)
     read = _read_together(values)
     overflow, loss_scale, skipped_before = read[0] != 0, read[1], int(read[2])
+    weights_broken = bad_weights is not None and read[-1] != 0
+    storm = overflow and limit is not None and scaler.skipped_in_a_row + 1 >= limit
+    if weights_broken or storm:  # the run ends here: say why, while the FP32 gradients are still held
+        error = NaNStormError("weights" if weights_broken else "storm", scaler.skipped_in_a_row + 1,
+                              skipped_before + 1, loss_scale, _diagnose(optimizers, grads))
+        if weights_broken:  # not applied; the scale has nothing to do with it and stays as it is
+            for opt in optimizers:
+                if isinstance(opt, MasterWeights):
+                    opt.release_grads_()
+            scaler.mark_stepped()
+            raise error
+
+    # Provenance of a skipped step (a cold path, as rare as skips): which parameters' gradients overflowed.
+    found = _diagnose(optimizers, grads, weights_too=False) if overflow else []
 
     # 4. Update only with finite gradients.
     for opt in optimizers:
@@ -229,9 +429,12 @@ def step(
     scaler.update(found_inf)
     scaler.observe(overflow, loss_scale)
     scaler.mark_stepped()
+    if storm:
+        raise error
     return StepInfo(
         applied=not overflow,
         loss_scale=loss_scale,
         grad_norm=read[3] if norm is not None else None,
         skipped_steps=skipped_before + int(overflow),
-    )
+        nonfinite={_label(i, p): kinds for _, i, p, kinds in found} if overflow else None,
+        _params=tuple(p for _, _, p, _ in found))

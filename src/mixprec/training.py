@@ -28,10 +28,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,17 +44,19 @@ import torch.distributed as dist
 
 import mixprec as mp
 from mixprec.checkpoints import (
-    CHECKPOINT_NAME,
-    CHECKPOINT_VERSION,
+    DEFAULT_KEEP,
     check_same_run,
     check_writable,
+    find_checkpoint,
     isolated_rng,
     load_checkpoint,
+    prepare_run_folder,
     rng_state,
     save_checkpoint,
     set_rng_state,
     torch_threads,
 )
+from mixprec.faults import FaultInjector, FaultPlan
 from mixprec.processes import check_one_process, process_group, rank_and_world_size, rows_per_process, shard
 from mixprec.recipes import Data, Recipe, get_recipe
 
@@ -89,6 +93,7 @@ class RunResult:
     data_info: dict[str, Any] = field(default_factory=dict)
     world_size: int = 1  # processes that trained data-parallel (torchrun), each on 1/world_size of a batch
     history: list[Record] = field(default_factory=list, repr=False)
+    emulation: str | None = None  # emulated: "per op" or "module boundaries" (see Policy.emulation)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,11 +108,15 @@ def train(
     data: Data | None = None,
     device: str | torch.device = "cpu",
     out: str | Path | None = None,
-    resume: bool = False,
+    resume: bool | str | Path = False,
+    overwrite: bool = False,
     stop_at: int | None = None,
     checkpoint_every: int | None = None,
+    keep: int = DEFAULT_KEEP,
     threads: int | None = None,
     log: Log | None = None,
+    faults: str | FaultPlan | None = None,
+    max_skips_in_a_row: int | str | None = "auto",
 ) -> RunResult:
     """Train ``recipe`` under ``policy`` and return its `RunResult`.
 
@@ -118,13 +127,29 @@ def train(
         steps: total steps (default: the recipe's). The LR schedule spans this many steps.
         data: the recipe's data, if already built (`compare` builds it once for all runs).
         device: where to train; execution is native or emulated as ``policy`` resolves on it.
-        out: a folder for ``checkpoint.pt`` (written atomically at the end, at ``stop_at`` and every
-            ``checkpoint_every`` steps). None: no checkpoints.
-        resume: continue from ``out/checkpoint.pt`` (same recipe, policy, seed and steps).
+        out: the run's folder, for its checkpoints ``checkpoint-000100.pt`` (written atomically at the
+            end, at ``stop_at`` and every ``checkpoint_every`` steps; see `mixprec.checkpoints`). A
+            folder that already holds a run is refused unless ``resume`` or ``overwrite``. None: no
+            checkpoints.
+        resume: True: continue from the newest intact checkpoint in ``out`` (newer damaged ones are
+            skipped with a warning naming them and why); a path: from that checkpoint. Same recipe,
+            policy, seed and steps.
+        overwrite: start afresh in an ``out`` that holds a run, removing the run's files (checkpoints,
+            metrics.jsonl, result.json, TensorBoard event files; nothing else).
         stop_at: stop after this many steps (checkpointed), as if interrupted; resume later.
+        checkpoint_every: steps between checkpoints (None or 0: only at the end and at ``stop_at``).
+        keep: checkpoints kept in ``out`` (the newest; default 2, so a damaged newest one leaves an
+            older one to resume from).
         threads: torch CPU threads for this run (restored afterwards); None leaves torch's setting.
         log: called with every record (steps and evaluations) as the run makes it; under torchrun
             on rank 0 only.
+        faults: a `mixprec.faults.FaultPlan` or its spec (``"grad:inf@3,7;loss:nan@rate=0.01;seed=1"``):
+            inf/NaN injected into gradients, the loss or activations at those steps (counted from 1).
+        max_skips_in_a_row: the NaN-storm guard, passed to ``mp.step``: after this many skipped steps in
+            a row (``"auto"``: the scaler's ``storm_limit()``; None: never) the run stops with
+            ``mp.NaNStormError``, naming the parameters whose gradients (or weights) hold inf/NaN, after
+            logging the step and checkpointing the last good state into ``out`` (a skipped step changes
+            no weight, so the current state is it).
 
     Under torchrun (``WORLD_SIZE`` > 1) it joins the process group (gloo on CPU, NCCL on
     ``cuda:LOCAL_RANK``) unless one is open, and trains a DistributedDataParallel replica on its
@@ -142,17 +167,30 @@ def train(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if stop_at is not None and not 0 < stop_at <= steps:
         raise ValueError(f"stop_at must be in 1..{steps} (the run's steps), got {stop_at}")
+    if checkpoint_every is not None and checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0 (0 or None: only at the end), got {checkpoint_every}")
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1 (checkpoints kept in out), got {keep}")
+    plan = FaultPlan.parse(faults) if faults is not None else None
     rank, world_size = rank_and_world_size()
     rows_per_process(recipe, world_size)  # before anything starts: raises if the batch does not split
     device = torch.device(device)
     if world_size > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per process
     out = Path(out) if out is not None else None
-    if resume and out is None:
-        raise ValueError("resume needs the run's folder (out=...) holding checkpoint.pt")
+    if (resume is not False or overwrite) and out is None:
+        raise ValueError("resume and overwrite need the run's folder (out=...)")
     if out is not None:
         check_writable(out)
-    checkpoint = load_checkpoint(out / CHECKPOINT_NAME) if resume and out is not None else None
+        if rank == 0:  # one process decides: the others start after it (the process group waits)
+            prepare_run_folder(out, resume=resume is not False, overwrite=overwrite)
+    checkpoint = None
+    if resume is True:
+        _, checkpoint, skipped = find_checkpoint(out)
+        for reason in skipped if rank == 0 else ():
+            warnings.warn(f"{reason}; skipped it, resuming from an older checkpoint", stacklevel=2)
+    elif resume is not False:
+        checkpoint = load_checkpoint(Path(resume))
     if checkpoint is not None:
         check_same_run(checkpoint, recipe, policy, seed, steps)
 
@@ -169,6 +207,7 @@ def train(
         model, optimizer, scaler = mp.prepare(model, optimizer, policy)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: recipe.lr_factor(s, steps))
         execution = policy.resolve_execution(device)
+        injector = FaultInjector(plan, model) if plan is not None else None
 
         history: list[Record] = []
         start, train_seconds, activation_bytes = 0, 0.0, 0
@@ -198,16 +237,47 @@ def train(
             torch.cuda.reset_peak_memory_stats(device)
         end = steps if stop_at is None else stop_at
         pending: list[tuple[Record, torch.Tensor]] = []  # step records waiting for their loss value
+
+        def write_checkpoint(done: int) -> Path | None:
+            """Checkpoint the run after step ``done`` into ``out``; its path (on rank 0, else None)."""
+            path = None
+            if rank == 0:  # replicas are equal: one writer, the inner (unwrapped) model's state
+                path = save_checkpoint(out, {
+                    "recipe": recipe.name, "policy": str(policy),
+                    "seed": seed, "steps": steps, "step": done, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": rng_state(), "history": history,
+                    "train_seconds": train_seconds, "activation_bytes": activation_bytes,
+                }, keep=keep)
+            if world_size > 1:
+                dist.barrier()  # no rank goes on (and no resume reads) before the checkpoint is whole
+            return path
+
         for step in range(start, end):
             tick = time.perf_counter()
             batch = shard(data.batch(step, recipe.batch_size, seed), rank, world_size)
             net.train()
             # On the DDP wrapper, mp.autocast also registers mixprec's gradient communication hook (once).
-            with mp.autocast(net):
+            with mp.autocast(net), injector.forward(step + 1) if injector else contextlib.nullcontext():
                 loss = recipe.loss(net, batch)
+            if injector:
+                loss = injector.loss(step + 1, loss)
             scaler.scale(loss).backward()
-            info = mp.step(optimizer, scaler, max_grad_norm=recipe.max_grad_norm)
+            if injector:
+                injector.grads(step + 1)
             lr = optimizer.param_groups[0]["lr"]
+            try:
+                info = mp.step(optimizer, scaler, max_grad_norm=recipe.max_grad_norm,
+                               max_skips_in_a_row=max_skips_in_a_row)
+            except mp.NaNStormError as error:
+                # Not applied, like the skipped steps before it: the weights, masters and optimizer state
+                # are the last applied step's. Log the step, checkpoint that state, stop naming parameters.
+                record = {"kind": "step", "step": step + 1, "loss": math.nan, "loss_scale": error.loss_scale,
+                          "applied": False, "grad_norm": None, "lr": lr, "skipped_steps": error.skipped_steps}
+                pending.append((record, loss.detach()))
+                _flush(pending, history, log, world_size)
+                path = write_checkpoint(step + 1) if out is not None else None
+                raise error.named(model, step=step + 1, checkpoint=str(path) if path else None) from None
             if info.applied:
                 scheduler.step()  # a skipped step must not advance the schedule
             optimizer.zero_grad()
@@ -219,7 +289,10 @@ def train(
             pending.append((record, loss.detach()))
             done = step + 1
             evaluate_now = done % recipe.eval_every == 0 or done == steps
-            if len(pending) >= LOG_EVERY or evaluate_now or done == end:
+            periodic = bool(checkpoint_every) and done % checkpoint_every == 0
+            checkpoint_now = out is not None and (done == end or periodic)
+            # Before a checkpoint every pending record is flushed: its history holds every record to its step.
+            if len(pending) >= LOG_EVERY or evaluate_now or checkpoint_now or done == end:
                 _flush(pending, history, log, world_size)
             if evaluate_now:
                 # Every rank evaluates the full test data (cheap, no collective); rank 0's value is logged.
@@ -228,17 +301,8 @@ def train(
                 record = {"kind": "eval", "step": done, "metric": _evaluate(recipe, model, data)}
                 history.append(record)
                 log(record)
-            if out is not None and (done == end or (checkpoint_every and done % checkpoint_every == 0)):
-                if rank == 0:  # replicas are equal: one writer, the inner (unwrapped) model's state
-                    save_checkpoint(out / CHECKPOINT_NAME, {
-                        "version": CHECKPOINT_VERSION, "recipe": recipe.name, "policy": str(policy),
-                        "seed": seed, "steps": steps, "step": done, "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                        "scheduler": scheduler.state_dict(), "rng": rng_state(), "history": history,
-                        "train_seconds": train_seconds, "activation_bytes": activation_bytes,
-                    })
-                if world_size > 1:
-                    dist.barrier()  # no rank goes on (and no resume reads) before the checkpoint is whole
+            if checkpoint_now:
+                write_checkpoint(done)
 
         memory = model_memory(model, optimizer, policy, execution, activation_bytes)
         memory_source = "modelled"
@@ -251,6 +315,7 @@ def train(
     last = step_records[-1] if step_records else {"loss": math.nan, "loss_scale": math.nan, "skipped_steps": 0}
     return RunResult(
         recipe=recipe.name, policy=str(policy), seed=seed, steps=len(step_records), execution=execution,
+        emulation=None if execution == "native" else policy.emulation,
         device=str(device), metric=recipe.metric, higher_is_better=recipe.higher_is_better,
         initial_metric=evals[0]["metric"], final_metric=evals[-1]["metric"], final_loss=last["loss"],
         skipped_steps=int(last["skipped_steps"]), final_loss_scale=last["loss_scale"],
@@ -324,6 +389,7 @@ class Comparison:
             "memory": runs[0].memory,
             "memory_source": runs[0].memory_source,
             "execution": runs[0].execution,
+            "emulation": runs[0].emulation,
         }
 
     def to_dict(self) -> dict[str, Any]:

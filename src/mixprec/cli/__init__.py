@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 #: command name -> module (under mixprec.cli) that implements it
 COMMANDS: dict[str, str] = {
@@ -24,8 +25,80 @@ class UsageError(Exception):
     """Bad input from the command line: printed as one line, exit status 2, no traceback."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (exit status 2), not usage + error:
+    the line names the bad argument and what is valid; ``--help`` shows the rest."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+# ----- argument types: checked while parsing, so a bad value costs nothing and writes nothing ----------
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--steps``, ``--threads``, ``--stop-at``)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (``--checkpoint-every``: 0 means only at the end)."""
+    return _int_at_least(text, 0)
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed in 0..2**32-1 (the range NumPy's seed takes; torch and Python take it too)."""
+    value = _int_at_least(text, 0)
+    if value > 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..{2**32 - 1}, got {text!r}")
+    return value
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """argparse type: a device this torch build can train on here: ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+
+    Example: ``--device cuda`` on a CPU-only torch build is refused with the devices there are.
+    """
+    import torch
+
+    here = ["cpu"]
+    if torch.cuda.is_available():
+        here += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if torch.backends.mps.is_available():
+        here.append("mps")
+    valid = f"valid here: {', '.join(here)}"
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; {valid}") from None
+    if parsed.type == "cpu" or (parsed.type == "mps" and "mps" in here):
+        return str(parsed)
+    if parsed.type != "cuda":
+        raise argparse.ArgumentTypeError(f"device {text!r} is not available to mixprec here; {valid}")
+    if not torch.backends.cuda.is_built():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: CUDA is not available in this torch build (torch {torch.__version__}); {valid}")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: this torch build has CUDA but sees no CUDA device (check the driver and "
+            f"CUDA_VISIBLE_DEVICES); {valid}")
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"there is no CUDA device {text!r}; {valid}")
+    return str(parsed)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mixprec",
         description="Mixed precision training for PyTorch: formats, policies, training and comparison.",
     )
@@ -58,6 +131,7 @@ def _main(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
+        print(f"mixprec: error: no command given; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
         return int(args.run(args) or 0)

@@ -78,7 +78,10 @@ class Experiment:
 def make_experiment(recipe: str | Recipe, policies: list[str], seeds: int, steps: int | None) -> Experiment:
     """Validate everything (recipe, policies, seeds, steps) before anything trains."""
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
-    names = [str(mp.Policy.parse(p)) for p in policies]
+    parsed = [mp.Policy.parse(p) for p in policies]
+    for policy in parsed:
+        policy.make_scaler()  # a loss scale float32 cannot hold fails now, not after the other policies ran
+    names = [str(p) for p in parsed]
     if len(set(names)) != len(names):
         raise ValueError(f"a policy is listed twice in {', '.join(policies)}")
     if seeds < 1:

@@ -20,6 +20,7 @@ from pathlib import Path
 from mixprec.report import reference_policy, summarize, write_report
 from mixprec.training import Comparison
 
+from . import device_name, positive_int
 from .compare import make_experiment, print_tables, run_experiments
 from .train import default_device
 
@@ -53,8 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fraction", type=float, default=1.0,
                         help="run this fraction of every experiment's steps (default 1; e.g. 0.1 for a "
                              "quick smoke run whose numbers prove nothing)")
-    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--device", type=device_name, default=None,
+                        help="cpu or cuda[:N] (default: cuda if available)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

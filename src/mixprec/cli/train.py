@@ -2,12 +2,19 @@
 
     mixprec train --recipe digits --policy f16-master --steps 300 --out runs/digits-f16
     mixprec train --recipe digits --policy f16-master --steps 300 --out runs/digits-f16 --resume
+    mixprec train --recipe digits --policy f16-master --steps 300 --out runs/digits-f16 --overwrite
     torchrun --nproc-per-node 2 -m mixprec train --recipe digits --policy f16-master --out runs/digits-2p
 
 Under torchrun each process trains on its slice of every batch; only rank 0 prints and writes files.
-Writes into --out: metrics.jsonl (one record per step and evaluation), TensorBoard event files,
-checkpoint.pt (atomic; model, optimizer with FP32 masters, loss scaler, LR schedule, RNG states and
-step) and result.json.
+Writes into --out: metrics.jsonl (one record per step and evaluation), a TensorBoard event file,
+checkpoint-NNNNNN.pt (the newest --keep-checkpoints of them, written atomically with a checksum: model,
+optimizer with FP32 masters, loss scaler, LR schedule, RNG states, step and the history; see
+mixprec.checkpoints) and result.json.
+
+A folder that already holds a run is refused (exit status 2) unless --resume (continue from its newest
+intact checkpoint, skipping damaged newer ones with a line saying why) or --overwrite (remove the run's
+files and start again). A resume rewrites metrics.jsonl and the TensorBoard file from the checkpoint's
+history, so they read exactly as an uninterrupted run's, whatever a kill left behind.
 """
 
 from __future__ import annotations
@@ -15,16 +22,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
+import sys
 from pathlib import Path
 
 import torch
 
 import mixprec as mp
-from mixprec.checkpoints import check_writable, checkpoint_step
+from mixprec.checkpoints import DEFAULT_KEEP, check_same_run, check_writable, find_checkpoint, prepare_run_folder
+from mixprec.faults import FaultPlan
 from mixprec.processes import rank_and_world_size, rows_per_process
 from mixprec.recipes import RECIPES, get_recipe
 from mixprec.report import RunLogger, TrainingProgress, environment, format_scale, write_json
 from mixprec.training import train
+
+from . import device_name, non_negative_int, positive_int, seed_int
 
 HELP = "Train one recipe under one policy: progress bar, JSONL + TensorBoard logs, checkpoints, --resume."
 
@@ -35,21 +46,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", required=True,
                         help=f"a preset ({', '.join(mp.PRESETS)}) or key=value pairs, e.g. 'f16-master,scaling=none'")
     add_run_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0, help="initial weights and batch order (default 0)")
+    parser.add_argument("--seed", type=seed_int, default=0,
+                        help=f"initial weights and batch order, 0..{2**32 - 1} (default 0)")
     parser.add_argument("--out", type=Path, default=None,
                         help="run folder (default runs/train/RECIPE-POLICY-seedSEED)")
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    parser.add_argument("--stop-at", type=int, default=None, metavar="K",
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its newest intact checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="remove the run in --out (its checkpoints, logs and result.json only) and start again")
+    parser.add_argument("--keep-checkpoints", type=positive_int, default=DEFAULT_KEEP, metavar="N",
+                        help=f"checkpoints kept in --out, the newest (default {DEFAULT_KEEP})")
+    parser.add_argument("--stop-at", type=positive_int, default=None, metavar="K",
                         help="stop after step K (checkpointed), as if interrupted; continue with --resume")
-    parser.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
-                        help="steps between checkpoints (default 100; one is always written at the end)")
+    add_fault_arguments(parser)
+    parser.add_argument("--checkpoint-every", type=non_negative_int, default=100, metavar="N",
+                        help="steps between checkpoints (default 100; 0: only at the end, where one is "
+                             "always written)")
+
+
+def fault_plan(text: str) -> FaultPlan:
+    """argparse type: a fault spec such as ``grad:inf@3,7;loss:nan@rate=0.01;seed=1`` (`mixprec.faults`)."""
+    try:
+        return FaultPlan.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def storm_guard(text: str) -> int | str | None:
+    """argparse type: ``auto``, 0 (off) or an integer >= 1: skipped steps in a row before a NaN storm stops."""
+    if text == "auto":
+        return text
+    value = non_negative_int(text)
+    return value or None
+
+
+def add_fault_arguments(parser: argparse.ArgumentParser) -> None:
+    """Fault injection and the NaN-storm guard (train only)."""
+    parser.add_argument("--inject-faults", type=fault_plan, default=None, metavar="SPEC",
+                        help="inject inf/NaN: ';'-joined KIND[TARGET]:VALUE@WHEN (KIND grad, loss or act; VALUE "
+                             "inf, -inf or nan; WHEN steps 3,7,10-20 or rate=P) and seed=N, e.g. "
+                             "'grad:inf@3,7;loss:nan@rate=0.01;seed=1'")
+    parser.add_argument("--storm-guard", type=storm_guard, default="auto", metavar="K",
+                        help="stop (exit status 1) after K skipped steps in a row, naming the parameters with "
+                             "inf/NaN gradients and checkpointing the last good state; default auto (the loss "
+                             "scaler's storm_limit(): 52 for default dynamic scaling, 50 for a fixed scale); 0: never")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by train, compare and demo."""
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
-    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the recipe's)")
+    parser.add_argument("--device", type=device_name, default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch CPU threads (default 1: these models are small, and more threads "
                              "mostly wait on each other, badly so on a busy machine)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -68,37 +115,63 @@ def run(args: argparse.Namespace) -> int:
     # Check every input before training starts: a typo should cost a second, not a run.
     recipe = get_recipe(args.recipe)
     policy = mp.Policy.parse(args.policy)
+    policy.make_scaler()  # a loss scale float32 cannot hold (static:1e-45 is 0.0) fails now, not at step 1
     device = default_device(args.device)
     execution = policy.resolve_execution(device)
     steps = args.steps if args.steps is not None else recipe.steps
+    if args.stop_at is not None and args.stop_at > steps:
+        raise ValueError(f"--stop-at must be in 1..{steps} (the run's steps), got {args.stop_at}")
     out = args.out or Path("runs") / "train" / f"{recipe.name}-{slug(str(policy))}-seed{args.seed}"
     rank, world_size = rank_and_world_size()  # torchrun's, or (0, 1)
     rows = rows_per_process(recipe, world_size)
     check_writable(out)
-    resume_step = None
+    lead = rank == 0  # under torchrun rank 0 alone prints and writes logs and results; the others train
+    if lead:  # a folder holding a run: refused unless --resume or --overwrite (which clears it now)
+        prepare_run_folder(out, resume=args.resume, overwrite=args.overwrite, cli=True)
+    resume_from, history = None, []
     if args.resume:
-        resume_step = checkpoint_step(out, recipe, policy, args.seed, steps)
+        resume_from, checkpoint, skipped = find_checkpoint(out)
+        check_same_run(checkpoint, recipe, policy, args.seed, steps)
+        history = checkpoint["history"]
+        for reason in skipped if lead else ():
+            print(f"mixprec train: warning: {reason}; skipped it, resuming from an older checkpoint",
+                  file=sys.stderr)
+    resume_step = history[-1]["step"] if history else None
 
     processes = f", {world_size} processes x {rows} rows of each batch" if world_size > 1 else ""
-    lead = rank == 0  # under torchrun rank 0 alone prints and writes logs and results; the others train
     if lead:
-        print(f"mixprec train: {recipe.name} under {policy} ({execution} on {device}), seed {args.seed}, "
+        ran = execution if execution == "native" else f"emulated {policy.emulation}"
+        print(f"mixprec train: {recipe.name} under {policy} ({ran} on {device}), seed {args.seed}, "
               f"{steps} steps{processes} -> {out}"
-              + (f", resuming at step {resume_step}" if resume_step is not None else ""))
+              + (f", resuming at step {resume_step} from {resume_from.name}" if resume_from else ""))
     with contextlib.ExitStack() as stack:
         log = None
         if lead:
-            logger = stack.enter_context(RunLogger(out, resume_step=resume_step))
+            # The logger starts at the first record, after train() has checked the folder (it would
+            # refuse one that holds the logger's files): it writes metrics.jsonl and the TensorBoard
+            # file afresh from the checkpoint's history, then appends.
+            loggers: list[RunLogger] = []
             progress = stack.enter_context(TrainingProgress(enabled=not args.no_progress))
             task = progress.add(str(policy), total=args.stop_at or steps, completed=resume_step or 0)
 
             def log(record: dict) -> None:
-                logger(record)
+                if not loggers:
+                    loggers.append(stack.enter_context(RunLogger(out, history=history)))
+                loggers[0](record)
                 progress.update(task, record)
 
-        result = train(recipe, policy, seed=args.seed, steps=steps, device=device, out=out, resume=args.resume,
-                       stop_at=args.stop_at, checkpoint_every=args.checkpoint_every, threads=args.threads,
-                       log=log)
+        try:
+            result = train(recipe, policy, seed=args.seed, steps=steps, device=device, out=out,
+                           resume=resume_from or False, overwrite=args.overwrite, stop_at=args.stop_at,
+                           checkpoint_every=args.checkpoint_every, keep=args.keep_checkpoints,
+                           threads=args.threads, log=log, faults=args.inject_faults,
+                           max_skips_in_a_row=args.storm_guard)
+        except mp.NaNStormError as error:  # a run that cannot go on: say why in one line, no traceback
+            if lead:
+                print(f"mixprec train: stopped: {error} (--storm-guard 0 keeps skipping instead)", file=sys.stderr)
+            return 1
+        if lead and not loggers:  # resumed at the last step: nothing logged, the logs still made whole
+            stack.enter_context(RunLogger(out, history=history))
     if not lead:
         return 0
     write_json(out / "result.json", {"environment": environment(device, args.threads), **result.to_dict()})
@@ -106,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{done} step {result.steps}: {recipe.metric} {result.final_metric:.4g} (from "
           f"{result.initial_metric:.4g}), loss {result.final_loss:.4g}, skipped steps {result.skipped_steps}, "
           f"loss scale {format_scale(result.final_loss_scale)}, {1000 * result.seconds_per_step:.1f} ms/step, "
-          f"{result.execution}" + (f", {world_size} processes" if world_size > 1 else ""))
-    print(f"logs, checkpoint and result.json in {out}  (tensorboard --logdir {out})")
+          f"{result.execution}" + (f" ({result.emulation})" if result.emulation else "")
+          + (f", {world_size} processes" if world_size > 1 else ""))
+    print(f"logs, checkpoints and result.json in {out}  (tensorboard --logdir {out})")
     return 0

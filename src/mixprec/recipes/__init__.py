@@ -51,6 +51,10 @@ def get_recipe(spec: str) -> Recipe:
 
 def _import_recipe(spec: str) -> Recipe:
     target, _, attribute = spec.rpartition(":")  # the last colon: a Windows path has one of its own
+    if not target.strip() or not attribute.strip() or target.startswith("."):
+        raise ValueError(
+            f"recipe {spec!r} is not NAME, module.path:object or path/to/file.py:object (an absolute module "
+            f"path and an object name, both non-empty); built-in names: {', '.join(RECIPES)}")
     try:
         module = _load_file(target) if target.endswith(".py") else _import_from_cwd(target)
     except (ImportError, OSError) as error:
@@ -88,7 +92,7 @@ def _load_file(path: str) -> ModuleType:
     """Load a recipe file given by its path (``path/to/tasks.py``) as a module of its own."""
     file = Path(path).resolve()
     if not file.is_file():
-        raise ImportError(f"no such file: {file}")
+        raise ImportError(f"{file} is a folder, not a Python file" if file.is_dir() else f"no such file: {file}")
     name = f"mixprec_recipe_{file.stem}_{abs(hash(str(file)))}"
     spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(spec)

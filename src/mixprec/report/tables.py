@@ -40,7 +40,7 @@ def results_table(comparison: Comparison) -> Table:
             row["policy"], format_metric(row["mean"], row["std"], n, compact=True),
             row["verdict"].replace("reference", "ref"),
             f"{row['skipped_steps']:g}", format_scale(row["final_loss_scale"]),
-            f"{1000 * row['seconds_per_step']:.1f}", "emul" if row["execution"] == "emulated" else "native",
+            f"{1000 * row['seconds_per_step']:.1f}", _execution(row, short=True),
         )
     return table
 
@@ -83,7 +83,7 @@ def markdown_tables(comparison: Comparison) -> str:
         lines.append(
             f"| `{r['policy']}` | {format_metric(r['mean'], r['std'], n)} | {r['min']:.4g} – {r['max']:.4g} "
             f"| {r['verdict_text']} | {r['skipped_steps']:g} | {format_scale(r['final_loss_scale'])} "
-            f"| {1000 * r['seconds_per_step']:.1f} | {r['execution']} |"
+            f"| {1000 * r['seconds_per_step']:.1f} | {_execution(r)} |"
         )
     memory_keys = list(rows[0]["memory"])
     lines += ["", f"Memory by category ({rows[0]['memory_source']}; bytes as the policy stores them):", "",
@@ -94,3 +94,13 @@ def markdown_tables(comparison: Comparison) -> str:
         lines.append(f"| `{r['policy']}` | " + " | ".join(format_bytes(r["memory"][k]) for k in memory_keys)
                      + f" | {format_bytes(total)} |")
     return "\n".join(lines)
+
+
+def _execution(row: dict, short: bool = False) -> str:
+    """"native", or "emulated (per op)" / "emulated (module boundaries)"; short: "native", "emul", "emul/mod"."""
+    if row["execution"] == "native":
+        return "native"
+    emulation = row.get("emulation") or "per op"
+    if short:
+        return "emul" if emulation == "per op" else "emul/mod"
+    return f"emulated ({emulation})"

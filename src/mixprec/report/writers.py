@@ -34,41 +34,63 @@ def clean_json(value: Any) -> Any:
 
 def write_json(path: Path, value: Any) -> None:
     """Write ``value`` as indented strict JSON, atomically (temp file + os.replace)."""
+    _write_atomically(path, json.dumps(clean_json(value), indent=2, allow_nan=False) + "\n")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in its folder and os.replace: a kill leaves the
+    old file or the new one, never a part (and at worst a ``.NAME.*.tmp`` file, which the next run in a
+    run folder removes)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(clean_json(value), f, indent=2, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)  # mkstemp's is 0o600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    return json.dumps(clean_json(record)) + "\n"
 
 
 class RunLogger:
-    """Appends a run's records to ``folder/metrics.jsonl`` and TensorBoard event files in ``folder``.
+    """Writes a run's records to ``folder/metrics.jsonl`` and a TensorBoard event file in ``folder``.
 
-    Pass it as ``log=`` to `mixprec.training.train`. With ``resume_step=k`` it first drops what the
-    interrupted run logged after step k (the checkpoint's step), so a resumed run's files read like
-    an uninterrupted run's.
+    Pass it as ``log=`` to `mixprec.training.train`. The folder's logs are this run's alone: at the
+    start, metrics.jsonl is rewritten (atomically) to hold exactly ``history`` and the folder's old
+    TensorBoard event files are replaced by one holding ``history``. For a resumed run, pass the
+    checkpoint's history (every record up to its step): what the interrupted run logged after it, or
+    a line torn by a kill, is dropped without being read, and the files read like an uninterrupted
+    run's. Every record is written through to the file as it comes (a line at a time).
     """
 
-    def __init__(self, folder: Path | str, resume_step: int | None = None, tensorboard: bool = True) -> None:
+    def __init__(self, folder: Path | str, history: list[dict[str, Any]] | None = None,
+                 tensorboard: bool = True) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / METRICS_NAME
-        if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
-        elif resume_step is None:
-            path.write_text("")
-        self._file = path.open("a")
+        history = history or []
+        _write_atomically(self.folder / METRICS_NAME, "".join(_json_line(r) for r in history))
+        self._file = (self.folder / METRICS_NAME).open("a", buffering=1)  # line-buffered
         self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            purge = None if resume_step is None else resume_step + 1
-            self._writer = SummaryWriter(log_dir=str(self.folder), purge_step=purge)
+            # Old event files go first: a kill before the new one is whole loses nothing that the next
+            # resume does not write again from its checkpoint's history.
+            for old in self.folder.glob("events.out.tfevents.*"):
+                old.unlink(missing_ok=True)
+            self._writer = SummaryWriter(log_dir=str(self.folder))
+            for record in history:
+                self._add_scalars(record)
 
     def __call__(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(clean_json(record)) + "\n")
+        self._file.write(_json_line(record))
+        self._add_scalars(record)
+
+    def _add_scalars(self, record: dict[str, Any]) -> None:
         if self._writer is None:
             return
         step = record["step"]
