@@ -10,11 +10,12 @@ Example:
     65504.0
 """
 
-from . import distributed
+from . import distributed, numerics
 from .casting import PreparedState, autocast, prepare, prepared_state, unprepare
 from .emulate import quantize
 from .formats import BF16, E4M3, E5M2, F16, F32, FORMATS, Format
 from .master import MasterWeights
+from .numerics import Diagnosis, TensorStats, Trace, Watch, doctor, trace_nonfinite, watch
 from .policy import PRESETS, Policy, Rule
 from .scaling import DynamicScaler, LossScaleFloorError, LossScaler, NoScaler, StaticScaler
 from .step import NaNStormError, StepInfo, step
@@ -34,6 +35,14 @@ __all__ = [
     "LossScaleFloorError",
     "LossScaler",
     "MasterWeights",
+    "Diagnosis",
+    "TensorStats",
+    "Trace",
+    "Watch",
+    "doctor",
+    "numerics",
+    "trace_nonfinite",
+    "watch",
     "NaNStormError",
     "NoScaler",
     "Policy",

@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "train": "train",
     "compare": "compare",
     "demo": "demo",
+    "doctor": "doctor",
 }
 
 

@@ -1,0 +1,236 @@
+"""The numerics doctor: a few FP32 steps under `watch`, then per format what would be lost, the loss
+scales that bring the gradients into range, the modules that must stay wider, and a policy to use.
+
+    diagnosis = mp.doctor(model, batches, loss_fn)      # loss_fn(model, batch) -> loss
+    print(diagnosis)                                     # the findings, with their evidence
+    diagnosis.policy                                     # e.g. "f16-master,scaling=dynamic:1024"
+
+How the recommendation is made (all from the watched FP32 values; a format's thresholds are those of
+round-to-nearest onto it):
+
+* Loss scale range, per narrow-range format (FP16, FP8): gradients (activation and weight gradients
+  together, as loss scaling multiplies both) scaled by 2^k must not overflow: ``k <= k_max`` with
+  ``amax * 2^k`` below the overflow threshold; and at most `LOST` (0.1%, the paper's "all but 0.1%")
+  of the non-zero gradient values may flush to zero: ``k >= k_min``. A dynamic scaler starts at
+  ``2^clamp(16, k_min, k_max)`` (torch.amp's 2^16 unless the range says otherwise).
+* Modules that must stay wider: those whose activations or weights overflow the format even before
+  any scaling (the innermost ones: a parent whose output is its child's is not named again).
+* FP16 is recommended when a loss scale range exists and at most `MAX_RULES` modules need an FP32
+  rule; otherwise BF16, whose range is FP32's. FP8 is reported (shares lost) but not recommended:
+  mixprec's FP8 training (per-tensor scaling) is future work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..formats import BF16, F16, FORMATS, Format
+from .watch import EXPONENTS, KINDS, TensorStats, _Thresholds, watch
+
+__all__ = ["doctor", "Diagnosis", "LOST", "MAX_RULES"]
+
+LOST = 0.001  # the share of non-zero gradient values a loss scale may let flush to zero
+MAX_RULES = 3  # more modules than this overflowing FP16 in forward: recommend BF16 instead of FP32 rules
+_GRADIENTS = ("activation_grad", "weight_grad")
+_FORWARD = ("activation", "weight")
+
+
+@dataclass(frozen=True)
+class ScaleRange:
+    """Loss scales 2^k_min .. 2^k_max that bring the gradients into a format's range (see module doc)."""
+
+    k_min: int
+    k_max: int
+    lost_unscaled: float  # share of non-zero gradient values flushed to zero at scale 1
+    lost_at_min: float  # ... at 2^k_min
+
+    @property
+    def empty(self) -> bool:
+        return self.k_min > self.k_max
+
+    @property
+    def initial(self) -> int:
+        """The exponent a dynamic scaler should start from: 16 (2^16) clamped into the range."""
+        return min(max(16, self.k_min), self.k_max)
+
+
+@dataclass
+class Diagnosis:
+    """What `doctor` found. ``str(diagnosis)`` is a readable report; `to_dict` is JSON-ready.
+
+    Attributes:
+        policy: the recommended policy string (parses with `mp.Policy.parse`).
+        evidence: one line per reason behind it.
+        shares: format name -> kind -> {"overflow", "subnormal", "underflow"}: shares of all values.
+        scale_ranges: format name -> `ScaleRange` (narrow-range formats only).
+        wider: format name -> module names whose activations or weights overflow it (innermost).
+        totals: kind -> `TensorStats` over the whole model; modules: (module, kind) -> `TensorStats`.
+        steps: how many batches were watched.
+    """
+
+    policy: str
+    evidence: list[str]
+    shares: dict[str, dict[str, dict[str, float]]]
+    scale_ranges: dict[str, ScaleRange]
+    wider: dict[str, list[str]]
+    totals: dict[str, TensorStats] = field(repr=False)
+    modules: dict[tuple[str, str], TensorStats] = field(repr=False)
+    steps: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy, "evidence": self.evidence, "steps": self.steps, "shares": self.shares,
+            "scale_ranges": {name: {"k_min": r.k_min, "k_max": r.k_max, "initial": r.initial, "empty": r.empty,
+                                    "lost_unscaled": r.lost_unscaled, "lost_at_min": r.lost_at_min}
+                             for name, r in self.scale_ranges.items()},
+            "wider": self.wider,
+            "totals": {kind: _stats_dict(s) for kind, s in self.totals.items()},
+            "modules": [{"module": m, "kind": k, **_stats_dict(s)} for (m, k), s in self.modules.items()],
+        }
+
+    def __str__(self) -> str:
+        lines = [f"recommended policy: {self.policy}", "", "why:"]
+        lines += [f"  - {e}" for e in self.evidence]
+        lines += ["", "share of values lost per format (overflow / subnormal / underflow to zero):"]
+        for name, kinds in self.shares.items():
+            cells = [f"{kind} {_pct(s['overflow'])}/{_pct(s['subnormal'])}/{_pct(s['underflow'])}"
+                     for kind, s in kinds.items()]
+            lines.append(f"  {name:6s} " + "  ".join(cells))
+        return "\n".join(lines)
+
+
+def _pct(share: float) -> str:
+    return "0" if share == 0 else f"{100 * share:.3g}%"
+
+
+def _stats_dict(s: TensorStats) -> dict[str, Any]:
+    nonzero = np.flatnonzero(s.histogram)
+    return {"count": s.count, "zeros": s.zeros, "nonfinite": s.nonfinite, "amax": s.amax,
+            "formats": s.formats,
+            "histogram": {int(EXPONENTS[i]): int(s.histogram[i]) for i in nonzero}}
+
+
+def scale_range(gradients: TensorStats, fmt: Format, lost: float = LOST) -> ScaleRange:
+    """The loss scale exponents that keep `gradients` (FP32 values) inside `fmt` (see module doc).
+
+    Example:
+        >>> import numpy as np
+        >>> from mixprec.numerics.watch import EXPONENTS
+        >>> hist = np.zeros(len(EXPONENTS), dtype=np.int64); hist[EXPONENTS == -27] = 1000
+        >>> r = scale_range(TensorStats(1000, 0, 0, 2.0**-26.5, hist), F16)
+        >>> r.k_min, r.k_max   # 2^-27 * 2^3 = 2^-24: FP16's smallest subnormal; 2^-26.5 * 2^42 < 65520
+        (3, 42)
+    """
+    t = _Thresholds.of(fmt)
+    k_max = 200 if gradients.amax == 0 else math.floor(math.log2(t.overflow_from / gradients.amax))
+    if gradients.amax and gradients.amax * 2.0**k_max >= t.overflow_from:  # log2 rounding at the edge
+        k_max -= 1
+    nonzero = gradients.nonzero
+    # A value with exponent e (2^e <= |x| < 2^(e+1)) surely survives scaling by 2^k when 2^(e+k) is above
+    # half the smallest subnormal; values in the binade just below may round either way: counted lost.
+    survive_from = math.log2(fmt.min_subnormal)  # e + k >= this: |x| * 2^k >= min_subnormal
+
+    def lost_share(k: int) -> float:
+        if not nonzero:
+            return 0.0
+        return float(gradients.histogram[EXPONENTS + k < survive_from].sum()) / nonzero
+
+    k_min = next((k for k in range(-64, 201) if lost_share(k) <= lost), 201)
+    return ScaleRange(k_min, k_max, lost_share(0), lost_share(k_min))
+
+
+def _innermost(names: list[str]) -> list[str]:
+    """Drop a module whose descendant is also named (the child is where the values came from)."""
+    return [n for n in names if not any(o != n and (n == "" or o.startswith(n + ".")) for o in names)]
+
+
+def doctor(model: torch.nn.Module, batches: Iterable[Any], loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+           optimizer: torch.optim.Optimizer | None = None, formats: Iterable[Format | str] | None = None,
+           lost: float = LOST) -> Diagnosis:
+    """Run each batch in FP32 under `watch` and recommend a policy for `model` (see module doc).
+
+    Args:
+        model: the model, as you would train it (not prepared: the doctor measures its FP32 values).
+        batches: a few batches (each passed to `loss_fn` as is).
+        loss_fn: ``loss_fn(model, batch) -> loss`` (a scalar); it may compute the loss inside forward.
+        optimizer: if given, ``optimizer.step()`` follows each backward (the doctor then sees a few
+            training steps; your model's weights change). Without it the weights are left as they are.
+        formats: formats to report on; default every named format (`mp.FORMATS`).
+        lost: the share of non-zero gradient values a loss scale may flush to zero (default 0.1%).
+
+    Gradients are cleared (set to None) at the end. Syncs: yes (the loss check per batch, one read of
+    the statistics at the end).
+
+    Example:
+        >>> import torch, mixprec as mp
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+        >>> batches = [torch.randn(8, 4, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+        >>> d = mp.doctor(model, batches, lambda m, x: m(x).pow(2).mean() * 2.0**-20)
+        >>> d.policy
+        'f16-master,scaling=dynamic:65536'
+    """
+    chosen = list(FORMATS.values()) if formats is None else [Format.parse(f) for f in formats]
+    chosen = list(dict.fromkeys([*chosen, F16, BF16]))  # the recommendation needs these two
+    steps = 0
+    with watch(model, chosen) as w:
+        for batch in batches:
+            loss = loss_fn(model, batch)
+            if not torch.isfinite(loss).all():
+                raise ValueError(f"the FP32 loss of batch {steps} is {loss.detach().cpu().tolist()}: the model does "
+                                 f"not train in FP32 either; fix that first (the doctor compares formats to FP32)")
+            loss.backward()
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad()
+            steps += 1
+        modules = w.stats()
+    model.zero_grad(set_to_none=True)
+    if not steps:
+        raise ValueError("doctor got no batches: pass a few (e.g. a list of 3 batches) to watch")
+
+    totals: dict[str, TensorStats] = {}
+    for (_, kind), s in modules.items():
+        totals[kind] = totals[kind].merge(s) if kind in totals else s
+    shares = {f.name: {k: totals[k].share(f) for k in KINDS if k in totals} for f in chosen}
+    grads = [totals[k] for k in _GRADIENTS if k in totals]
+    gradients = grads[0].merge(grads[1]) if len(grads) == 2 else grads[0] if grads else None
+    narrow = [f for f in chosen if f.exponent_bits < 8]
+    ranges = {f.name: scale_range(gradients, f, lost) for f in narrow} if gradients is not None else {}
+    wider = {f.name: _innermost(sorted({m for (m, k), s in modules.items()
+                                        if k in _FORWARD and s.formats[f.name]["overflow"]}))
+             for f in chosen}
+    policy, evidence = _recommend(ranges.get(F16.name), wider[F16.name], totals, lost)
+    return Diagnosis(policy, evidence, shares, ranges, wider, totals, modules, steps)
+
+
+def _recommend(fp16: ScaleRange | None, overflowing: list[str], totals: dict[str, TensorStats],
+               lost: float) -> tuple[str, list[str]]:
+    evidence = []
+    amax = {k: s.amax for k, s in totals.items()}
+    if "activation" in amax:
+        evidence.append(f"largest activation {amax['activation']:.4g}, largest weight {amax.get('weight', 0):.4g} "
+                        f"(FP16 max {F16.max:g})")
+    if fp16 is not None:
+        evidence.append(
+            f"gradients: {100 * fp16.lost_unscaled:.3g}% of non-zero values flush to zero in FP16 unscaled; loss "
+            f"scales 2^{fp16.k_min}..2^{fp16.k_max} flush at most {100 * lost:g}% and overflow nothing"
+            + (" (none: the range is empty)" if fp16.empty else ""))
+    if overflowing:
+        evidence.append(f"FP16 overflows in the forward of {len(overflowing)} module(s): {', '.join(overflowing[:8])}")
+    if fp16 is None or fp16.empty or len(overflowing) > MAX_RULES or "" in overflowing:
+        why = ("no loss scale fits FP16's range" if fp16 is None or fp16.empty else
+               f"{len(overflowing)} modules would need FP32 rules" if overflowing else "")
+        evidence.append(f"BF16 has FP32's range: {why}; bf16-master keeps FP32 master weights")
+        return "bf16-master", evidence
+    policy = f"f16-master,scaling=dynamic:{2 ** fp16.initial}"
+    policy += "".join(f",rule={name}:fp32" for name in overflowing)
+    if overflowing:
+        evidence.append("those modules compute and store their weights in FP32 (rules); the rest in FP16")
+    evidence.append(f"dynamic loss scaling starting at 2^{fp16.initial}: inside the range, backing off on overflow")
+    return policy, evidence

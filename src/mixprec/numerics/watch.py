@@ -1,0 +1,297 @@
+"""Watching a model's numbers: per module, the range of every tensor against every format.
+
+    with mp.watch(model) as watch:
+        loss_fn(model(x), y).backward()
+    stats = watch.stats()                     # {(module name, kind): TensorStats}, one host sync here
+    stats["fc", "activation_grad"].share(mp.F16)  # {'overflow': 0.0, 'subnormal': 0.05, 'underflow': 0.2}
+
+Kinds of tensors (`KINDS`): ``activation`` (a module's floating outputs), ``weight`` (its own
+parameters, as they are when it runs), ``weight_grad`` (its parameters' gradients, after each
+accumulation) and ``activation_grad`` (the gradients of its outputs, in backward).
+
+For each: a histogram of log2|x| (one bin per binary exponent, FP32's whole range, subnormals
+included), exact zeros and non-finite values counted apart, the largest |x|, and per format the number
+of values that would overflow (round beyond its largest value: to inf, or saturate), land on a
+subnormal, or underflow (round to zero) when rounded to nearest. Everything is accumulated on the
+tensors' device with no host sync per tensor; the numbers reach the host once, in `Watch.stats`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from .._emulation import map_floats
+from ..formats import FORMATS, Format
+
+__all__ = ["watch", "Watch", "TensorStats", "KINDS", "EXPONENTS"]
+
+KINDS = ("activation", "weight", "weight_grad", "activation_grad")
+#: The binary exponents a float32 value can have: floor(log2|x|) from -149 (smallest subnormal) to 127.
+EXPONENTS = np.arange(-149, 128)
+_EXP0 = 149  # bin index of exponent 0 is _EXP0
+_FIXED = 3  # slots before the histogram: count, zeros, non-finite
+
+
+def _f32_above(value: float) -> float:
+    """The smallest float32 >= value (inf above float32's range): x >= value <=> x >= this, for float32 x."""
+    if value > float(np.finfo(np.float32).max):
+        return math.inf
+    f = np.float32(value)
+    return float(f) if float(f) >= value else float(np.nextafter(f, np.float32(np.inf)))
+
+
+def _f32_below(value: float) -> float:
+    """The largest float32 <= value: x <= value <=> x <= this, for float32 x."""
+    f = np.float32(value)
+    return float(f) if float(f) <= value else float(np.nextafter(f, np.float32(-np.inf)))
+
+
+@dataclass(frozen=True)
+class _Thresholds:
+    """Where rounding to nearest (ties to even) onto `fmt` overflows, goes subnormal, or flushes to zero,
+    as float32 comparisons on |x| (exact for float32 values)."""
+
+    overflow_from: float  # |x| >= this rounds beyond fmt.max (midpoint between max and the next power)
+    subnormal_above: float  # |x| > this rounds to a non-zero value (half the smallest subnormal: ties to 0)
+    normal_from: float  # |x| >= this rounds to a normal (min_normal - half a subnormal step: ties up)
+
+    @classmethod
+    def of(cls, fmt: Format) -> _Thresholds:
+        half_ulp_at_max = 2.0 ** (fmt.max_exponent - fmt.mantissa_bits - 1)
+        half_sub = fmt.min_subnormal / 2
+        return cls(_f32_above(fmt.max + half_ulp_at_max), _f32_below(half_sub),
+                   _f32_above(fmt.min_normal - half_sub))
+
+
+@dataclass
+class TensorStats:
+    """What was seen of one kind of tensor in one module (or a merge of several); host numbers.
+
+    Attributes:
+        count: values seen (over every call and step watched).
+        zeros: exact zeros; nonfinite: inf or NaN values.
+        amax: the largest finite |x| (0.0 if none).
+        histogram: counts of finite non-zero values per binary exponent, aligned with `EXPONENTS`
+            (``histogram[i]`` counts values with ``2**EXPONENTS[i] <= |x| < 2**(EXPONENTS[i] + 1)``).
+        formats: format name -> {"overflow": n, "subnormal": n, "underflow": n} (counts, finite values).
+    """
+
+    count: int
+    zeros: int
+    nonfinite: int
+    amax: float
+    histogram: np.ndarray
+    formats: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def share(self, fmt: Format | str) -> dict[str, float]:
+        """The share of all values seen that would overflow, be subnormal, or underflow in `fmt`.
+
+        Example:
+            >>> import torch, mixprec as mp
+            >>> with mp.watch(torch.nn.Identity()) as w:
+            ...     _ = w.model(torch.tensor([1e5, 1.0, 1e-6, 1e-9]))
+            >>> w.stats()["", "activation"].share("fp16")
+            {'overflow': 0.25, 'subnormal': 0.25, 'underflow': 0.25}
+        """
+        name = Format.parse(fmt).name
+        if name not in self.formats:
+            raise KeyError(f"format {name} was not watched; watched: {', '.join(self.formats)}")
+        return {k: (v / self.count if self.count else 0.0) for k, v in self.formats[name].items()}
+
+    @property
+    def nonzero(self) -> int:
+        """Finite non-zero values (the histogram's total)."""
+        return int(self.histogram.sum())
+
+    def merge(self, other: TensorStats) -> TensorStats:
+        """These statistics and `other`'s together (same formats)."""
+        return TensorStats(
+            self.count + other.count, self.zeros + other.zeros, self.nonfinite + other.nonfinite,
+            max(self.amax, other.amax), self.histogram + other.histogram,
+            {name: {k: v + other.formats[name][k] for k, v in counts.items()} for name, counts in self.formats.items()})
+
+
+class _Accumulator:
+    """Device-side running statistics of one (module, kind): one int64 vector and one amax scalar."""
+
+    def __init__(self, formats: list[Format], device: torch.device) -> None:
+        self.formats = formats
+        self.counts = torch.zeros(_FIXED + len(EXPONENTS) + 3 * len(formats), dtype=torch.int64, device=device)
+        self.amax = torch.zeros((), dtype=torch.float32, device=device)
+        self.thresholds = [_Thresholds.of(f) for f in formats]
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().float().reshape(-1)
+        if x.device != self.counts.device:  # a module split over devices: keep each accumulator on one
+            x = x.to(self.counts.device)
+        a = x.abs()
+        finite = torch.isfinite(a)
+        nonzero = finite & (a > 0)
+        fixed = torch.stack([torch.tensor(a.numel(), device=a.device), (a == 0).sum(), (~finite).sum()])
+        self.counts[:_FIXED] += fixed
+        exponents = torch.frexp(a[nonzero]).exponent.long() - 1 + _EXP0  # floor(log2|x|), as a bin index
+        hist = self.counts[_FIXED:_FIXED + len(EXPONENTS)]
+        hist.index_add_(0, exponents, torch.ones_like(exponents))
+        finite_a = torch.where(finite, a, torch.zeros_like(a))
+        torch.maximum(self.amax, finite_a.max() if a.numel() else self.amax, out=self.amax)
+        per_format = []
+        for t in self.thresholds:
+            overflow = (finite_a >= t.overflow_from).sum()
+            representable = (finite_a > t.subnormal_above) & (finite_a < t.overflow_from)
+            subnormal = (representable & (finite_a < t.normal_from)).sum()
+            underflow = (nonzero & (finite_a <= t.subnormal_above)).sum()
+            per_format += [overflow, subnormal, underflow]
+        if per_format:
+            self.counts[_FIXED + len(EXPONENTS):] += torch.stack(per_format)
+
+    def to_stats(self, counts: np.ndarray, amax: float) -> TensorStats:
+        hist = counts[_FIXED:_FIXED + len(EXPONENTS)]
+        rest = counts[_FIXED + len(EXPONENTS):].reshape(-1, 3)
+        formats = {f.name: {"overflow": int(o), "subnormal": int(s), "underflow": int(u)}
+                   for f, (o, s, u) in zip(self.formats, rest, strict=True)}
+        return TensorStats(int(counts[0]), int(counts[1]), int(counts[2]), amax, hist.copy(), formats)
+
+
+class Watch:
+    """Hooks that collect `TensorStats` on a model; `remove()` (or leaving the ``with`` block) takes
+    them off. Built by `watch`. The model's results are bitwise those of an unwatched run: the hooks
+    only read tensors."""
+
+    def __init__(self, model: torch.nn.Module, formats: list[Format], kinds: tuple[str, ...],
+                 modules: str | None) -> None:
+        self.model, self.formats, self.kinds = model, formats, kinds
+        self._accumulators: dict[tuple[str, str], _Accumulator] = {}
+        self._handles: list[RemovableHandle] = []
+        self._removed = False  # gradient hooks on past forwards' outputs check it (they die with the tensors)
+        named = [(n, m) for n, m in model.named_modules() if modules is None or fnmatch.fnmatchcase(n, modules)]
+        if not named:
+            raise ValueError(f"no module of this {type(model).__name__} matches modules={modules!r}; "
+                             f"names look like {[n for n, _ in model.named_modules()][:4]}")
+        for name, module in named:
+            if "activation" in kinds or "activation_grad" in kinds:
+                self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+            if "weight" in kinds:
+                self._handles.append(module.register_forward_pre_hook(self._weight_hook(name)))
+            if "weight_grad" in kinds:
+                for p in module.parameters(recurse=False):
+                    if p.requires_grad:
+                        self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook(name)))
+
+    def _add(self, name: str, kind: str, x: torch.Tensor) -> None:
+        if self._removed:
+            return
+        key = (name, kind)
+        if key not in self._accumulators:
+            self._accumulators[key] = _Accumulator(self.formats, x.device)
+        self._accumulators[key].add(x)
+
+    def _forward_hook(self, name: str) -> Any:
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            def visit(y: torch.Tensor) -> torch.Tensor:
+                if "activation" in self.kinds:
+                    self._add(name, "activation", y)
+                if "activation_grad" in self.kinds and y.requires_grad:
+                    y.register_hook(lambda g: self._add(name, "activation_grad", g))
+                return y
+
+            map_floats(output, visit)
+
+        return hook
+
+    def _weight_hook(self, name: str) -> Any:
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            for p in module._parameters.values():
+                if p is not None and p.is_floating_point():
+                    self._add(name, "weight", p)
+
+        return hook
+
+    def _grad_hook(self, name: str) -> Any:
+        def hook(p: torch.Tensor) -> None:
+            if p.grad is not None:
+                self._add(name, "weight_grad", p.grad)
+
+        return hook
+
+    def stats(self) -> dict[tuple[str, str], TensorStats]:
+        """Everything seen so far, by (module name, kind). Syncs: yes, once (all counts in one transfer).
+
+        Example:
+            >>> import torch, mixprec as mp
+            >>> model = torch.nn.Linear(2, 1)
+            >>> with mp.watch(model) as w:
+            ...     model(torch.ones(1, 2)).sum().backward()
+            >>> sorted(kind for _, kind in w.stats())
+            ['activation', 'activation_grad', 'weight', 'weight_grad']
+        """
+        if not self._accumulators:
+            return {}
+        keys = list(self._accumulators)
+        accs = [self._accumulators[k] for k in keys]
+        counts = torch.stack([a.counts.cpu() for a in accs]).numpy()  # one transfer per device in practice
+        amaxes = torch.stack([a.amax.cpu() for a in accs]).tolist()
+        return {k: a.to_stats(c, m) for k, a, c, m in zip(keys, accs, counts, amaxes, strict=True)}
+
+    def totals(self) -> dict[str, TensorStats]:
+        """Per kind, the statistics of every watched module together. Syncs: yes, once."""
+        merged: dict[str, TensorStats] = {}
+        for (_, kind), s in self.stats().items():
+            merged[kind] = merged[kind].merge(s) if kind in merged else s
+        return merged
+
+    def reset(self) -> None:
+        """Forget what was seen (the hooks stay)."""
+        self._accumulators.clear()
+
+    def remove(self) -> None:
+        """Take every hook off the model (gradient hooks on outputs of past forwards go quiet)."""
+        self._removed = True
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def watch(model: torch.nn.Module, formats: Iterable[Format | str] | None = None,
+          kinds: Iterable[str] = KINDS, modules: str | None = None) -> Watch:
+    """Collect, per module, the range of its activations, weights and gradients against `formats`.
+
+    Args:
+        model: any module (prepared or not; under mp.autocast the 16-bit tensors are seen as they are).
+        formats: the formats to measure overflow, subnormal and underflow shares for; default every
+            named format (`mp.FORMATS`). Custom `mp.Format`s work too.
+        kinds: a subset of `KINDS`.
+        modules: a glob on qualified module names (``"h.*.attn"``); default every module, the root
+            included (name ``""``).
+
+    Returns a `Watch`: use it as a context manager, or call `Watch.remove`. Syncs: no (until `stats`).
+
+    Example:
+        >>> import torch, mixprec as mp
+        >>> model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.ReLU())
+        >>> with mp.watch(model, formats=["fp16"]) as w:
+        ...     _ = model(torch.tensor([-1e5, 1e5, 3.0]))
+        >>> s = w.stats()["1", "activation"]
+        >>> s.amax, s.zeros, s.formats["fp16"]["overflow"]
+        (100000.0, 1, 1)
+    """
+    kinds = tuple(kinds)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"unknown kinds {unknown or kinds}; valid: {', '.join(KINDS)}")
+    chosen = list(FORMATS.values()) if formats is None else [Format.parse(f) for f in formats]
+    return Watch(model, list(dict.fromkeys(chosen)), kinds, modules)
