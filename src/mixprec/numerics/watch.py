@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +38,6 @@ KINDS = ("activation", "weight", "weight_grad", "activation_grad")
 #: The binary exponents a float32 value can have: floor(log2|x|) from -149 (smallest subnormal) to 127.
 EXPONENTS = np.arange(-149, 128)
 _EXP0 = 149  # bin index of exponent 0 is _EXP0
-_FIXED = 3  # slots before the histogram: count, zeros, non-finite
 
 
 def _f32_above(value: float) -> float:
@@ -46,6 +46,13 @@ def _f32_above(value: float) -> float:
         return math.inf
     f = np.float32(value)
     return float(f) if float(f) >= value else float(np.nextafter(f, np.float32(np.inf)))
+
+
+def _f32_below_strict(value: float) -> float:
+    """The largest float32 < value (value itself a float32 or inf): x >= value <=> x > this."""
+    if value == math.inf:
+        return float(np.finfo(np.float32).max)
+    return float(np.nextafter(np.float32(value), np.float32(-np.inf)))
 
 
 def _f32_below(value: float) -> float:
@@ -119,46 +126,73 @@ class TensorStats:
             {name: {k: v + other.formats[name][k] for k, v in counts.items()} for name, counts in self.formats.items()})
 
 
+def _bincount(index: torch.Tensor, bins: int) -> torch.Tensor:
+    """Counts of each integer in 0..bins-1. torch.bincount on CPU (fast); on other devices histc with
+    its range given, which needs no host sync (bincount reads the maximum back)."""
+    if index.device.type == "cpu":
+        return torch.bincount(index, minlength=bins)
+    return torch.histc(index.float(), bins=bins, min=0, max=bins).long()
+
+
 class _Accumulator:
-    """Device-side running statistics of one (module, kind): one int64 vector and one amax scalar."""
+    """Device-side running statistics of one (module, kind): one int64 vector and one amax scalar.
+
+    The vector holds the log2 histogram, then exact zeros and non-finite values (two more bins of the
+    same scatter-add), then counts of |x| between consecutive format thresholds (one `bucketize`): every
+    per-format count is a difference of those, taken on the host in `to_stats`. About ten passes over a
+    tensor whatever the number of formats, and no host sync (no boolean indexing)."""
 
     def __init__(self, formats: list[Format], device: torch.device) -> None:
-        self.formats = formats
-        self.counts = torch.zeros(_FIXED + len(EXPONENTS) + 3 * len(formats), dtype=torch.int64, device=device)
+        self.formats, self.count = formats, 0
+        # Every condition as "|x| > b": overflow |x| >= o <=> |x| > below(o); normal |x| >= n <=> |x| > below(n).
+        self.edges = [(_f32_below_strict(t.overflow_from), t.subnormal_above, _f32_below_strict(t.normal_from))
+                      for t in (_Thresholds.of(f) for f in formats)]
+        self.boundaries = sorted({0.0, *(b for edge in self.edges for b in edge)})
+        self.bins = len(EXPONENTS) + 2  # + zeros, non-finite
+        self.counts = torch.zeros(self.bins + len(self.boundaries) + 1, dtype=torch.int64, device=device)
         self.amax = torch.zeros((), dtype=torch.float32, device=device)
-        self.thresholds = [_Thresholds.of(f) for f in formats]
+        self._boundaries = torch.tensor(self.boundaries, dtype=torch.float32, device=device)
+
+    def add(self, x: torch.Tensor, cache: dict[int, tuple]) -> None:
+        """Add `x`'s statistics. `cache` (id -> (weak reference, version, counts, amax)) lets a tensor seen
+        by several modules (a child's output is its parent's) be measured once per version of it."""
+        entry = cache.get(id(x))
+        if entry is None or entry[0]() is not x or entry[1] != x._version:
+            counts, amax = self._measure(x)
+            if len(cache) > 4096:  # forget tensors that are gone
+                for key in [k for k, e in cache.items() if e[0]() is None]:
+                    del cache[key]
+            entry = (weakref.ref(x), x._version, counts, amax)
+            cache[id(x)] = entry
+        self.count += x.numel()
+        counts, amax = entry[2], entry[3]
+        if counts is not None:
+            self.counts += counts.to(self.counts.device)
+            torch.maximum(self.amax, amax.to(self.amax.device), out=self.amax)
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().float().reshape(-1)
-        if x.device != self.counts.device:  # a module split over devices: keep each accumulator on one
-            x = x.to(self.counts.device)
-        a = x.abs()
+    def _measure(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not x.numel():
+            return None, None
+        a = x.detach().float().reshape(-1).abs()
         finite = torch.isfinite(a)
-        nonzero = finite & (a > 0)
-        fixed = torch.stack([torch.tensor(a.numel(), device=a.device), (a == 0).sum(), (~finite).sum()])
-        self.counts[:_FIXED] += fixed
-        exponents = torch.frexp(a[nonzero]).exponent.long() - 1 + _EXP0  # floor(log2|x|), as a bin index
-        hist = self.counts[_FIXED:_FIXED + len(EXPONENTS)]
-        hist.index_add_(0, exponents, torch.ones_like(exponents))
-        finite_a = torch.where(finite, a, torch.zeros_like(a))
-        torch.maximum(self.amax, finite_a.max() if a.numel() else self.amax, out=self.amax)
-        per_format = []
-        for t in self.thresholds:
-            overflow = (finite_a >= t.overflow_from).sum()
-            representable = (finite_a > t.subnormal_above) & (finite_a < t.overflow_from)
-            subnormal = (representable & (finite_a < t.normal_from)).sum()
-            underflow = (nonzero & (finite_a <= t.subnormal_above)).sum()
-            per_format += [overflow, subnormal, underflow]
-        if per_format:
-            self.counts[_FIXED + len(EXPONENTS):] += torch.stack(per_format)
+        a = torch.where(finite, a, torch.zeros_like(a))
+        exponent = torch.frexp(a).exponent.long() - 1 + _EXP0  # floor(log2|x|), as a bin index
+        special = torch.where(finite, len(EXPONENTS), len(EXPONENTS) + 1)  # the zeros bin, the non-finite bin
+        hist = _bincount(torch.where(a > 0, exponent, special), self.bins)
+        bucket = torch.bucketize(a, self._boundaries.to(a.device))  # i: boundaries[i-1] < |x| <= boundaries[i]
+        return torch.cat([hist, _bincount(bucket, len(self.boundaries) + 1)]), a.max()
 
     def to_stats(self, counts: np.ndarray, amax: float) -> TensorStats:
-        hist = counts[_FIXED:_FIXED + len(EXPONENTS)]
-        rest = counts[_FIXED + len(EXPONENTS):].reshape(-1, 3)
-        formats = {f.name: {"overflow": int(o), "subnormal": int(s), "underflow": int(u)}
-                   for f, (o, s, u) in zip(self.formats, rest, strict=True)}
-        return TensorStats(int(counts[0]), int(counts[1]), int(counts[2]), amax, hist.copy(), formats)
+        hist = counts[:len(EXPONENTS)]
+        zeros, nonfinite = int(counts[len(EXPONENTS)]), int(counts[len(EXPONENTS) + 1])
+        buckets = counts[self.bins:]
+        above = {b: int(buckets[i + 1:].sum()) for i, b in enumerate(self.boundaries)}  # finite |x| > b
+        formats = {}
+        for f, (overflow, subnormal, normal) in zip(self.formats, self.edges, strict=True):
+            formats[f.name] = {"overflow": above[overflow], "subnormal": above[subnormal] - above[normal],
+                               "underflow": above[0.0] - above[subnormal]}
+        return TensorStats(self.count, zeros, nonfinite, amax, hist.copy(), formats)
 
 
 class Watch:
@@ -170,6 +204,7 @@ class Watch:
                  modules: str | None) -> None:
         self.model, self.formats, self.kinds = model, formats, kinds
         self._accumulators: dict[tuple[str, str], _Accumulator] = {}
+        self._measured: dict[int, tuple] = {}  # see _Accumulator.add
         self._handles: list[RemovableHandle] = []
         self._removed = False  # gradient hooks on past forwards' outputs check it (they die with the tensors)
         named = [(n, m) for n, m in model.named_modules() if modules is None or fnmatch.fnmatchcase(n, modules)]
@@ -192,7 +227,7 @@ class Watch:
         key = (name, kind)
         if key not in self._accumulators:
             self._accumulators[key] = _Accumulator(self.formats, x.device)
-        self._accumulators[key].add(x)
+        self._accumulators[key].add(x, self._measured)
 
     def _forward_hook(self, name: str) -> Any:
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
@@ -251,10 +286,12 @@ class Watch:
     def reset(self) -> None:
         """Forget what was seen (the hooks stay)."""
         self._accumulators.clear()
+        self._measured.clear()
 
     def remove(self) -> None:
         """Take every hook off the model (gradient hooks on outputs of past forwards go quiet)."""
         self._removed = True
+        self._measured.clear()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
