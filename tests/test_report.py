@@ -34,9 +34,10 @@ def _run(policy: str, seed: int, final: float, initial: float = 0.1, steps: int 
     return RunResult(recipe="toy", policy=policy, seed=seed, steps=steps, execution="emulated", device="cpu",
                      metric="accuracy", higher_is_better=True, initial_metric=initial, final_metric=final,
                      final_loss=0.25, skipped_steps=1, final_loss_scale=2.0**16, seconds_per_step=0.01,
-                     memory={"params": 1000, "masters": 2000, "grads": 2000, "optimizer state": 4000,
-                             "activations (est.)": 500},
-                     memory_source="modelled", data_info={"corpus_sha256": "ab" * 32, "corpus_bytes": 10},
+                     memory={"parameters": 1000, "masters": 2000, "gradients": 2000, "optimizer_state": 4000,
+                             "activations": 500},
+                     memory_source="counted; emulated: policy's formats",
+                     data_info={"corpus_sha256": "ab" * 32, "corpus_bytes": 10},
                      history=history)
 
 
@@ -88,7 +89,7 @@ def test_tables_fit_80_columns_and_say_what_matters():
         assert max(len(line) for line in text.splitlines()) <= 80
     assert "f16-master-noscale" in results  # the longest preset name is not cut
     assert "0.9600±0.0050" in results and "stalled" in results and "2^16" in results and "emul" in results
-    assert "modelled" in memory and "9.28K" in memory  # total of the categories
+    assert "counted" in memory and "9.28K" in memory  # total of the categories
 
 
 def test_run_logger_writes_jsonl_and_tensorboard_and_truncates_on_resume(tmp_path):

@@ -10,7 +10,7 @@ import torch
 
 from mixprec.checkpoints import find_checkpoint
 from mixprec.recipes import get_recipe
-from mixprec.training import compare, model_memory, train
+from mixprec.training import compare, train
 
 THREADS = 1  # small models: one thread is fastest, and steadiest next to other test processes
 
@@ -117,26 +117,20 @@ def test_threads_setting_is_restored():
     assert torch.get_num_threads() == before
 
 
-def test_memory_model_follows_the_policy_formats():
-    results = {p: train("tiny-updates", p, steps=1, threads=THREADS).memory for p in ("f32", "f16-master", "f16-pure")}
-    n = 32 * 8  # the model's parameters
-    assert results["f32"]["params"] == 4 * n and results["f32"]["masters"] == 0
-    assert results["f16-master"]["params"] == 2 * n and results["f16-master"]["masters"] == 4 * n
-    # the 16-bit gradient on the model (where PyTorch keeps it) and the FP32 one the optimizer steps on
-    assert results["f16-master"]["grads"] == (2 + 4) * n and results["f16-pure"]["grads"] == 2 * n
-    assert results["f16-master"]["optimizer state"] == 2 * 4 * n  # Adam's two FP32 moments
-    assert results["f16-pure"]["masters"] == 0 and results["f16-pure"]["optimizer state"] == 2 * 2 * n
-    assert results["f16-master"]["activations (est.)"] * 2 == results["f32"]["activations (est.)"] > 0
-
-
-def test_model_memory_keeps_norm_layers_in_fp32():
-    import mixprec as mp
-
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    memory = model_memory(model, optimizer, mp.Policy.parse("f16-master"), "emulated")
-    assert memory["params"] == 20 * 2 + 8 * 4  # Linear in FP16, LayerNorm an FP32 island
-    assert memory["masters"] == 20 * 4
+def test_memory_is_counted_by_mp_memory_in_the_policy_formats():
+    runs = {p: train("tiny-updates", p, steps=1, threads=THREADS) for p in ("f32", "f16-master", "f16-pure")}
+    f32, master, pure = (runs[p].memory for p in ("f32", "f16-master", "f16-pure"))
+    n = 32 * 8  # the model's parameters (Linear(32, 8), no bias)
+    assert f32["parameters"] == f32["gradients"] == 4 * n and f32["masters"] == 0
+    assert master["parameters"] == 2 * n and master["masters"] == 4 * n
+    # the 16-bit gradient on the model (where PyTorch keeps it) and the FP32 one on the master
+    assert master["gradients"] == (2 + 4) * n and pure["gradients"] == 2 * n and pure["masters"] == 0
+    # Adam's two moments (FP32 next to masters, in the parameters' format without), and its FP32 step count
+    assert master["optimizer_state"] == 2 * 4 * n + 4 and pure["optimizer_state"] == 2 * 2 * n + 4
+    # one forward saves the input (64 x 32) for the weight gradient, and the loss its input and target (64 x 8)
+    assert f32["activations"] == (64 * 32 + 2 * 64 * 8) * 4 == 2 * master["activations"]
+    assert runs["f16-master"].memory_held["parameters"] == 4 * n  # emulated: FP32 tensors hold the FP16 values
+    assert runs["f32"].memory_source == "counted" and "emulated" in runs["f16-master"].memory_source
 
 
 def test_bad_arguments_fail_before_training(tmp_path):

@@ -15,6 +15,7 @@ from .casting import PreparedState, autocast, prepare, prepared_state, unprepare
 from .emulate import quantize
 from .formats import BF16, E4M3, E5M2, F16, F32, FORMATS, Format
 from .master import MasterWeights
+from .memory import MemoryReport, memory
 from .numerics import Diagnosis, TensorStats, Trace, Watch, doctor, trace_nonfinite, watch
 from .policy import PRESETS, Policy, Rule
 from .scaling import DynamicScaler, LossScaleFloorError, LossScaler, NoScaler, StaticScaler
@@ -35,6 +36,7 @@ __all__ = [
     "LossScaleFloorError",
     "LossScaler",
     "MasterWeights",
+    "MemoryReport",
     "Diagnosis",
     "TensorStats",
     "Trace",
@@ -55,6 +57,7 @@ __all__ = [
     "prepare",
     "prepared_state",
     "quantize",
+    "memory",
     "step",
     "unprepare",
 ]

@@ -66,7 +66,7 @@ LEGACY_CHECKPOINT_NAME = "checkpoint.pt"  # format 1: recognised as a run's file
 
 #: what the training loop stores in a checkpoint (`load_checkpoint` checks they are all there)
 CHECKPOINT_KEYS = ("recipe", "policy", "seed", "steps", "step", "model", "optimizer", "scaler", "scheduler",
-                   "rng", "history", "train_seconds", "activation_bytes")
+                   "rng", "history", "train_seconds")
 
 #: the files a run writes into its folder (the CLI's metrics.jsonl, result.json and TensorBoard events
 #: included): what makes a folder hold a run, and all that overwriting it removes

@@ -88,12 +88,13 @@ class RunResult:
     skipped_steps: int
     final_loss_scale: float
     seconds_per_step: float
-    memory: dict[str, int]  # category -> bytes
-    memory_source: str  # "modelled" (bytes in the policy's formats) or "measured" (CUDA peak included)
+    memory: dict[str, int]  # category (mp.memory's) -> bytes in the policy's formats; on CUDA "peak (measured)" too
+    memory_source: str  # "counted" (native) or "counted; emulated: policy's formats" (see mp.memory), "; CUDA peak"
     data_info: dict[str, Any] = field(default_factory=dict)
     world_size: int = 1  # processes that trained data-parallel (torchrun), each on 1/world_size of a batch
     history: list[Record] = field(default_factory=list, repr=False)
     emulation: str | None = None  # emulated: "per op" or "module boundaries" (see Policy.emulation)
+    memory_held: dict[str, int] = field(default_factory=dict)  # category -> bytes the tensors held (mp.memory)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -210,7 +211,7 @@ def train(
         injector = FaultInjector(plan, model) if plan is not None else None
 
         history: list[Record] = []
-        start, train_seconds, activation_bytes = 0, 0.0, 0
+        start, train_seconds = 0, 0.0
         if checkpoint is not None:
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -218,7 +219,7 @@ def train(
             scheduler.load_state_dict(checkpoint["scheduler"])
             set_rng_state(checkpoint["rng"])
             start, history = checkpoint["step"], checkpoint["history"]
-            train_seconds, activation_bytes = checkpoint["train_seconds"], checkpoint["activation_bytes"]
+            train_seconds = checkpoint["train_seconds"]
         else:
             record = {"kind": "eval", "step": 0, "metric": _evaluate(recipe, model, data)}
             history.append(record)
@@ -230,9 +231,6 @@ def train(
             net = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
 
-        if not activation_bytes:  # per process: its slice of a batch
-            batch = shard(data.batch(0, recipe.batch_size, seed), rank, world_size)
-            activation_bytes = activation_elements(recipe, model, batch) * policy.compute.bits // 8
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         end = steps if stop_at is None else stop_at
@@ -247,7 +245,7 @@ def train(
                     "seed": seed, "steps": steps, "step": done, "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": rng_state(), "history": history,
-                    "train_seconds": train_seconds, "activation_bytes": activation_bytes,
+                    "train_seconds": train_seconds,
                 }, keep=keep)
             if world_size > 1:
                 dist.barrier()  # no rank goes on (and no resume reads) before the checkpoint is whole
@@ -304,11 +302,14 @@ def train(
             if checkpoint_now:
                 write_checkpoint(done)
 
-        memory = model_memory(model, optimizer, policy, execution, activation_bytes)
-        memory_source = "modelled"
-        if device.type == "cuda":
-            memory["peak (measured)"] = torch.cuda.max_memory_allocated(device)
-            memory_source = "measured"
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None  # the whole run's
+        counted = _count_memory(recipe, net, model, optimizer, shard(data.batch(end - 1, recipe.batch_size, seed),
+                                                                     rank, world_size))
+        memory = dict(counted.formats)
+        memory_source = "counted" if execution == "native" else "counted; emulated: policy's formats"
+        if peak is not None:
+            memory["peak (measured)"] = peak
+            memory_source += "; CUDA peak measured"
 
     step_records = [r for r in history if r["kind"] == "step"]
     evals = [r for r in history if r["kind"] == "eval"]
@@ -321,6 +322,7 @@ def train(
         skipped_steps=int(last["skipped_steps"]), final_loss_scale=last["loss_scale"],
         seconds_per_step=train_seconds / max(1, len(step_records)), memory=memory,
         memory_source=memory_source, data_info=dict(data.info), world_size=world_size, history=history,
+        memory_held=dict(counted.held),
     )
 
 
@@ -388,6 +390,7 @@ class Comparison:
             "seconds_per_step": statistics.fmean(r.seconds_per_step for r in runs),
             "memory": runs[0].memory,
             "memory_source": runs[0].memory_source,
+            "memory_held": runs[0].memory_held,
             "execution": runs[0].execution,
             "emulation": runs[0].emulation,
         }
@@ -442,76 +445,23 @@ def compare(
 # ----- memory by category -----------------------------------------------------------------------------
 
 
-def model_memory(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    policy: mp.Policy,
-    execution: str,
-    activation_bytes: int = 0,
-) -> dict[str, int]:
-    """Bytes by category as the policy stores them natively (emulation holds FP32 tensors, so this is
-    what the same run would take on hardware with the formats).
-
-    params: each parameter in its storage format. masters: 4 bytes per 16-bit parameter when the
-    policy keeps FP32 masters. grads: each parameter's gradient in its format (on the model, where
-    PyTorch keeps it), plus, with masters, its FP32 form that the optimizer steps on (held from the
-    first backward of a step to the step). optimizer state: the optimizer's floating state tensors (FP32 next to
-    masters, else in the parameters' format). activations: tensors saved for backward in one forward
-    pass (an estimate: see `activation_elements`).
-
-    Example:
-        >>> model = torch.nn.Linear(10, 10)
-        >>> opt = torch.optim.Adam(model.parameters())
-        >>> model_memory(model, opt, mp.Policy.parse("f32"), "native")["params"]
-        440
+def _count_memory(recipe: Recipe, net: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  batch: tuple[torch.Tensor, ...]) -> mp.MemoryReport:
+    """`mp.memory` in the state a training step has between backward and update: one more batch's
+    gradients (16-bit on the model and, with masters, FP32 on them) beside the parameters, masters and
+    optimizer state, and the tensors one forward in train mode saves for backward (per process: its
+    slice of a batch). Run after the last step, so the extra backward (through ``net``: under DDP every
+    rank runs it) and forward change nothing the run reports; the gradients are cleared afterwards.
     """
-    formats = {id(p): fmt for p, fmt in policy.parameter_formats(model).values()}
-    params = masters = grads = 0
-    narrow_state = True
-    for p in model.parameters():
-        fmt = formats.get(id(p), mp.F32)
-        nbytes = p.numel() * fmt.bits // 8
-        params += nbytes
-        mastered = policy.master is not None and fmt != mp.F32
-        masters += p.numel() * 4 if mastered else 0
-        grads += nbytes + (p.numel() * 4 if mastered else 0)
-        narrow_state = narrow_state and not mastered
-    state_elements = sum(
-        t.numel() for state in optimizer.state.values() for key, t in state.items()
-        if torch.is_tensor(t) and t.is_floating_point() and key != "step"
-    )
-    state_bytes = 4 if not narrow_state or policy.params == mp.F32 else policy.params.bits // 8
-    return {
-        "params": params, "masters": masters, "grads": grads,
-        "optimizer state": state_elements * state_bytes, "activations (est.)": activation_bytes,
-    }
+    with mp.autocast(net):
+        loss = recipe.loss(net, batch)
+    loss.backward()  # unscaled: only the gradients' sizes are read
+    del loss
 
+    def forward() -> torch.Tensor:
+        with mp.autocast(model):
+            return recipe.loss(model, batch)
 
-def activation_elements(recipe: Recipe, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> int:
-    """Floating-point elements autograd saves for backward in one forward pass, parameters excluded.
-
-    Counted on a plain FP32 forward in eval mode (no running-statistics update, nothing kept), so the
-    count does not depend on how a policy casts; times the compute format's bytes it models the
-    activation memory. An estimate: FP32 islands and the loss are counted at the compute width too.
-    """
-    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: set[tuple[int, int, tuple[int, ...]]] = set()
-    total = 0
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        storage = tensor.untyped_storage().data_ptr()
-        key = (storage, tensor.storage_offset(), tuple(tensor.shape))
-        if tensor.is_floating_point() and storage not in parameter_storages and key not in seen:
-            seen.add(key)
-            total += tensor.numel()
-        return tensor
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            recipe.loss(model, batch)
-    finally:
-        model.train(was_training)
-    return total
+    counted = mp.memory(model, optimizer, run=forward)
+    optimizer.zero_grad()
+    return counted

@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "compare": "compare",
     "demo": "demo",
     "doctor": "doctor",
+    "bench": "bench",
 }
 
 

@@ -15,8 +15,10 @@ How to read this: each policy trained the same model on the same data from the s
 means the mean final metric is within the reference's spread over seeds (or 2% of its gain from the
 initial metric, with one seed); *stalled* means it got less than half of the reference's gain.
 Execution *emulated* means values were rounded onto the format's grid with FP32 arithmetic (as the
-paper did to study FP16 without FP16 hardware); memory is then modelled: the bytes the same tensors
-take in the policy's formats. Time per step of an emulated run measures the emulation, not FP16 speed.
+paper did to study FP16 without FP16 hardware); memory, counted from the real tensors by `mp.memory`,
+is then given in the policy's formats: the bytes the same tensors take natively (`memory_held` in
+results.json has the FP32 bytes emulation held). Time per step of an emulated run measures the
+emulation, not FP16 speed.
 """
 
 

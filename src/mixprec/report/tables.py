@@ -19,7 +19,7 @@ from mixprec.training import Comparison
 
 from .summary import format_bytes, format_metric, format_scale, summarize
 
-MEMORY_COLUMNS = ("params", "masters", "grads", "optimizer state", "activations (est.)")
+MEMORY_COLUMNS = ("parameters", "masters", "gradients", "optimizer_state", "activations")  # mp.memory's categories
 MEMORY_HEADERS = ("params", "masters", "grads", "optim", "activ", "total")
 
 
@@ -46,9 +46,9 @@ def results_table(comparison: Comparison) -> Table:
 
 
 def memory_table(comparison: Comparison) -> Table:
-    """Bytes by category per policy: modelled in the policy's formats (measured peak on CUDA)."""
+    """Bytes by category per policy, counted by `mp.memory` in the policy's formats (measured peak on CUDA)."""
     rows = summarize(comparison)
-    source = rows[0]["memory_source"]
+    source = _memory_source(rows)
     table = Table(title=f"{comparison.recipe}: training memory by category ({source})", box=box.SIMPLE_HEAD,
                   show_edge=False, title_justify="left", collapse_padding=True, pad_edge=False)
     extra = [k for k in rows[0]["memory"] if k not in MEMORY_COLUMNS]  # e.g. the measured CUDA peak
@@ -86,7 +86,7 @@ def markdown_tables(comparison: Comparison) -> str:
             f"| {1000 * r['seconds_per_step']:.1f} | {_execution(r)} |"
         )
     memory_keys = list(rows[0]["memory"])
-    lines += ["", f"Memory by category ({rows[0]['memory_source']}; bytes as the policy stores them):", "",
+    lines += ["", f"Memory by category ({_memory_source(rows)}; bytes as the policy stores them):", "",
               "| policy | " + " | ".join(memory_keys) + " | total |",
               "|---|" + "---:|" * (len(memory_keys) + 1)]
     for r in rows:
@@ -94,6 +94,12 @@ def markdown_tables(comparison: Comparison) -> str:
         lines.append(f"| `{r['policy']}` | " + " | ".join(format_bytes(r["memory"][k]) for k in memory_keys)
                      + f" | {format_bytes(total)} |")
     return "\n".join(lines)
+
+
+def _memory_source(rows: list[dict]) -> str:
+    """The runs' memory sources, the most detailed one when native and emulated runs mix ("counted" and
+    "counted; emulated: policy's formats": emulated rows are in their policy's formats)."""
+    return max((r["memory_source"] for r in rows), key=len)
 
 
 def _execution(row: dict, short: bool = False) -> str:

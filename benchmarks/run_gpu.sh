@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 13 in one go, for a CUDA machine (H100/H200): the tests marked gpu, then the
+# GPT-2 small benchmark eager and compiled. Each part has a time limit, so a hang cannot eat the session.
+#
+#   benchmarks/run_gpu.sh                 # all three parts, with .venv/bin/python if there is one
+#   benchmarks/run_gpu.sh tests eager     # some parts: tests (<= 4 min), eager (<= 3), compiled (<= 7)
+#   PYTHON=python3 benchmarks/run_gpu.sh  # with a python that already has torch with CUDA (no install)
+#
+# Writes benchmarks/results/bench_cuda.json and bench_cuda_compiled.json; if OUT is set, copies them and
+# the logs there. Exit status: the number of parts that failed.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+LOGS=${OUT:-benchmarks/results}
+failed=0
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || failed=$((failed + 1))
+"$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" \
+    || exit 99
+
+parts=" ${*:-tests eager compiled} "
+if [[ $parts == *" tests "* ]]; then
+    timeout 240 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu -rs tests 2>&1 | tee "$LOGS/gpu_tests.log" \
+        || failed=$((failed + 1))
+fi
+if [[ $parts == *" eager "* ]]; then
+    timeout 180 "$PYTHON" benchmarks/bench_train.py --device cuda --steps 20 --warmup 3 2>&1 \
+        | tee "$LOGS/bench_cuda.log" || failed=$((failed + 1))
+fi
+if [[ $parts == *" compiled "* ]]; then
+    # Compiling takes most of this part (tens of seconds per policy): the policies the goals name.
+    timeout 420 "$PYTHON" benchmarks/bench_train.py --device cuda --compile --steps 20 --warmup 3 \
+        --policies fp32,amp-fp16,amp-bf16,f16-master,bf16-master 2>&1 | tee "$LOGS/bench_cuda_compiled.log" \
+        || failed=$((failed + 1))
+fi
+
+if [ -n "${OUT:-}" ]; then
+    cp benchmarks/results/bench_cuda*.json "$OUT"/ 2>/dev/null || true
+fi
+echo "run_gpu.sh: $failed part(s) failed"
+exit "$failed"
