@@ -39,13 +39,14 @@ POLICIES = ["f32", "f16-master", "f16-master,execution=emulated-module", "f16-ma
 class Run:
     """One recipe under one policy, stepping on demand."""
 
-    def __init__(self, recipe_name: str, policy: str) -> None:
+    def __init__(self, recipe_name: str, policy: str, watched: bool = False) -> None:
         self.recipe = get_recipe(recipe_name)
         self.data = self.recipe.make_data()
         torch.manual_seed(0)
         model = self.recipe.make_model()
         opt = self.recipe.build_optimizer(model.parameters())
         self.model, self.opt, self.scaler = mp.prepare(model, opt, policy)
+        self.watch = mp.watch(self.model) if watched else None  # bench_watch.py's watched side
         self.step_index, self.times = 0, []
 
     def step(self, timed: bool) -> None:

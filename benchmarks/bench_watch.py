@@ -18,34 +18,9 @@ from pathlib import Path
 
 import torch
 
-import mixprec as mp
-from mixprec.recipes import get_recipe
+from bench_emulation import Run  # the same timed step (benchmarks/ is on the path when run as a script)
 from mixprec.report import write_json
 from mixprec.report.environment import environment
-
-
-class Run:
-    def __init__(self, recipe_name: str, policy: str, watched: bool) -> None:
-        self.recipe = get_recipe(recipe_name)
-        self.data = self.recipe.make_data()
-        torch.manual_seed(0)
-        model = self.recipe.make_model()
-        opt = self.recipe.build_optimizer(model.parameters())
-        self.model, self.opt, self.scaler = mp.prepare(model, opt, policy)
-        self.watch = mp.watch(self.model) if watched else None
-        self.step_index, self.times = 0, []
-
-    def step(self, timed: bool) -> None:
-        batch = self.data.batch(self.step_index, self.recipe.batch_size, 0)
-        tick = time.perf_counter()
-        with mp.autocast(self.model):
-            loss = self.recipe.loss(self.model, batch)
-        self.scaler.scale(loss).backward()
-        mp.step(self.opt, self.scaler, max_grad_norm=self.recipe.max_grad_norm)
-        self.opt.zero_grad()
-        if timed:
-            self.times.append(time.perf_counter() - tick)
-        self.step_index += 1
 
 
 def main() -> None:

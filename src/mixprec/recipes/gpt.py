@@ -34,7 +34,7 @@ from torch import nn
 
 from .base import Data, Recipe
 from .corpus import next_byte_loss
-from .lm import Block, GPTConfig
+from .lm import GPT, GPTConfig
 
 TINY = GPTConfig(block_size=64, vocab_size=512, n_layer=2, n_head=4, n_embd=64)
 SMALL = GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768)
@@ -44,17 +44,11 @@ DATA_SEED = 1234  # the data is the same for every run seed (seeds measure train
 EVAL_TOKENS = 16 * 1024  # tokens scored by the metric (in chunks, so GPT-2's logits stay small)
 
 
-class GPT2(nn.Module):
-    """GPT-2: token + position embeddings, pre-LN blocks, a final LayerNorm, head tied to the embedding."""
+class GPT2(GPT):
+    """GPT-2: the `lm` recipe's GPT with the head tied to the token embedding and GPT-2's initialisation."""
 
     def __init__(self, config: GPTConfig = TINY) -> None:
-        super().__init__()
-        self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
-        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
-        self.blocks = nn.Sequential(*[Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd)
-        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        super().__init__(config)
         self.head.weight = self.tok_emb.weight  # tied: one matrix embeds and predicts
         # GPT-2's init: N(0, 0.02), and the projections that add into the residual stream scaled down by
         # sqrt(2 * layers) so that the stream's variance does not grow with depth.
@@ -62,13 +56,6 @@ class GPT2(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith(("attn.proj", "mlp.2")) else 0.02
                 nn.init.normal_(module.weight, std=std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(idx.shape[1], device=idx.device)
-        x = self.blocks(self.tok_emb(idx) + self.pos_emb(positions))
-        return self.head(self.ln_f(x))
 
 
 def parameter_count(config: GPTConfig) -> int:
