@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mixprec.benchmark import BASELINES, benchmark, goals, tf32
 from mixprec.cli import main
-from mixprec.cli.bench import BASELINES, benchmark, goals, tf32
 from mixprec.recipes import get_recipe
 from mixprec.recipes.gpt import SMALL, TINY, markov_tokens, parameter_count
 from mixprec.training import train

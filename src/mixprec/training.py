@@ -404,6 +404,28 @@ class Comparison:
         }
 
 
+def split_policies(text: str) -> list[str]:
+    """'f32,f16-master,scaling=none;bf16-pure' -> ['f32', 'f16-master,scaling=none', 'bf16-pure'].
+
+    A part without '=' starts a policy (a preset name); a key=value part continues the current one.
+    """
+    policies: list[str] = []
+    for group in text.split(";"):
+        current: list[str] = []
+        for part in (p.strip() for p in group.split(",")):
+            if not part:
+                continue
+            if "=" not in part and current:
+                policies.append(",".join(current))
+                current = []
+            current.append(part)
+        if current:
+            policies.append(",".join(current))
+    if not policies:
+        raise ValueError(f"no policies in {text!r}; give e.g. --policies f32,f16-master")
+    return policies
+
+
 def compare(
     recipe: Recipe | str,
     policies: Sequence[mp.Policy | str],

@@ -25,7 +25,7 @@ from mixprec.report import (
     results_table,
     write_report,
 )
-from mixprec.training import Comparison, train
+from mixprec.training import Comparison, split_policies, train
 
 from .train import add_run_arguments, default_device, slug
 
@@ -41,28 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per policy (default 1)")
     add_run_arguments(parser)
     parser.add_argument("--out", type=Path, default=None, help="report folder (default runs/compare-RECIPE)")
-
-
-def split_policies(text: str) -> list[str]:
-    """'f32,f16-master,scaling=none;bf16-pure' -> ['f32', 'f16-master,scaling=none', 'bf16-pure'].
-
-    A part without '=' starts a policy (a preset name); a key=value part continues the current one.
-    """
-    policies: list[str] = []
-    for group in text.split(";"):
-        current: list[str] = []
-        for part in (p.strip() for p in group.split(",")):
-            if not part:
-                continue
-            if "=" not in part and current:
-                policies.append(",".join(current))
-                current = []
-            current.append(part)
-        if current:
-            policies.append(",".join(current))
-    if not policies:
-        raise ValueError(f"no policies in {text!r}; give e.g. --policies f32,f16-master")
-    return policies
 
 
 @dataclass(frozen=True)
