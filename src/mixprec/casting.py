@@ -58,6 +58,7 @@ class PreparedState:
         master_weights: the `MasterWeights` prepare wrapped the optimizer in (its gradient hooks are
             removed by `unprepare`), or None.
         sharded: FSDP2 manages the parameters (its sharded FP32 parameters are the masters).
+        rounding: per-op emulation: carrier dtype -> the narrower format its values are rounded onto.
     """
 
     policy: Policy
@@ -69,6 +70,7 @@ class PreparedState:
     handles: list[RemovableHandle] = field(default_factory=list, repr=False)
     master_weights: MasterWeights | None = field(default=None, repr=False)
     sharded: bool = False
+    rounding: dict[torch.dtype, Format] = field(default_factory=dict, repr=False)
 
     @property
     def emulation(self) -> str | None:
@@ -159,8 +161,9 @@ def prepare(
     sharded = is_sharded(model)
     execution = _sharded_execution(policy, device) if sharded else policy.resolve_execution(device)
     precisions = policy.module_precisions(model, warn=True)
-    if execution == "emulated" and policy.emulation == "per op":  # refuse formats it cannot carry, now
-        _op_emulation.sub_carrier_formats(_computed_formats(policy, precisions))
+    rounding = {}  # per-op emulation: worked out (and formats it cannot carry refused) once, here
+    if execution == "emulated" and policy.emulation == "per op":  # ops produce values in these formats:
+        rounding = _op_emulation.sub_carrier_formats([policy.output, *(mp.compute for mp in precisions)])
 
     # Each parameter's storage format is its module's (the widest of them, for tied weights).
     named = policy.parameter_formats(model, precisions)
@@ -173,7 +176,7 @@ def prepare(
     state = PreparedState(policy, execution, device, precisions,
                           {name: fmt for name, (_, fmt) in named.items()}, handles=handles,
                           master_weights=optimizer if isinstance(optimizer, MasterWeights) else None,
-                          sharded=sharded)
+                          sharded=sharded, rounding=rounding)
     setattr(model, _STATE_ATTR, state)
     return given, optimizer, policy.make_scaler(device)
 
@@ -234,11 +237,6 @@ def _sharded_execution(policy: Policy, device: torch.device) -> str:
         raise ValueError(f"execution={policy.execution} under FSDP2 is not supported: FSDP2 casts the parameters to "
                          "16 bits natively; use execution=auto or native, or DDP for emulated runs")
     return policy.replace(execution="native").resolve_execution(device)
-
-
-def _computed_formats(policy: Policy, precisions: list[ModulePrecision]) -> list[Format]:
-    """The formats ops produce values in: every module's compute format and the output format."""
-    return [policy.output, *(mp.compute for mp in precisions)]
 
 
 def unprepare(model: torch.nn.Module) -> None:
@@ -338,8 +336,7 @@ def autocast(model: torch.nn.Module, policy: Policy | str | None = None) -> Iter
                                                 state.device.type, dtype_of)
             if state.execution == "emulated":
                 handles += _op_emulation.add_parameter_casts(model, storage)
-                rounding = _op_emulation.sub_carrier_formats(_computed_formats(p, state.precisions))
-                stack.enter_context(_op_emulation.OpEmulation(state.device.type, rounding))
+                stack.enter_context(_op_emulation.OpEmulation(state.device.type, state.rounding))
         for handle in handles:
             stack.callback(handle.remove)
         yield
