@@ -32,13 +32,7 @@ STEPS, BATCH, LR = 20, 4, 3e-3
 STOP = 6  # where the resume tests stop: after a skipped step, the scale still falling
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster than two fighting other tests for 2 cores (as in test_models)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(autouse=True)

@@ -21,14 +21,7 @@ transformers = pytest.importorskip("transformers")
 STEPS = 25
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: with two threads, and other tests running beside them on the 2 cores,
-    thread contention made them 5-10x slower. One thread here; the setting is restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 Task = tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]
 

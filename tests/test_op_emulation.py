@@ -26,12 +26,7 @@ STEPS = 20
 Task = tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _tokens(rows: int = 8, length: int = 16, seed: int = 1) -> torch.Tensor:
