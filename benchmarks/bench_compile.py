@@ -80,7 +80,6 @@ def main() -> None:
         "results": results,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, record)  # atomic, strict JSON: the writer the reports use
     print(f"wrote {out}")
 

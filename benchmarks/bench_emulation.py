@@ -94,7 +94,6 @@ def main() -> None:
         "results": results,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, record)
     print(f"wrote {out}")
 

@@ -80,7 +80,6 @@ def main() -> None:
         "results": rows,
         "goal": "general >= 0.5x native throughput; quantize (nearest, fast path) == native",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, result)  # atomic, strict JSON: the writer the reports use
     print(f"wrote {args.out}")
 

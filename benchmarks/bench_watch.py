@@ -54,7 +54,6 @@ def main() -> None:
                        "plain and watched runs interleaved",
               "watched": "every module, every kind, every named format", "results": results}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, record)
     print(f"wrote {out}")
 

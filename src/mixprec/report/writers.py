@@ -33,8 +33,9 @@ def clean_json(value: Any) -> Any:
 
 
 def write_json(path: Path, value: Any) -> None:
-    """Write ``value`` as indented strict JSON, atomically (temp file + os.replace)."""
-    _write_atomically(path, json.dumps(clean_json(value), indent=2, allow_nan=False) + "\n")
+    """Write ``value`` as indented strict JSON, atomically (temp file + os.replace), creating the folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(Path(path), json.dumps(clean_json(value), indent=2, allow_nan=False) + "\n")
 
 
 def _write_atomically(path: Path, text: str) -> None:
