@@ -70,7 +70,7 @@ Result = dict[str, Any]
 def scenario(name: str, preset: str | None, **options: Any) -> Spec:
     """A JSON-ready description of one training run. preset None: plain PyTorch, no mixprec."""
     spec = {"name": name, "preset": preset, "ddp": True, "optimizer": "sgd", "steps": STEPS, "micro": 1,
-            "fault": None, "seeds": "same", "autocast_on": "ddp", "ddp_options": {}}
+            "fault": None, "seeds": "same", "autocast_on": "ddp", "ddp_options": {}, "sync": True}
     unknown = set(options) - set(spec)
     if unknown:
         raise TypeError(f"unknown scenario options {sorted(unknown)}")
@@ -110,6 +110,8 @@ def make_optimizer(kind: str, model: torch.nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     if kind == "adam":
         return torch.optim.Adam(model.parameters(), lr=1e-2)
+    if kind == "adam-fused":  # skips on the device: mp.step(..., sync=False) can use it
+        return torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
     raise ValueError(kind)
 
 
@@ -199,10 +201,10 @@ def train(spec: Spec, rank: int | None) -> Result:
             applied.append(True)
             grad_norms.append(float(norm))
         else:
-            info = mp.step(opt, scaler, max_grad_norm=1.0)
-            applied.append(bool(info.applied))
+            info = mp.step(opt, scaler, max_grad_norm=1.0, sync=spec["sync"])
+            applied.append(bool(info.applied))  # sync=False: 0-dim tensors, read here only to compare
             loss_scales.append(float(info.loss_scale))
-            grad_norms.append(info.grad_norm)
+            grad_norms.append(float(info.grad_norm))
         opt.zero_grad()
 
     stepped = _stepped_params(opt)
@@ -464,8 +466,10 @@ def _control_group() -> list[Spec]:
 
 
 def _fault_group() -> list[Spec]:
-    return [scenario(f"fault {fault} {p}", p, fault=fault, optimizer="adam")
-            for fault in ("activation", "grad") for p in FAULT_PRESETS]
+    specs = [scenario(f"fault {fault} {p}", p, fault=fault, optimizer="adam")
+             for fault in ("activation", "grad") for p in FAULT_PRESETS]
+    return specs + [scenario(f"fault {fault} fused sync={sync}", "f16-master", fault=fault, optimizer="adam-fused",
+                             sync=sync) for fault in ("activation", "grad") for sync in (True, False)]
 
 
 def _no_sync_group() -> list[Spec]:
@@ -571,6 +575,20 @@ def test_an_overflow_on_one_rank_is_skipped_on_every_rank(pairs, fault, preset):
     assert_replicas_equal(r0, r1, ignore=("grad_norms",) if fault == "grad" else ())
     adam_steps = {float(s["step"]) for s in r0["opt_state"] if "step" in s}
     assert adam_steps == {float(sum(expected))}, f"Adam's step counters {adam_steps}, applied steps {sum(expected)}"
+
+
+@pytest.mark.parametrize("fault", ["activation", "grad"])
+def test_sync_free_steps_skip_on_every_rank_as_synced_steps_do(pairs, fault):
+    # mp.step(..., sync=False): no host read; the ranks agree on found-inf in the all-reduce and fused Adam
+    # skips on the device. The replicas stay equal, and equal to the synced run bit for bit.
+    results = pairs("faults")
+    synced, free = (replicas(results, f"fault {fault} fused sync={sync}") for sync in (True, False))
+    expected = [step not in FAULT_STEPS for step in range(STEPS)]
+    assert free[0]["applied"] == free[1]["applied"] == synced[0]["applied"] == expected
+    ignore = ("grad_norms",) if fault == "grad" else ()
+    assert_replicas_equal(*free, ignore=ignore)
+    for rank in range(WORLD):
+        assert_replicas_equal(free[rank], synced[rank])
 
 
 def test_no_sync_micro_batches_accumulate_and_reduce_once(pairs):

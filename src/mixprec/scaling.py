@@ -11,7 +11,7 @@ Three scalers share one interface (`LossScaler`):
 * `DynamicScaler`: S backs off on overflow (after `hysteresis` overflows) and grows after
   `growth_interval` clean steps, clamped to ``[min_scale, max_scale]``.
 
-All state (scale, trackers, the skipped-step counter) lives in 0-dim tensors on the scaler's device and
+All state (scale, trackers, the skipped-step counters) lives in 0-dim tensors on the scaler's device and
 is updated with tensor ops, so `scale`, `unscale_and_check_` and `update` never wait for the device.
 The device is chosen explicitly: the state is created on ``device`` (default CPU) and moved with
 `LossScaler.to`; there is no lazy initialisation. The only reads of these values on the host are the
@@ -189,8 +189,9 @@ class LossScaler:
         self._lowest_scale = check_loss_scale("scale", scale)  # the lowest scale it can hold (host)
         self.device = torch.device(device)
         self._scale = torch.tensor(float(scale), dtype=torch.float32, device=self.device)
-        self.skipped_in_a_row = 0  # host count of consecutive skipped steps, from `observe`
         self._skipped = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._in_a_row = torch.zeros((), dtype=torch.int64, device=self.device)  # consecutive skipped steps
+        self._in_a_row_read: int | None = 0  # its value as last read on the host; None: changed since
         self._scale_calls = 0  # scale() calls so far, and how many there had been at the last mp.step
         self._stepped_at: int | None = None
 
@@ -240,8 +241,8 @@ class LossScaler:
             >>> float(StaticScaler(4.0).unscale_and_check_(g)), g[0].item()
             (0.0, 2.0)
         """
-        for g in grads:
-            self._check_device(g.device, "a gradient")
+        for device in {g.device for g in grads}:
+            self._check_device(device, "a gradient")
         # 1/scale rounded once from float64, as torch.amp.GradScaler computes it.
         if self.device.type == "mps":  # no float64 there
             inv_scale = 1 / self._scale
@@ -263,18 +264,21 @@ class LossScaler:
             >>> s = NoScaler(); s.update(torch.tensor(1.0)); int(s.skipped_steps)
             1
         """
-        self._skipped += (_as_flag(found_inf, self.device) != 0).to(self._skipped.dtype)
+        skipped = (_as_flag(found_inf, self.device) != 0).to(self._skipped.dtype)
+        self._skipped += skipped
+        self._in_a_row = (self._in_a_row + 1) * skipped
+        self._in_a_row_read = None
 
-    def observe(self, found_inf: bool, loss_scale: float) -> None:
+    def observe(self, found_inf: bool, loss_scale: float, in_a_row: int | None = None) -> None:
         """Host-side bookkeeping with values already read on the host (by `mp.step`'s one sync).
 
-        Counts consecutive skipped steps in ``skipped_in_a_row`` (for `mp.step`'s NaN-storm guard; not
-        in the state dict: it restarts from 0 after loading); `DynamicScaler` also warns once (or raises)
-        at its floor.
+        ``in_a_row`` is `skipped_in_a_row` after this step, when the caller read it (so reading the
+        property later costs no sync). `DynamicScaler` also warns once (or raises) at its floor.
 
         Syncs: no.
         """
-        self.skipped_in_a_row = self.skipped_in_a_row + 1 if found_inf else 0
+        if in_a_row is not None:
+            self._in_a_row_read = in_a_row
 
     def storm_limit(self) -> int:
         """Consecutive skipped steps after which `mp.step` stops the run as a NaN storm (its ``"auto"``).
@@ -304,8 +308,28 @@ class LossScaler:
         """How many steps `update` has seen with inf/NaN gradients: 0-dim int64 tensor. Syncs: no."""
         return self._skipped
 
+    @property
+    def skipped_in_a_row_tensor(self) -> torch.Tensor:
+        """Consecutive skipped steps up to the last `update` (0 after a clean one): 0-dim int64. Syncs: no."""
+        return self._in_a_row
+
+    @property
+    def skipped_in_a_row(self) -> int:
+        """Consecutive skipped steps up to the last `update`, for `mp.step`'s NaN-storm guard.
+
+        Syncs: no after a synced `mp.step` (it read the count), yes after ``mp.step(..., sync=False)``.
+        """
+        if self._in_a_row_read is None:
+            self._in_a_row_read = int(self._in_a_row.item())
+        return self._in_a_row_read
+
+    @property
+    def known_skipped_in_a_row(self) -> int | None:
+        """`skipped_in_a_row` as last read on the host, or None when it may have changed since. Syncs: no."""
+        return self._in_a_row_read
+
     def _state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"_scale": self._scale, "_skipped": self._skipped}
+        return {"_scale": self._scale, "_skipped": self._skipped, "_in_a_row": self._in_a_row}
 
     def to(self, device: torch.device | str) -> LossScaler:
         """Move the scaler's state to ``device`` (the training device); returns self.
@@ -343,6 +367,7 @@ class LossScaler:
             "kind": self.kind,
             "scale": self.loss_scale,
             "skipped_steps": int(self._skipped.item()),
+            "skipped_in_a_row": self.skipped_in_a_row,
             **self._config()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -371,14 +396,18 @@ class LossScaler:
             raise ValueError(
                 f"scaler state dict version {state_dict.get('version')!r} is not supported; this mixprec "
                 f"reads version {STATE_VERSION}")
-        if set(state_dict) != expected:
-            missing, extra = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+        # Dicts written before the run of skips was saved restart it from 0.
+        if set(state_dict) | {"skipped_in_a_row"} != expected:
+            missing = sorted(expected - set(state_dict) - {"skipped_in_a_row"})
+            extra = sorted(set(state_dict) - expected)
             raise ValueError(
                 f"{self.kind} state dict has missing keys {missing} and unexpected keys {extra}; "
                 f"expected exactly {sorted(expected)}")
         self._load_config(state_dict)
         self._scale = torch.tensor(float(state_dict["scale"]), dtype=torch.float32, device=self.device)
         self._skipped = torch.tensor(_count(state_dict, "skipped_steps"), dtype=torch.int64, device=self.device)
+        self._in_a_row_read = _count(state_dict, "skipped_in_a_row") if "skipped_in_a_row" in state_dict else 0
+        self._in_a_row = torch.tensor(self._in_a_row_read, dtype=torch.int64, device=self.device)
 
     def _load_config(self, state_dict: dict[str, Any]) -> None:
         self._lowest_scale = check_loss_scale("scale", state_dict["scale"])
@@ -531,7 +560,7 @@ class DynamicScaler(LossScaler):
         self._growth_tracker = torch.where(overflow, torch.zeros_like(growth), growth_after_clean)
         self._hysteresis_tracker = torch.where(overflow, hyst_after_overflow, hyst_after_clean)
 
-    def observe(self, found_inf: bool, loss_scale: float) -> None:
+    def observe(self, found_inf: bool, loss_scale: float, in_a_row: int | None = None) -> None:
         """Warn once (or raise) when a step overflowed while the scale was at its floor.
 
         ``found_inf`` and ``loss_scale`` are the values `mp.step` read in its one sync (the scale
@@ -542,7 +571,7 @@ class DynamicScaler(LossScaler):
         Raises:
             LossScaleFloorError: with ``raise_at_min_scale=True``.
         """
-        super().observe(found_inf, loss_scale)
+        super().observe(found_inf, loss_scale, in_a_row)
         if not (found_inf and loss_scale <= self.min_scale):
             return
         message = (

@@ -16,6 +16,9 @@ gradient destroys the weights, and stepping an LR scheduler on a skipped step sh
    optimizer state tensor untouched;
 6. update the loss scale (tensor ops) and let the scaler warn or raise at its floor.
 
+With ``sync=False`` step 4 goes: the optimizer (torch's ``fused=True`` ones) gets the found-inf flag
+and skips on the device by itself, and `StepInfo` holds device tensors, read when the caller wants.
+
 Two guards end a run that skipping cannot save, with a `NaNStormError` naming the parameters: a NaN
 storm (``max_skips_in_a_row`` skipped steps in a row: a NaN loss, an inf activation or bad data, which
 no loss scale fixes), and weights that hold inf/NaN (checked on the step after a skipped one, read in
@@ -62,12 +65,15 @@ class StepInfo:
             ``{"#i (shape 64x32)": "inf" | "nan" | "inf, nan"}`` (i: position among the optimizer's
             parameters; `named` gives model names); ``{}`` when none did (the norm overflowed, or another
             rank's gradients did); None on an applied step (nothing is read for it).
+
+    After ``mp.step(..., sync=False)``, ``applied``, ``loss_scale``, ``grad_norm`` and ``skipped_steps``
+    are 0-dim tensors on the device (``bool(info.applied)`` reads one, and syncs), ``nonfinite`` is None.
     """
 
-    applied: bool
-    loss_scale: float
-    grad_norm: float | None
-    skipped_steps: int = 0
+    applied: bool | torch.Tensor
+    loss_scale: float | torch.Tensor
+    grad_norm: float | torch.Tensor | None
+    skipped_steps: int | torch.Tensor = 0
     nonfinite: dict[str, str] | None = None
     _params: tuple = field(default=(), repr=False, compare=False)
 
@@ -188,28 +194,29 @@ def _optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
 
 def _gather_grads(optimizers: list[torch.optim.Optimizer], ranks: int) -> tuple[list[torch.Tensor], list[bool]]:
     """The gradients the optimizers step on, as local tensors, and whether each is a shard (FSDP2)."""
-    grads: list[torch.Tensor] = []
+    local: list[torch.Tensor] = []
+    sharded: list[bool] = []
     for optimizer in optimizers:
         if isinstance(optimizer, MasterWeights):
             # Across ranks, an FP32 gradient is used only where mixprec's DDP hook reduced it (equal on
             # every rank); anything else (a reduction mixprec did not see) is read from param.grad.
-            grads += optimizer.collect_grads_(trust_fp32=ranks == 1)
-        else:
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            refused = managed(params)
-            if refused:
-                p = params[refused[0]]
-                raise RuntimeError(
-                    f"mp.step got a plain {type(optimizer).__name__} over parameter #{refused[0]} (shape "
-                    f"{tuple(p.shape)}) and {len(refused) - 1} more that mp.prepare gave FP32 master weights: "
-                    f"built after prepare, it would train them without masters. Build the optimizer first and "
-                    f"step the one prepare returns: model, optimizer, scaler = mp.prepare(model, optimizer, policy)")
-            grads += [p.grad for p in params if p.grad is not None]
-    local, sharded = [], []
-    for g in grads:
-        shard = is_dtensor(g)
-        local.append(g.to_local() if shard else g)
-        sharded.append(shard and any(p.is_shard() for p in g.placements))
+            grads = optimizer.collect_grads_(trust_fp32=ranks == 1)
+            local += grads
+            sharded += [False] * len(grads)  # FP32 masters are plain tensors (FSDP2 keeps its own)
+            continue
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        refused = managed(params)
+        if refused:
+            p = params[refused[0]]
+            raise RuntimeError(
+                f"mp.step got a plain {type(optimizer).__name__} over parameter #{refused[0]} (shape "
+                f"{tuple(p.shape)}) and {len(refused) - 1} more that mp.prepare gave FP32 master weights: "
+                f"built after prepare, it would train them without masters. Build the optimizer first and "
+                f"step the one prepare returns: model, optimizer, scaler = mp.prepare(model, optimizer, policy)")
+        for g in (p.grad for p in params if p.grad is not None):
+            shard = is_dtensor(g)
+            local.append(g.to_local() if shard else g)
+            sharded.append(shard and any(p.is_shard() for p in g.placements))
     return local, sharded
 
 
@@ -295,12 +302,52 @@ def _clip_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float, found
         torch._foreach_mul_(group, coef.to(device))
 
 
+def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    return optimizer.optimizer if isinstance(optimizer, MasterWeights) else optimizer
+
+
+def _check_skips_on_device(optimizers: list[torch.optim.Optimizer]) -> None:
+    for opt in optimizers:
+        # torch sets this on optimizers whose step reads `found_inf` (its fused=True Adam, AdamW, SGD, Adagrad).
+        if not getattr(_inner(opt), "_step_supports_amp_scaling", False):
+            raise ValueError(
+                f"mp.step(..., sync=False) needs optimizers that skip an overflowing step on the device, "
+                f"got {type(_inner(opt)).__name__} without that: build it with fused=True (torch's Adam, "
+                f"AdamW, SGD and Adagrad have it), or leave sync=True (one host read per step)")
+
+
+def _skips_on_device(optimizers: list[torch.optim.Optimizer]) -> bool:
+    """Whether every parameter with a gradient already has its optimizer state: a first step is synced.
+
+    A skipped first step must leave no state behind, and torch's fused SGD, skipping its first step on
+    the device, leaves its momentum buffers uninitialised (garbage in every later step).
+    """
+    for opt in map(_inner, optimizers):
+        for group in opt.param_groups:
+            if isinstance(opt, torch.optim.SGD) and group["momentum"] == 0:
+                continue  # stateless
+            if any(p.grad is not None and p not in opt.state for p in group["params"]):
+                return False
+    return True
+
+
+def _step_on_device(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """Step `optimizer`, which updates nothing (parameters, state, step counts) where found_inf != 0."""
+    inner = _inner(optimizer)
+    inner.found_inf, inner.grad_scale = found_inf, None  # how torch.amp.GradScaler hands them over
+    try:
+        optimizer.step()
+    finally:
+        del inner.found_inf, inner.grad_scale
+
+
 def step(
     optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
     scaler: LossScaler,
     max_grad_norm: float | None = None,
     group: Any = None,
     max_skips_in_a_row: int | str | None = "auto",
+    sync: bool = True,
 ) -> StepInfo:
     """Unscale and check the gradients, clip them, step the optimizer unless they overflowed, update
     the loss scale.
@@ -317,6 +364,12 @@ def step(
         max_skips_in_a_row: raise `NaNStormError` when this many steps in a row were skipped: ``"auto"``
             (``scaler.storm_limit()``: 52 for the default DynamicScaler, more than its back-off from the
             ceiling to the floor takes; 50 for a fixed scale), an integer >= 1, or None (skip forever).
+        sync: False reads nothing to the host: an overflowing step is skipped on the device by the
+            optimizers themselves (torch's ``fused=True`` optimizers; others are refused), and `StepInfo`
+            holds 0-dim device tensors (reading one syncs). A step where some parameter with a gradient
+            has no optimizer state yet (the first step) is synced all the same. The NaN-storm guard and
+            the scaler's floor check run only on synced steps (the run of skips is counted on the
+            device): e.g. ``sync=i % 100 == 0`` checks every 100 steps.
 
     Returns:
         `StepInfo`: whether the update was applied, the loss scale used, the gradient norm.
@@ -328,8 +381,9 @@ def step(
             plain optimizer steps parameters that mp.prepare gave FP32 masters (built after prepare).
         NaNStormError: ``max_skips_in_a_row`` skipped steps in a row, or weights holding inf/NaN.
 
-    Syncs: yes, exactly once: found-inf, gradient norm, loss scale and skipped-step count (and, on the
-    step after a skipped one, whether the weights are finite) are read together in one transfer. (The
+    Syncs: yes, exactly once: found-inf, gradient norm, loss scale and skipped-step counts (and, on the
+    step after a skipped one, whether the weights are finite) are read together in one transfer; none
+    with ``sync=False`` (past the first step). (The
     optimizer's own step may add syncs of its own, as without mixprec.) With several ranks, one
     all-reduce of three numbers comes right before that read. A skipped step reads more to fill
     `StepInfo.nonfinite` (which parameters), and so does a `NaNStormError`; applied steps never do.
@@ -351,7 +405,11 @@ def step(
                         f"{max_grad_norm!r}")
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm!r}")
+    if not isinstance(sync, bool):
+        raise TypeError(f"sync must be True or False, got {type(sync).__name__} {sync!r}")
     optimizers = _optimizers(optimizer)
+    if not sync:
+        _check_skips_on_device(optimizers)
     limit = _skip_limit(max_skips_in_a_row, scaler)
     scaler.check_not_stepped()
     ranks = _group_size(group)
@@ -369,7 +427,7 @@ def step(
     # After a skipped step, also check that the weights are finite (a NaN weight makes every later step
     # skip); read with the one sync below, so clean steps pay nothing.
     bad_weights = None
-    if scaler.skipped_in_a_row:
+    if scaler.known_skipped_in_a_row != 0 and sync:  # None: steps with sync=False ran since the last read
         local = [_local(t) for _, _, t in _weights(optimizers)]
         bad_weights = find_nonfinite(local).any().float().to(device) if local else None
     norm = None
@@ -395,18 +453,28 @@ def step(
         found_inf = torch.maximum(found_inf, (~torch.isfinite(norm)).to(found_inf.device, found_inf.dtype))
         _clip_(grads, norm, max_grad_norm, found_inf)
 
+    if not sync and _skips_on_device(optimizers):
+        # No host read: the optimizers skip an overflowing step themselves, on the device.
+        loss_scale_now = scaler.scale_tensor  # update() replaces the tensor: this stays the step's scale
+        for opt in optimizers:
+            _step_on_device(opt, found_inf)
+        scaler.update(found_inf)
+        scaler.mark_stepped()
+        return StepInfo(applied=found_inf == 0, loss_scale=loss_scale_now, grad_norm=norm,
+                        skipped_steps=scaler.skipped_steps.clone())
+
     # 3. The one host sync.
-    values = [found_inf, scaler.scale_tensor, scaler.skipped_steps]
+    values = [found_inf, scaler.scale_tensor, scaler.skipped_steps, scaler.skipped_in_a_row_tensor]
     if norm is not None:
         values.append(norm.to(found_inf.device))
     if bad_weights is not None:
         values.append(bad_weights)
     read = _read_together(values)
-    overflow, loss_scale, skipped_before = read[0] != 0, read[1], int(read[2])
+    overflow, loss_scale, skipped_before, in_a_row = read[0] != 0, read[1], int(read[2]), int(read[3]) + 1
     weights_broken = bad_weights is not None and read[-1] != 0
-    storm = overflow and limit is not None and scaler.skipped_in_a_row + 1 >= limit
+    storm = overflow and limit is not None and in_a_row >= limit
     if weights_broken or storm:  # the run ends here: say why, while the FP32 gradients are still held
-        error = NaNStormError("weights" if weights_broken else "storm", scaler.skipped_in_a_row + 1,
+        error = NaNStormError("weights" if weights_broken else "storm", in_a_row,
                               skipped_before + 1, loss_scale, _diagnose(optimizers, grads))
         if weights_broken:  # not applied; the scale has nothing to do with it and stays as it is
             for opt in optimizers:
@@ -427,14 +495,14 @@ def step(
 
     # 5. Scale update (tensor ops), then host-side bookkeeping with the values already read.
     scaler.update(found_inf)
-    scaler.observe(overflow, loss_scale)
+    scaler.observe(overflow, loss_scale, in_a_row if overflow else 0)
     scaler.mark_stepped()
     if storm:
         raise error
     return StepInfo(
         applied=not overflow,
         loss_scale=loss_scale,
-        grad_norm=read[3] if norm is not None else None,
+        grad_norm=read[4] if norm is not None else None,
         skipped_steps=skipped_before + int(overflow),
         nonfinite={_label(i, p): kinds for _, i, p, kinds in found} if overflow else None,
         _params=tuple(p for _, _, p, _ in found))
