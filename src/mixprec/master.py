@@ -290,7 +290,7 @@ class MasterWeights(torch.optim.Optimizer):
     # ----- the hot path ------------------------------------------------------------------------------
     @torch.no_grad()
     def collect_grads_(self, trust_fp32: bool = True) -> list[torch.Tensor]:
-        """Settle the gradients the optimizer will step on, and return them.
+        """Settle the gradients the optimizer will step on, and return them (and `sync_masters_`).
 
         For a parameter with a master: its FP32 gradient, kept where it still rounds to the 16-bit
         ``param.grad`` and taken from ``param.grad`` elsewhere (or wholly, with ``trust_fp32=False``:
@@ -310,7 +310,9 @@ class MasterWeights(torch.optim.Optimizer):
         self._trust_fp32 = trust_fp32  # the masters are checked against the model the same way
         for slot in self._slots:
             if not slot.settled:  # once per step: after this, mp.step unscales master.grad in place
-                slot.settle_(trust_fp32 or slot.reduced)
+                trust = trust_fp32 or slot.reduced
+                slot.settle_(trust)
+                slot.sync_master_(trust)  # in the same pass: the masters the update starts from
                 slot.settled = True
         for param, fmt in self._rounded:  # idempotent if the hook already rounded it
             if param.grad is not None:
@@ -341,8 +343,10 @@ class MasterWeights(torch.optim.Optimizer):
             slot.sync_master_(self._trust_fp32 or slot.reduced)
 
     @torch.no_grad()
-    def copy_to_model_(self) -> None:
+    def copy_to_model_(self, release_grads: bool = False) -> None:
         """Round the masters into the model's parameters (done by `step`; call it after editing masters).
+
+        With ``release_grads``, also `release_grads_` in the same pass over the parameters (as `step` does).
 
         Syncs: no.
         """
@@ -352,6 +356,9 @@ class MasterWeights(torch.optim.Optimizer):
             if slot.emulated:
                 slot.param.copy_(quantize(slot.master, slot.fmt))
             slot.wrote_param()
+            if release_grads:
+                slot.master.grad = None
+                slot.reduced = slot.settled = False
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
@@ -375,15 +382,13 @@ class MasterWeights(torch.optim.Optimizer):
                 "MasterWeights.step does not take a closure: compute the loss and call backward first")
         for hook in list(self._optimizer_step_pre_hooks.values()):
             hook(self, (), {})
-        self.collect_grads_()
-        self.sync_masters_()
+        self.collect_grads_()  # and the masters follow the model (done already where mp.step collected)
         self._stepping = True
         try:
             self.optimizer.step()
         finally:
             self._stepping = False
-        self.copy_to_model_()
-        self.release_grads_()
+        self.copy_to_model_(release_grads=True)
         for param, fmt in self._rounded:
             param.copy_(quantize(param, fmt))
         for hook in list(self._optimizer_step_post_hooks.values()):
