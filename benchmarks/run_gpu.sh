@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 13 in one go, for a CUDA machine (H100/H200): the tests marked gpu, then the
-# GPT-2 small benchmark eager and compiled. Each part has a time limit, so a hang cannot eat the session.
+# GPT-2 small benchmark eager, compiled and with fused optimizers. Each part has a time limit, so a hang
+# cannot eat the session.
 #
-#   benchmarks/run_gpu.sh                 # all three parts, with .venv/bin/python if there is one
-#   benchmarks/run_gpu.sh tests eager     # some parts: tests (<= 4 min), eager (<= 3), compiled (<= 7)
+#   benchmarks/run_gpu.sh                 # all four parts, with .venv/bin/python if there is one
+#   benchmarks/run_gpu.sh tests eager     # some parts: tests (<= 4 min), eager (<= 3), compiled (<= 7),
+#                                         # fused (<= 3)
 #   PYTHON=python3 benchmarks/run_gpu.sh  # with a python that already has torch with CUDA (no install)
 #
-# Writes benchmarks/results/bench_cuda.json and bench_cuda_compiled.json; if OUT is set, copies them and
-# the logs there. Exit status: the number of parts that failed.
+# Writes benchmarks/results/bench_cuda.json, bench_cuda_compiled.json and bench_cuda_fused.json; if OUT
+# is set, copies them and the logs there. Exit status: the number of parts that failed.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ]; then
@@ -21,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" \
     || exit 99
 
-parts=" ${*:-tests eager compiled} "
+parts=" ${*:-tests eager compiled fused} "
 if [[ $parts == *" tests "* ]]; then
     timeout 240 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu -rs tests 2>&1 | tee "$LOGS/gpu_tests.log" \
         || failed=$((failed + 1))
@@ -35,6 +37,11 @@ if [[ $parts == *" compiled "* ]]; then
     timeout 420 "$PYTHON" benchmarks/bench_train.py --device cuda --compile --steps 20 --warmup 3 \
         --policies fp32,amp-fp16,amp-bf16,f16-master,bf16-master 2>&1 | tee "$LOGS/bench_cuda_compiled.log" \
         || failed=$((failed + 1))
+fi
+if [[ $parts == *" fused "* ]]; then
+    # Fused optimizers on every side: GradScaler and mp.step(sync=False) skip overflows on the device, no sync.
+    timeout 180 "$PYTHON" benchmarks/bench_train.py --device cuda --fused --steps 20 --warmup 3 2>&1 \
+        | tee "$LOGS/bench_cuda_fused.log" || failed=$((failed + 1))
 fi
 
 if [ -n "${OUT:-}" ]; then

@@ -3,6 +3,7 @@ the tiny GPT learns, GPT-2 small has GPT-2 small's size. The GPU path is checked
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixprec.benchmark import BASELINES, benchmark, goals, tf32
+import mixprec as mp
+from mixprec.benchmark import BASELINES, Clock, benchmark, build, goals, parse_runs, run_step, tf32
 from mixprec.cli import main
 from mixprec.recipes import get_recipe
 from mixprec.recipes.gpt import SMALL, TINY, markov_tokens, parameter_count
@@ -25,8 +27,8 @@ def test_help_lists_the_options_and_the_baselines(capsys):
         main(["bench", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--recipe", "--policies", "--steps", "--warmup", "--batch-size", "--compile", "--device",
-                   "--json", "--out", *BASELINES):
+    for option in ("--recipe", "--policies", "--steps", "--warmup", "--batch-size", "--compile", "--fused",
+                   "--device", "--json", "--out", *BASELINES):
         assert option in out, option
 
 
@@ -67,6 +69,34 @@ def test_json_flag_prints_json_only(capsys):
     result = json.loads(capsys.readouterr().out)
     tf32_run = result["runs"][1]
     assert tf32_run["policy"] == "fp32-tf32" and "exactly as fp32" in tf32_run["note"]
+
+
+def test_fused_runs_fused_optimizers_on_every_side(capsys):
+    assert main(["bench", *FAST, "--policies", "amp-fp16,f16-master", "--fused", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["benchmark"]["fused"] is True
+    assert [r["skipped_steps"] for r in result["runs"]] == [0, 0]
+    recipe, device = get_recipe("gpt"), torch.device("cpu")
+    torch_run, mixprec_run = (build(spec, recipe, device, compile=False, seed=0, fused=True)
+                              for spec in parse_runs("amp-fp16,f16-master", "cpu"))
+    assert isinstance(mixprec_run.optimizer, mp.MasterWeights)
+    for optimizer in (torch_run.optimizer, mixprec_run.optimizer.optimizer):
+        assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["fused"] is True
+        assert optimizer.defaults["lr"] == recipe.lr and optimizer.defaults["weight_decay"] == recipe.weight_decay
+    batch = recipe.make_data().batch(0, 4, seed=0)
+    for _ in range(2):  # the first step is synced (no optimizer state yet); the second is not
+        run_step(mixprec_run, batch, Clock(device), timed=True)
+    assert isinstance(mixprec_run.info.applied, torch.Tensor) and mixprec_run.skipped_steps == 0
+
+
+def test_fused_refuses_an_optimizer_without_a_fused_variant():
+    def no_data():
+        raise AssertionError("made the data before refusing the optimizer")
+
+    recipe = dataclasses.replace(get_recipe("gpt"), make_data=no_data,
+                                 make_optimizer=lambda params, r: torch.optim.RMSprop(params, lr=r.lr))
+    with pytest.raises(ValueError, match="RMSprop has no fused variant .* leave --fused out"):
+        benchmark(recipe, "amp-fp16,f16-master", steps=1, warmup=0, batch_size=4, fused=True)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -150,6 +180,8 @@ def test_bench_train_script_picks_recipe_and_results_file():
     gpu = module.defaults(["--device", "cuda", "--compile"])
     assert gpu[-4:] == ["--recipe", "gpt2-small", "--out",
                         str(ROOT / "benchmarks" / "results" / "bench_cuda_compiled.json")]
+    assert module.defaults(["--device", "cuda", "--fused"])[-1] == str(ROOT / "benchmarks" / "results" /
+                                                                    "bench_cuda_fused.json")
 
 
 @pytest.mark.gpu

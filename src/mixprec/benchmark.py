@@ -29,6 +29,7 @@ masters, gradients, optimizer state, one forward's activations); the JSON has it
 from __future__ import annotations
 
 import contextlib
+import inspect
 import statistics
 import time
 from collections.abc import Iterator
@@ -84,6 +85,21 @@ def tf32(enabled: bool | None, device: torch.device) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before_flags
 
 
+def fused_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``optimizer`` rebuilt as the same class with ``fused=True`` (built before any step: it has no state),
+    the kind that skips an overflowing step on the device, so GradScaler and mp.step(sync=False) never sync."""
+    cls = type(optimizer)
+    accepted = inspect.signature(cls.__init__).parameters  # defaults may hold more (AdamW's decoupled_weight_decay)
+    settings = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    groups = [{**g, "fused": True, "foreach": None} for g in optimizer.param_groups]
+    fused = cls(groups, **{**settings, "fused": True, "foreach": None}) if "fused" in accepted else None
+    if not getattr(fused, "_step_supports_amp_scaling", False):
+        raise ValueError(f"--fused: the recipe's {cls.__name__} has no fused variant that skips a step on the "
+                         f"device (torch's Adam, AdamW, SGD and Adagrad have one): leave --fused out, or give "
+                         f"the recipe one of those")
+    return fused
+
+
 @dataclass
 class Run:
     """One way of training the recipe's model. Subclasses give forward, backward and step."""
@@ -134,7 +150,7 @@ class Run:
 class TorchRun(Run):
     """A torch baseline, written as a torch user writes it: autocast, GradScaler, clip_grad_norm_, step."""
 
-    def __init__(self, name: str, recipe: Recipe, device: torch.device, compile: bool) -> None:
+    def __init__(self, name: str, recipe: Recipe, device: torch.device, compile: bool, fused: bool = False) -> None:
         note = None
         if name == "fp32-tf32" and device.type != "cuda":
             note = f"TF32 is a CUDA tensor-core mode: on {device.type} this runs exactly as fp32"
@@ -143,6 +159,8 @@ class TorchRun(Run):
         self.tf32 = {"fp32": False, "fp32-tf32": True}.get(name)  # None: the settings as found
         model = recipe.make_model().to(device)
         self.optimizer = recipe.build_optimizer(model.parameters())
+        if fused:
+            self.optimizer = fused_optimizer(self.optimizer)
         self.params = list(model.parameters())
         self.model = torch.compile(model) if compile else model
         self.scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
@@ -164,7 +182,7 @@ class TorchRun(Run):
             self.scaler.unscale_(self.optimizer)
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(self.params, clip)
-            self.scaler.step(self.optimizer)  # syncs: skips the update if a gradient is inf/NaN
+            self.scaler.step(self.optimizer)  # skips the update if a gradient is inf/NaN: syncs unless fused
             self.scaler.update()
         else:
             if clip is not None:
@@ -186,7 +204,8 @@ class TorchRun(Run):
 class MixprecRun(Run):
     """A mixprec policy, trained with the README's loop."""
 
-    def __init__(self, name: str, policy: mp.Policy, recipe: Recipe, device: torch.device, compile: bool) -> None:
+    def __init__(self, name: str, policy: mp.Policy, recipe: Recipe, device: torch.device, compile: bool,
+                 fused: bool = False) -> None:
         execution = policy.resolve_execution(device)
         ran = execution if execution == "native" else f"emulated ({policy.emulation})"
         note = None
@@ -196,9 +215,13 @@ class MixprecRun(Run):
         super().__init__(name, "mixprec", mp.PRESETS.get(name, str(policy)), ran, recipe, device, note)
         model = recipe.make_model().to(device)
         optimizer = recipe.build_optimizer(model.parameters())
+        if fused:
+            optimizer = fused_optimizer(optimizer)
         if compile:
             model = torch.compile(model)
         self.model, self.optimizer, self.scaler = mp.prepare(model, optimizer, policy)
+        self.fused = fused
+        self.info: mp.StepInfo | None = None  # the last step's, read in after_step (outside the timing)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         with mp.autocast(self.model):
@@ -208,9 +231,13 @@ class MixprecRun(Run):
         self.scaler.scale(loss).backward()
 
     def step(self) -> None:
-        info = mp.step(self.optimizer, self.scaler, max_grad_norm=self.recipe.max_grad_norm)  # syncs: once
-        self.skipped_steps += not info.applied
+        # Syncs once; fused: never (the optimizer skips an overflow on the device, info holds device tensors).
+        self.info = mp.step(self.optimizer, self.scaler, max_grad_norm=self.recipe.max_grad_norm, sync=not self.fused)
         self.optimizer.zero_grad()
+
+    def after_step(self) -> None:
+        """Count a skipped step (fused: reading info.applied syncs, so it is read here, after the timed region)."""
+        self.skipped_steps += not bool(self.info.applied)
 
     def loss_scale(self) -> float | None:
         return self.scaler.loss_scale
@@ -334,14 +361,15 @@ def count_flops(recipe: Recipe, batch: Batch) -> int | None:
     return int(counter.get_total_flops())
 
 
-def build(spec: Spec, recipe: Recipe, device: torch.device, compile: bool, seed: int) -> Run:
-    """A run from the same initial weights as every other (the seed), with the bytes it holds on CUDA."""
+def build(spec: Spec, recipe: Recipe, device: torch.device, compile: bool, seed: int, fused: bool = False) -> Run:
+    """A run from the same initial weights as every other (the seed), with the bytes it holds on CUDA;
+    ``fused``: with the recipe's optimizer rebuilt with fused=True (`fused_optimizer`)."""
     cuda = device.type == "cuda"
     before = torch.cuda.memory_allocated(device) if cuda else 0
     name, what = spec
     with isolated_rng(seed):
-        run = (TorchRun(name, recipe, device, compile) if isinstance(what, str)
-               else MixprecRun(name, what, recipe, device, compile))
+        run = (TorchRun(name, recipe, device, compile, fused) if isinstance(what, str)
+               else MixprecRun(name, what, recipe, device, compile, fused))
     if cuda:
         run.held_bytes = torch.cuda.memory_allocated(device) - before
     return run
@@ -349,10 +377,12 @@ def build(spec: Spec, recipe: Recipe, device: torch.device, compile: bool, seed:
 
 def benchmark(recipe: Recipe | str, policies: str | list[Spec], *, steps: int = 20, warmup: int = 3,
               batch_size: int | None = None, compile: bool = False, device: str | torch.device = "cpu",
-              threads: int | None = 1, seed: int = 0, data: Data | None = None) -> dict[str, Any]:
+              threads: int | None = 1, seed: int = 0, data: Data | None = None, fused: bool = False) -> dict[str, Any]:
     """Train ``recipe`` under every policy side by side and return the results (JSON-ready).
 
-    ``policies``: a --policies string or `parse_runs`'s list; ``data``: the recipe's, if already made.
+    ``policies``: a --policies string or `parse_runs`'s list; ``data``: the recipe's, if already made;
+    ``fused``: every run with the recipe's optimizer built with fused=True, the path on which torch.amp's
+    GradScaler and mp.step(sync=False) never wait for the device.
 
     Example:
         >>> result = benchmark("gpt", "fp32,f32", steps=2, warmup=1, batch_size=2)
@@ -365,6 +395,8 @@ def benchmark(recipe: Recipe | str, policies: str | list[Spec], *, steps: int = 
     batch_size = batch_size or recipe.batch_size
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    if fused:
+        check_fused(recipe)
     data = recipe.make_data() if data is None else data
     check_batch_size(recipe, data, batch_size)
     tokens_per_sample = data.info.get("block_size")  # token recipes: windows of block_size predictions
@@ -376,7 +408,7 @@ def benchmark(recipe: Recipe | str, policies: str | list[Spec], *, steps: int = 
     started = time.perf_counter()
     with torch_threads(threads):
         matmul_tflops = bf16_matmul_tflops(device) if device.type == "cuda" else None
-        runs = [build(spec, recipe, device, compile, seed) for spec in specs]
+        runs = [build(spec, recipe, device, compile, seed, fused) for spec in specs]
         for k in range(warmup + steps):
             # Interleaved, and each step starts from another policy: drift hits all of them alike.
             order = runs[k % len(runs):] + runs[:k % len(runs)]
@@ -392,7 +424,7 @@ def benchmark(recipe: Recipe | str, policies: str | list[Spec], *, steps: int = 
         "benchmark": {
             "recipe": recipe.name, "description": recipe.description, "batch_size": batch_size,
             "tokens_per_sample": tokens_per_sample, "steps": steps, "warmup": warmup, "compile": compile,
-            "seed": seed, "parameters": sum(p.numel() for p in _parameters(runs[0])),
+            "fused": fused, "seed": seed, "parameters": sum(p.numel() for p in _parameters(runs[0])),
             "model_flops_per_step": flops,
             "flops_counted_by": "torch.utils.flop_counter on one forward+backward (matmuls, convolutions, attention)",
             "bf16_matmul_tflops": matmul_tflops,
@@ -416,6 +448,12 @@ def check_batch_size(recipe: Recipe, data: Data, batch_size: int) -> None:
     if batch_size > data.train_size:
         raise ValueError(f"--batch-size {batch_size} is larger than {recipe.name}'s training set "
                          f"({data.train_size} rows)")
+
+
+def check_fused(recipe: Recipe) -> None:
+    """Raise `fused_optimizer`'s ValueError now if the recipe's optimizer has no fused variant (on a
+    one-element stand-in parameter: nothing is built)."""
+    fused_optimizer(recipe.build_optimizer([torch.nn.Parameter(torch.zeros(1))]))
 
 
 def _parameters(run: Run) -> list[torch.nn.Parameter]:

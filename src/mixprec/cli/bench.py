@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from mixprec.benchmark import BASELINES, DEFAULT_POLICIES, benchmark, check_batch_size, parse_runs
+from mixprec.benchmark import BASELINES, DEFAULT_POLICIES, benchmark, check_batch_size, check_fused, parse_runs
 from mixprec.checkpoints import check_writable
 from mixprec.recipes import RECIPES, get_recipe
 from mixprec.report import format_bytes, render, write_json
@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="untimed steps per policy first (default 3; compilation happens here)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="default: the recipe's")
     parser.add_argument("--compile", action="store_true", help="torch.compile every policy's model")
+    parser.add_argument("--fused", action="store_true",
+                        help="fused optimizers on every side: torch.amp's GradScaler and mixprec's "
+                             "mp.step(sync=False) then never wait for the device")
     parser.add_argument("--device", type=device_name, default=None, help="cpu or cuda[:N] (default: cuda if available)")
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch CPU threads (default 1; on a busy machine more threads mostly wait on each other)")
@@ -59,7 +62,8 @@ def results_table(result: dict[str, Any]) -> str:
     tokens = bench["tokens_per_sample"] is not None
     first = result["runs"][0]["policy"]
     title = (f"{bench['recipe']}, batch {bench['batch_size']}, {bench['steps']} steps "
-             f"({bench['warmup']} warm-up){', compiled' if bench['compile'] else ''}, on {env['device']} "
+             f"({bench['warmup']} warm-up){', compiled' if bench['compile'] else ''}"
+             f"{', fused' if bench['fused'] else ''}, on {env['device']} "
              f"({env['device_name']}), torch {env['torch']}; medians, * emulated")
     table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, title_justify="left",
                   collapse_padding=True, pad_edge=False)
@@ -86,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
     recipe = get_recipe(args.recipe)
     device = default_device(args.device)
     specs = parse_runs(args.policies, device)
+    if args.fused:
+        check_fused(recipe)
     if args.out is not None:
         if args.out.is_dir():
             raise ValueError(f"--out {str(args.out)!r} is a folder; give a file name, e.g. {args.out / 'bench.json'}")
@@ -96,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"mixprec bench: {recipe.name} under {', '.join(name for name, _ in specs)} on {device}, "
               f"{args.warmup} + {args.steps} steps each, interleaved", flush=True)
     result = benchmark(recipe, specs, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
-                       compile=args.compile, device=device, threads=args.threads, seed=args.seed, data=data)
+                       compile=args.compile, fused=args.fused, device=device, threads=args.threads,
+                       seed=args.seed, data=data)
     if args.out is not None:
         write_json(args.out, result)
     if args.json:
