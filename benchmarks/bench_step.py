@@ -1,6 +1,6 @@
 """Overhead of mp.step (unscale + check, optional clip, master update) against torch.amp.GradScaler.
 
-Same model (an MLP with 50 parameter tensors, ~5M parameters), same Adam (foreach), same device, timed
+Same model (an MLP with 50 parameter tensors, ~5M parameters), same Adam (foreach or fused), same device, timed
 side by side in one run, interleaved so that drift in the machine hits both sides alike. The loop's
 end is timed: the step and ``optimizer.zero_grad()`` (set_to_none, torch's default), after gradients
 are put in place untimed, freshly allocated from a fixed set as backward leaves them. Both sides thus
@@ -17,9 +17,13 @@ Variants (each reported as ratio = median(mixprec) / median(torch.amp)):
   FP32 Adam over 5M FP32 values; mixprec additionally writes the 5M FP16 parameters.
 * ``scaler-only``: FP32 parameters on both sides, plain Adam: mp.step + DynamicScaler vs GradScaler.
 * ``scaler-only+clip``: as above with clipping to norm 1.0 (torch: unscale_, clip_grad_norm_, step).
+* ``masters, fused Adam, sync=False``: as ``masters`` with Adam(fused=True) on both sides, and
+  ``mp.step(..., sync=False)``: no side reads the device (GradScaler hands found_inf to fused Adam).
+* ``... 600 small tensors``: the same with 600 tensors of at most 1024 values, where the cost per tensor
+  (Python, kernel launches) dominates: the regime of small models on a GPU.
 
 Usage:
-    python benchmarks/bench_step.py [--iters 30] [--out benchmarks/results/step_overhead.json]
+    python benchmarks/bench_step.py [--iters 30] [--device cpu|cuda] [--out FILE]
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,16 +43,36 @@ from mixprec.report import write_json
 from mixprec.report.environment import environment
 
 WIDTH, LAYERS = 448, 25  # 25 x (448*448 + 448) = 5.03M parameters in 50 tensors
+SMALL = (32, 300)  # 300 x (32*32 + 32) = 317K parameters in 600 tensors: the per-tensor cost shows
 
 
-def make_mlp(dtype: torch.dtype) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(*[torch.nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)]).to(dtype)
+@dataclass(frozen=True)
+class Setup:
+    """What both sides share: the MLP's shape, the optimizer kind, the device; and how mixprec steps."""
 
+    width: int = WIDTH
+    layers: int = LAYERS
+    fused: bool = False  # Adam(fused=True) on both sides (else foreach=True)
+    sync: bool = True  # mp.step(..., sync=...): False needs fused; torch's GradScaler never syncs with fused
+    device: str = "cpu"
 
-def fixed_grads(model: torch.nn.Module) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.randn(p.shape, generator=g) for p in model.parameters()]
+    def mlp(self, dtype: torch.dtype) -> torch.nn.Module:
+        torch.manual_seed(0)
+        layers = [torch.nn.Linear(self.width, self.width) for _ in range(self.layers)]
+        return torch.nn.Sequential(*layers).to(self.device, dtype)
+
+    def adam(self, params: Any) -> torch.optim.Adam:
+        kind = {"fused": True} if self.fused else {"foreach": True}
+        return torch.optim.Adam(params, lr=1e-4, **kind)
+
+    def grads(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(1)
+        return [torch.randn(p.shape, generator=g).to(self.device) for p in model.parameters()]
+
+    def done(self) -> None:
+        """Wait for the device: a step that does not sync still has its kernels to run."""
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
 
 
 class Side:
@@ -56,14 +82,14 @@ class Side:
         self.set_grads, self.step = set_grads, step
 
 
-def ours(masters: bool, clip: float | None) -> Side:
-    model = make_mlp(torch.float16 if masters else torch.float32)
-    adam = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=True)
+def ours(masters: bool, clip: float | None, setup: Setup = Setup()) -> Side:
+    model = setup.mlp(torch.float16 if masters else torch.float32)
+    adam = setup.adam(model.parameters())
     opt = mp.MasterWeights(adam) if masters else adam
-    scaler = mp.DynamicScaler(init_scale=2.0**16, growth_interval=10**9)
+    scaler = mp.DynamicScaler(init_scale=2.0**16, growth_interval=10**9, device=setup.device)
     targets = [p for g in opt.param_groups for p in g["params"]]  # masters (FP32) or the params
     params = list(model.parameters())
-    source = fixed_grads(model)
+    source = setup.grads(model)
 
     slots = opt.grad_slots if masters else []
 
@@ -76,26 +102,29 @@ def ours(masters: bool, clip: float | None) -> Side:
                 t.grad = s.clone()
         for slot in slots:
             slot.write_back_hook(slot.param)
+        setup.done()
 
     def step() -> None:
-        info = mp.step(opt, scaler, max_grad_norm=clip)
-        assert info.applied
+        info = mp.step(opt, scaler, max_grad_norm=clip, sync=setup.sync)
         opt.zero_grad()  # set_to_none: the loop's end, as on torch's side
+        setup.done()
+        assert bool(info.applied)  # with sync=False, read once the device is done: no wait
 
     return Side(set_grads, step)
 
 
-def theirs(clip: float | None) -> Side:
-    model = make_mlp(torch.float32)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=True)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=10**9)
-    scaler.scale(torch.ones(()))  # GradScaler creates its scale tensor lazily, on the first scale()
+def theirs(clip: float | None, setup: Setup = Setup()) -> Side:
+    model = setup.mlp(torch.float32)
+    opt = setup.adam(model.parameters())
+    scaler = torch.amp.GradScaler(setup.device.split(":")[0], init_scale=2.0**16, growth_interval=10**9)
+    scaler.scale(torch.ones((), device=setup.device))  # GradScaler creates its scale tensor lazily
     params = list(model.parameters())
-    source = fixed_grads(model)
+    source = setup.grads(model)
 
     def set_grads() -> None:
         for p, s in zip(params, source, strict=True):  # what backward leaves: freshly allocated gradients
             p.grad = s.clone()
+        setup.done()
 
     def step() -> None:
         if clip is not None:
@@ -104,6 +133,7 @@ def theirs(clip: float | None) -> Side:
         scaler.step(opt)
         scaler.update()
         opt.zero_grad()  # set_to_none (torch's default): frees the gradients, as mp.step frees the FP32 ones
+        setup.done()
 
     return Side(set_grads, step)
 
@@ -124,55 +154,56 @@ def time_side_by_side(a: Side, b: Side, iters: int, warmup: int = 3) -> tuple[li
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "step_overhead.json"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/step_overhead[_cuda].json")
     args = parser.parse_args()
-
+    big = Setup(device=args.device)
+    fused = Setup(fused=True, sync=False, device=args.device)
+    small = Setup(*SMALL, fused=True, sync=False, device=args.device)
+    masters = ("mixprec: FP16 params + FP32 MasterWeights(Adam) + DynamicScaler + mp.step; "
+               "torch: FP32 params + Adam + torch.amp.GradScaler (step, update)")
     variants = {
-        "masters": (
-            lambda: ours(masters=True, clip=None),
-            lambda: theirs(clip=None),
-            "mixprec: FP16 params + FP32 MasterWeights(Adam) + DynamicScaler + mp.step; "
-            "torch: FP32 params + Adam + torch.amp.GradScaler (step, update)",
-        ),
-        "scaler-only": (
-            lambda: ours(masters=False, clip=None),
-            lambda: theirs(clip=None),
-            "both FP32 params + Adam; mixprec: DynamicScaler + mp.step; torch: GradScaler step + update",
-        ),
-        "scaler-only+clip": (
-            lambda: ours(masters=False, clip=1.0),
-            lambda: theirs(clip=1.0),
-            "as scaler-only, clipping to total norm 1.0 (torch: unscale_, clip_grad_norm_, step, update)",
-        ),
+        "masters": (True, None, big, masters),
+        "scaler-only": (False, None, big, "both FP32 params + Adam; mixprec: DynamicScaler + mp.step; "
+                                          "torch: GradScaler step + update"),
+        "scaler-only+clip": (False, 1.0, big, "as scaler-only, clipping to total norm 1.0 (torch: unscale_, "
+                                              "clip_grad_norm_, step, update)"),
+        "masters, fused Adam, sync=False": (True, None, fused, masters + "; Adam(fused=True) on both sides, "
+                                            "mp.step(sync=False): neither side reads the device"),
+        "masters, fused Adam, sync=False, 600 small tensors": (
+            True, None, small, masters + "; Adam(fused=True), mp.step(sync=False); 600 tensors of <= 1024 values: "
+                                         "the per-tensor (host) cost dominates"),
     }
     results = {}
-    for name, (make_ours, make_theirs, what) in variants.items():
-        t_ours, t_theirs = time_side_by_side(make_ours(), make_theirs(), args.iters)
+    for name, (with_masters, clip, setup, what) in variants.items():
+        t_ours, t_theirs = time_side_by_side(ours(with_masters, clip, setup), theirs(clip, setup), args.iters)
         m_ours, m_theirs = statistics.median(t_ours), statistics.median(t_theirs)
+        model = setup.mlp(torch.float32)
         results[name] = {
             "compares": what,
+            "model": f"MLP {setup.layers}x Linear({setup.width}, {setup.width}): {len(list(model.parameters()))} "
+                     f"tensors, {sum(p.numel() for p in model.parameters())} params",
             "mixprec_ms_median": round(m_ours * 1e3, 3),
             "torch_amp_ms_median": round(m_theirs * 1e3, 3),
             "mixprec_ms_min": round(min(t_ours) * 1e3, 3),
             "torch_amp_ms_min": round(min(t_theirs) * 1e3, 3),
             "ratio": round(m_ours / m_theirs, 3),
         }
-        print(f"{name:18s} mixprec {m_ours * 1e3:8.2f} ms   torch.amp {m_theirs * 1e3:8.2f} ms   "
+        print(f"{name:52s} mixprec {m_ours * 1e3:8.2f} ms   torch.amp {m_theirs * 1e3:8.2f} ms   "
               f"ratio {m_ours / m_theirs:.3f}")
 
-    model = make_mlp(torch.float32)
     record = {
         "benchmark": "step_overhead",
-        **environment("cpu"),
-        "model": f"MLP {LAYERS}x Linear({WIDTH}, {WIDTH}): {len(list(model.parameters()))} tensors, "
-        f"{sum(p.numel() for p in model.parameters())} params; Adam(foreach=True)",
+        **environment(args.device),
         "iters": args.iters,
         "timed": "the loop's end: step (+ unscale/clip/update) and zero_grad(set_to_none), gradients put in place "
-                 "(freshly allocated, as backward leaves them) untimed before each step; sides interleaved",
+                 "(freshly allocated, as backward leaves them) untimed before each step; sides interleaved; "
+                 "on CUDA up to the device finishing the step",
         "goal_ratio": 1.2,
         "results": results,
     }
-    out = Path(args.out)
+    suffix = "" if args.device == "cpu" else "_cuda"
+    out = Path(args.out or Path(__file__).parent / "results" / f"step_overhead{suffix}.json")
     write_json(out, record)  # atomic, strict JSON: the writer the reports use
     print(f"wrote {out}")
 
