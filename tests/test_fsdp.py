@@ -27,26 +27,27 @@ torch.set_num_threads(1)
 dist.init_process_group("gloo", rank=rank, world_size=world)
 results = {}
 for policy in sys.argv[3:]:
-    for kind in ("fsdp", "ddp", "fsdp-fault"):
+    for kind in ("fsdp", "ddp", "fsdp-fault", "fsdp-fault-fused", "fsdp-fault-sync-free"):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 1))
         if kind.startswith("fsdp"):
             model = mp.distributed.fully_shard(model, policy)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=kind != "ddp" and kind.endswith(("fused", "free")))
         model, opt, scaler = mp.prepare(model, opt, policy)
         net = model if kind.startswith("fsdp") else torch.nn.parallel.DistributedDataParallel(model)
         g = torch.Generator().manual_seed(100 + rank)  # different data on each rank
-        applied, norms = [], []
+        applied, norms, read_later = [], [], []
         for step in range(6):
             x, y = torch.randn(8, 8, generator=g), torch.randn(8, 1, generator=g)
             with mp.autocast(net):
                 loss = torch.nn.functional.mse_loss(net(x).float(), y)
             scaler.scale(loss).backward()
-            if kind == "fsdp-fault" and rank == 1 and step in (2, 4):
+            if kind.startswith("fsdp-fault") and rank == 1 and step in (2, 4):
                 model[0].weight.grad.to_local().view(-1)[0] = float("inf")  # this rank's shard only
-            info = mp.step(opt, scaler, max_grad_norm=1.0)
-            applied.append(info.applied)
-            norms.append(info.grad_norm)
+            info = mp.step(opt, scaler, max_grad_norm=1.0, sync=kind != "fsdp-fault-sync-free")
+            read_later.append(isinstance(info.applied, torch.Tensor))
+            applied.append(bool(info.applied))  # sync=False: device tensors, read here to compare
+            norms.append(float(info.grad_norm))
             opt.zero_grad()
         if kind.startswith("fsdp"):
             weights = [p.full_tensor().float() for p in model.parameters()]
@@ -54,7 +55,7 @@ for policy in sys.argv[3:]:
         else:
             weights = [p.detach().clone() for g in opt.param_groups for p in g["params"]]  # the masters
             kind_of_opt = type(opt).__name__
-        results[f"{policy}|{kind}"] = {"weights": weights, "applied": applied, "norms": norms,
+        results[f"{policy}|{kind}"] = {"weights": weights, "applied": applied, "norms": norms, "read_later": read_later,
                                        "optimizer": kind_of_opt, "scaler": scaler.state_dict()}
 for bad in ("f16-pure", "f16-master,execution=emulated"):  # clear errors, nothing half-done
     model = mp.distributed.fully_shard(torch.nn.Sequential(torch.nn.Linear(8, 16)), "f16-master")
@@ -138,6 +139,21 @@ def test_fsdp2_replicas_agree_and_a_fault_on_one_shard_skips_every_rank(runs, po
     assert [i for i, a in enumerate(faulty["applied"]) if not a] == sorted(
         {2, 4} | {i for i, a in enumerate(clean["applied"]) if not a})
     assert faulty["scaler"]["skipped_steps"] >= 2
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_fsdp2_sync_free_steps_skip_on_every_rank_as_synced_ones(runs, policy):
+    # mp.step(sync=False) with fused Adam over the DTensor shards: no host read, the ranks agree on
+    # found-inf in the all-reduce and the optimizer skips on the device, bit for bit as the synced step.
+    for rank in range(2):
+        free, synced = runs[rank][f"{policy}|fsdp-fault-sync-free"], runs[rank][f"{policy}|fsdp-fault-fused"]
+        first = free["applied"].index(True)  # steps up to the first applied one create the state: synced
+        assert free["read_later"] == [i > first for i in range(6)] and not any(synced["read_later"])
+        assert free["applied"] == synced["applied"] and not free["applied"][2] and not free["applied"][4]
+        assert free["scaler"] == synced["scaler"]
+        assert all(torch.equal(a, b) for a, b in zip(free["weights"], synced["weights"], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][f"{policy}|fsdp-fault-sync-free"]["weights"],
+                                                  runs[1][f"{policy}|fsdp-fault-sync-free"]["weights"], strict=True))
 
 
 def test_fsdp2_refuses_policies_it_cannot_run():
