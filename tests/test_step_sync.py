@@ -234,3 +234,27 @@ def test_on_cuda_sync_free_steps_never_wait_for_the_device():
                 torch.cuda.set_sync_debug_mode("default")
         opt.zero_grad()
     assert [bool(a) for a in applied] == [True, True, True, False, True, True]
+
+
+@pytest.mark.parametrize("policy", ["f16-master,execution=native", "bf16-master,execution=native", "f16-master",
+                                    "f16-master,execution=emulated-module", "f32"])
+def test_the_whole_loop_reads_the_host_once_per_step_or_never(host_reads, policy):
+    # Forward under mp.autocast, backward through the gradient hooks, mp.step, zero_grad: the step's read
+    # is the only one (native, per-op and module emulation alike), and sync=False leaves none.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    model, opt, scaler = mp.prepare(model, opt, policy + ",scaling=dynamic:256")
+    x, y = torch.randn(4, 8), torch.randn(4, 1)
+    counts = []
+    for sync in (True, True, False, True, False, False):
+        host_reads.calls.clear()
+        with host_reads:
+            with mp.autocast(model):
+                loss = torch.nn.functional.mse_loss(model(x).float(), y)
+            scaler.scale(loss).backward()
+            info = mp.step(opt, scaler, max_grad_norm=1.0, sync=sync)
+            opt.zero_grad()
+        assert bool(info.applied)
+        counts.append(len(host_reads.calls))
+    assert counts == [1, 1, 0, 1, 0, 0]
