@@ -335,7 +335,8 @@ class MasterWeights(torch.optim.Optimizer):
 
         Weights written into the model after prepare (``model.load_state_dict``, DDP's broadcast of
         rank 0's weights at construction, an EMA swap) are so what the next update starts from, while
-        the masters' extra FP32 bits survive wherever the model was left alone. Run by `step`.
+        the masters' extra FP32 bits survive wherever the model was left alone. `collect_grads_` does this
+        too, in its pass over the parameters (so `step` and `mp.step` do).
 
         Syncs: no.
         """
