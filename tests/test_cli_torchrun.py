@@ -147,3 +147,17 @@ def test_master_weights_under_torchrun_killed_mid_run_and_resumed_match_an_unint
     a, b = _result(whole), _result(part)
     assert b["steps"] == STEPS and b["world_size"] == 2
     assert b["history"] == a["history"] and b["final_metric"] == a["final_metric"]
+
+
+def test_injected_faults_under_torchrun_skip_the_same_steps_as_one_process(tmp_path):
+    # Every rank draws the same faults (a pure function of seed, clause and step) and the ranks agree on
+    # found-inf: the 2-process run skips exactly where the 1-process run does, and trains on after.
+    faults = "grad:inf@4,8;loss:nan@10;act:inf@rate=0.1;seed=2"
+    _run([*TORCHRUN, "-m", "mixprec", "train", "--recipe", "tiny-updates", "--policy", "f16-master",
+          "--steps", "16", "--no-progress", "--out", str(tmp_path / "two"), "--inject-faults", faults])
+    two = _result(tmp_path / "two")
+    one = train("tiny-updates", "f16-master", steps=16, threads=1, faults=faults)
+    skipped = [[r["step"] for r in history if r["kind"] == "step" and not r["applied"]]
+               for history in (two["history"], one.history)]
+    assert {4, 8, 10} <= set(skipped[0]) and skipped[0] == skipped[1]
+    assert two["final_metric"] == pytest.approx(one.final_metric, rel=1e-3)

@@ -128,6 +128,15 @@ def test_each_kind_of_fault_skips_its_step_and_only_that_step(spec, target):
     assert target is None or injection.target == target
 
 
+def test_an_activation_fault_without_a_target_finds_a_model_that_is_one_module():
+    # A bare nn.Linear has no submodules: the model itself is the module whose output takes the fault.
+    model = torch.nn.Linear(4, 1)
+    model, opt, scaler = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), "f16-master")
+    scaler, injector = mp.StaticScaler(2.0**8), FaultInjector("act:inf@2", model)
+    applied = [_one_step(model, opt, scaler, injector, step).applied for step in (1, 2, 3)]
+    assert applied == [True, False, True] and injector.injections[0].target == ""
+
+
 def test_the_same_seed_injects_the_same_faults_into_the_same_elements():
     runs = []
     for _ in range(2):

@@ -221,7 +221,8 @@ class FaultInjector:
         self.injections: list[Injection] = []  # every fault injected so far, in order
         self._params = dict(model.named_parameters())
         modules = dict(model.named_modules())
-        self._leaves = {name: m for name, m in modules.items() if name and not any(m.children())}
+        # Modules without children; the model itself when it is one (a bare nn.Linear, say: named "").
+        self._leaves = {name: m for name, m in modules.items() if not any(m.children())}
         for fault in self.plan.faults:
             known = self._params if fault.kind == "grad" else modules
             if fault.target is not None and fault.target not in known:
