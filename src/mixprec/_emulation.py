@@ -26,6 +26,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .emulate import quantize
 from .formats import F32, Format
+from .gradients import rounding_hook
 from .policy import ModulePrecision
 
 
@@ -33,6 +34,18 @@ def eager(hook: Callable) -> Callable:
     """Run `hook` outside torch.compile's tracing: it rounds with Format objects and swaps module
     parameters, which dynamo cannot trace; a compiled model breaks its graph around each such hook."""
     return torch.compiler.disable(hook, recursive=True)
+
+
+def gated(hook: Callable, gate: Callable[[], bool] | None) -> Callable:
+    """`hook`, run only while ``gate()`` is true (always with None). The gate is checked before the
+    hook's compile-disabled body: a gated hook that does nothing costs a compiled model no graph break."""
+    if gate is None:
+        return hook
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return hook(*args, **kwargs) if gate() else None
+
+    return run
 
 
 def round_chain(x: torch.Tensor, formats: tuple[Format, ...]) -> torch.Tensor:
@@ -95,24 +108,17 @@ def round_parameters_(params: Iterable[tuple[torch.nn.Parameter, Format]]) -> No
 
 def add_gradient_rounding(params: Iterable[tuple[torch.nn.Parameter, Format]]) -> list[RemovableHandle]:
     """After each accumulation into p.grad, round p.grad onto p's storage format (kept while prepared)."""
-
-    def make_hook(fmt: Format) -> Callable[[torch.Tensor], None]:
-        def hook(p: torch.Tensor) -> None:
-            if p.grad is not None:
-                with torch.no_grad():
-                    p.grad.copy_(quantize(p.grad, fmt))
-
-        return hook
-
-    return [p.register_post_accumulate_grad_hook(make_hook(fmt)) for p, fmt in params if fmt != F32]
+    return [p.register_post_accumulate_grad_hook(rounding_hook(fmt)) for p, fmt in params if fmt != F32]
 
 
 def add_forward_rounding(model: torch.nn.Module, precisions: list[ModulePrecision], storage: dict[int, Format],
-                         activation: Format, output: Format) -> list[RemovableHandle]:
+                         activation: Format, output: Format,
+                         gate: Callable[[], bool] | None = None) -> list[RemovableHandle]:
     """Forward hooks that round module inputs, weights at use and outputs (active inside autocast).
 
     `storage` maps id(parameter) to its storage format; `activation` is the format tensors are stored
-    in between modules (the policy's compute format); `output` the format of the model's outputs.
+    in between modules (the policy's compute format); `output` the format of the model's outputs;
+    `gate`: the hooks act only while it returns True (see `gated`).
     """
     handles: list[RemovableHandle] = []
     by_name = dict(model.named_modules())
@@ -122,16 +128,14 @@ def add_forward_rounding(model: torch.nn.Module, precisions: list[ModulePrecisio
         computes_here = mp.has_params or not any(True for _ in module.children())
         if computes_here:
             handles.append(module.register_forward_pre_hook(
-                _input_hook(activation, compute), with_kwargs=True))
+                gated(_input_hook(activation, compute), gate), with_kwargs=True))
             stored = {storage[id(p)] for p in module._parameters.values() if p is not None}
             if compute != F32 and stored - {compute}:  # some weight is wider than the compute format
-                swapped: list[dict[str, torch.Tensor]] = []  # a stack: a module may be re-entered
-                handles.append(module.register_forward_pre_hook(swap_parameters_hook(
-                    lambda name, p, compute=compute: cast(p, (compute,), (compute,)), swapped)))
-                handles.append(module.register_forward_hook(restore_parameters_hook(swapped), always_call=True))
-        handles.append(module.register_forward_hook(_output_hook((compute, activation))))
+                handles += add_parameter_swap(module, lambda name, p, compute=compute: cast(p, (compute,), (compute,)),
+                                              gate)
+        handles.append(module.register_forward_hook(gated(_output_hook((compute, activation)), gate)))
     # The model's outputs: what the loss sees. Natively a cast to `output`, whose backward casts back.
-    handles.append(model.register_forward_hook(_output_hook((output,))))
+    handles.append(model.register_forward_hook(gated(_output_hook((output,)), gate)))
     return handles
 
 
@@ -152,17 +156,18 @@ def _output_hook(formats: tuple[Format, ...]) -> Callable:
     return eager(hook)
 
 
-def swap_parameters_hook(make: Callable[[str, torch.Tensor], torch.Tensor],
-                         swapped: list[dict[str, torch.Tensor]]) -> Callable:
-    """A forward pre-hook putting ``make(name, p)`` in place of each of the module's own parameters for
-    this call (undone by `restore_parameters_hook`).
+def add_parameter_swap(module: torch.nn.Module, make: Callable[[str, torch.Tensor], torch.Tensor],
+                       gate: Callable[[], bool] | None = None) -> list[RemovableHandle]:
+    """Hooks putting ``make(name, p)`` in place of each of the module's own parameters while it runs
+    forward (gated by `gate`).
 
     Writes module._parameters[name] directly (keeping the key's order: state_dict and named_parameters
     are unchanged) because nn.Module's setattr refuses a non-Parameter tensor; the replacement's backward
     flows into the original Parameter.
     """
+    swapped: list[dict[str, torch.Tensor]] = []  # a stack: a module may be re-entered
 
-    def hook(module: torch.nn.Module, args: tuple) -> None:
+    def swap(module: torch.nn.Module, args: tuple) -> None:
         originals = {k: p for k, p in module._parameters.items() if p is not None}
         for name, p in originals.items():
             module._parameters[name] = make(name, p)
@@ -172,11 +177,7 @@ def swap_parameters_hook(make: Callable[[str, torch.Tensor], torch.Tensor],
             module._flat_weights = [module._parameters.get(n) for n in module._flat_weights_names]
         swapped.append(originals)
 
-    return eager(hook)
-
-
-def restore_parameters_hook(swapped: list[dict[str, torch.Tensor]]) -> Callable:
-    def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+    def restore(module: torch.nn.Module, args: tuple, output: Any) -> None:
         if not swapped:  # the swap hook did not run (an earlier pre-hook raised)
             return
         originals = swapped.pop()
@@ -186,4 +187,6 @@ def restore_parameters_hook(swapped: list[dict[str, torch.Tensor]]) -> Callable:
         if flat is not None:
             module._flat_weights = flat
 
-    return eager(hook)
+    # The restore acts exactly where a swap did (the gate may read otherwise by then).
+    return [module.register_forward_pre_hook(gated(eager(swap), gate)),
+            module.register_forward_hook(gated(eager(restore), gate and (lambda: bool(swapped))), always_call=True)]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from ._emulation import eager, map_floats
+from ._emulation import eager, gated, map_floats
 from .formats import F32, Format
 from .policy import ModulePrecision
 
@@ -50,11 +50,12 @@ def flatten_rnns(model: torch.nn.Module) -> None:
 
 
 def add_forward_casts(model: torch.nn.Module, precisions: list[ModulePrecision], activation: Format,
-                      output: Format, device_type: str,
-                      dtype_of: Callable[[Format], torch.dtype] = dtype_of) -> list[RemovableHandle]:
+                      output: Format, device_type: str, dtype_of: Callable[[Format], torch.dtype] = dtype_of,
+                      gate: Callable[[], bool] | None = None) -> list[RemovableHandle]:
     """Hooks for the modules whose compute format differs from their parent's, and for the outputs.
 
-    `dtype_of` maps a format to the dtype that holds it (per-op emulation passes its carriers)."""
+    `dtype_of` maps a format to the dtype that holds it (per-op emulation passes its carriers); the
+    hooks act only while `gate` returns True (see `mixprec._emulation.gated`)."""
     handles: list[RemovableHandle] = []
     by_name = dict(model.named_modules())
     compute_of = {mp.name: mp.compute for mp in precisions}
@@ -65,14 +66,16 @@ def add_forward_casts(model: torch.nn.Module, precisions: list[ModulePrecision],
             if isinstance(module, torch.nn.RNNBase) and mp.compute != F32 and mp.params == mp.compute:
                 # Autocast leaves an RNN's float32 inputs (x, h0) as they are, and 16-bit weights with
                 # float32 inputs fail on CPU (oneDNN): give the RNN its inputs in its weights' dtype.
-                handles.append(module.register_forward_pre_hook(_inputs_to_hook(dtype_of(mp.compute)),
+                handles.append(module.register_forward_pre_hook(gated(_inputs_to_hook(dtype_of(mp.compute)), gate),
                                                                 with_kwargs=True))
             continue
         contexts: list[torch.autocast] = []  # a stack: a module may be re-entered
         handles.append(module.register_forward_pre_hook(
-            _enter_hook(dtype_of(mp.compute), device_type, contexts), with_kwargs=True))
-        handles.append(module.register_forward_hook(_exit_hook(dtype_of(activation), contexts), always_call=True))
-    handles.append(model.register_forward_hook(_cast_outputs_hook(dtype_of(output))))
+            gated(_enter_hook(dtype_of(mp.compute), device_type, contexts), gate), with_kwargs=True))
+        # Left by the same calls it entered (checked here: the gate may read differently inside the module).
+        handles.append(module.register_forward_hook(
+            gated(_exit_hook(dtype_of(activation), contexts), gate and (lambda c=contexts: bool(c))), always_call=True))
+    handles.append(model.register_forward_hook(gated(_cast_outputs_hook(dtype_of(output)), gate)))
     return handles
 
 

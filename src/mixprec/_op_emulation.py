@@ -36,7 +36,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from ._emulation import cast, map_floats, restore_parameters_hook, round_chain, swap_parameters_hook
+from ._emulation import add_parameter_swap, cast, map_floats, round_chain
 from .formats import BF16, F16, F32, Format
 
 _CARRIERS = ((torch.float16, F16), (torch.bfloat16, BF16))
@@ -161,16 +161,15 @@ class OpEmulation(TorchFunctionMode):
         return map_floats(out, round_one)
 
 
-def add_parameter_casts(model: torch.nn.Module, storage: dict[int, Format]) -> list[RemovableHandle]:
+def add_parameter_casts(model: torch.nn.Module, storage: dict[int, Format],
+                        gate: Callable[[], bool] | None = None) -> list[RemovableHandle]:
     """While each module runs forward, its parameters stored narrower than FP32 are replaced by a cast
-    to their carrier dtype (values unchanged: they lie on the format's grid)."""
+    to their carrier dtype (values unchanged: they lie on the format's grid); gated by `gate`."""
     handles: list[RemovableHandle] = []
     for module in model.modules():
         narrow = {name: carrier_of(storage[id(p)]) for name, p in module._parameters.items()
                   if p is not None and storage.get(id(p), F32) != F32}
         if narrow:
-            swapped: list[dict[str, torch.Tensor]] = []  # a stack: a module may be re-entered
-            handles.append(module.register_forward_pre_hook(swap_parameters_hook(
-                lambda name, p, narrow=narrow: p.to(narrow[name]) if name in narrow else p, swapped)))
-            handles.append(module.register_forward_hook(restore_parameters_hook(swapped), always_call=True))
+            handles += add_parameter_swap(
+                module, lambda name, p, narrow=narrow: p.to(narrow[name]) if name in narrow else p, gate)
     return handles

@@ -22,6 +22,7 @@ parameter casts of per-op emulation, or the rounding hooks of module emulation.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,9 @@ class PreparedState:
             removed by `unprepare`), or None.
         sharded: FSDP2 manages the parameters (its sharded FP32 parameters are the masters).
         rounding: per-op emulation: carrier dtype -> the narrower format its values are rounded onto.
+        autocast_dtype: the dtype `autocast` enters torch.autocast with (None: it enters none).
+        recomputing_in: per-op emulation: the module whose recomputation in backward (activation
+            checkpointing) runs under OpEmulation now, and that mode; or None.
     """
 
     policy: Policy
@@ -71,6 +75,8 @@ class PreparedState:
     master_weights: MasterWeights | None = field(default=None, repr=False)
     sharded: bool = False
     rounding: dict[torch.dtype, Format] = field(default_factory=dict, repr=False)
+    autocast_dtype: torch.dtype | None = None
+    recomputing_in: tuple[torch.nn.Module, Any] | None = field(default=None, repr=False)
 
     @property
     def emulation(self) -> str | None:
@@ -177,8 +183,67 @@ def prepare(
                           {name: fmt for name, (_, fmt) in named.items()}, handles=handles,
                           master_weights=optimizer if isinstance(optimizer, MasterWeights) else None,
                           sharded=sharded, rounding=rounding)
+    if policy.compute != F32 and state.emulation != "module boundaries":
+        state.autocast_dtype = (_native.dtype_of if execution == "native" else _op_emulation.carrier_of)(policy.compute)
+    state.handles += _recompute_hooks(model, state)
     setattr(model, _STATE_ATTR, state)
     return given, optimizer, policy.make_scaler(device)
+
+
+def _recomputing(state: PreparedState) -> bool:
+    """Whether a forward that ran inside `autocast` is being recomputed now, in backward: activation
+    checkpointing (torch.utils.checkpoint) restores torch.autocast for it, and none of mixprec's hooks.
+    Recognised by the autocast it restores (for policies whose autocast enters none, any forward of the
+    model in backward), or by per-op emulation already following the recomputation of an outer module."""
+    if torch.compiler.is_compiling() or state.in_autocast:
+        return False
+    if state.recomputing_in is not None:
+        return True
+    if torch._C._current_graph_task_id() == -1:  # not inside backward
+        return False
+    device, dtype = state.device.type, state.autocast_dtype
+    return dtype is None or (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == dtype)
+
+
+def _forward_hooks(model: torch.nn.Module, state: PreparedState, storage: dict[int, Format],
+                   gate: Any = None) -> list[RemovableHandle]:
+    """The module hooks a forward inside `autocast` runs with; with `gate`, acting only while it says so."""
+    p = state.policy
+    if state.emulation == "module boundaries":
+        return _emulation.add_forward_rounding(model, state.precisions, storage, p.compute, p.output, gate)
+    # Native, or per-op emulation: the native module hooks, in carrier dtypes.
+    dtype_of = _native.dtype_of if state.execution == "native" else _op_emulation.carrier_of
+    handles = _native.add_forward_casts(model, state.precisions, p.compute, p.output, state.device.type,
+                                        dtype_of, gate)
+    if state.execution == "emulated":
+        handles += _op_emulation.add_parameter_casts(model, storage, gate)
+    return handles
+
+
+def _recompute_hooks(model: torch.nn.Module, state: PreparedState) -> list[RemovableHandle]:
+    """Kept while prepared: the hooks of `autocast`, acting only while `_recomputing`, so that a forward
+    recomputed by activation checkpointing runs as it ran inside `autocast` (same dtypes, same values).
+
+    Per-op emulation also needs OpEmulation: entered before the first hook of the outermost module
+    recomputed, left after its last, on every module (its hooks return at once outside a recomputation).
+    """
+    gate = functools.partial(_recomputing, state)
+    handles = _forward_hooks(model, state, _storage_formats(model, state), gate)
+    if state.emulation != "per op":
+        return handles
+    def enter(module: torch.nn.Module, args: Any) -> None:
+        if state.recomputing_in is None and _recomputing(state):
+            state.recomputing_in = module, _op_emulation.OpEmulation(state.device.type, state.rounding).__enter__()
+
+    def leave(module: torch.nn.Module, args: Any, output: Any) -> None:
+        if state.recomputing_in is not None and state.recomputing_in[0] is module:
+            state.recomputing_in[1].__exit__(None, None, None)
+            state.recomputing_in = None
+
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(enter, prepend=True))
+        handles.append(module.register_forward_hook(leave, always_call=True))
+    return handles
 
 
 def _apply(model: torch.nn.Module, policy: Policy, execution: str, formats: list[tuple[torch.nn.Parameter, Format]],
@@ -290,7 +355,10 @@ def autocast(model: torch.nn.Module, policy: Policy | str | None = None) -> Iter
     Emulated at module boundaries: module hooks round inputs, weights at use, outputs and (in
     backward) their gradients. Outside the block the hooks are gone and no torch setting is changed:
     an emulated model then computes in FP32 on its (rounded) parameters, e.g. for an FP32 evaluation.
-    Backward may run after the block: the rounding of gradients is recorded in the graph during the forward.
+    Backward may run after the block: the rounding of gradients is recorded in the graph during the forward,
+    and a forward that activation checkpointing (torch.utils.checkpoint, e.g. Hugging Face's
+    ``gradient_checkpointing_enable()``) recomputes in backward runs as it did inside the block
+    (hooks that `prepare` keeps do that, and nothing else).
 
     `policy`, if given, must be the one the model was prepared with (a check against mix-ups).
     Every torch setting and hook it changes is restored on exit, also when the block raises.
@@ -321,22 +389,13 @@ def autocast(model: torch.nn.Module, policy: Policy | str | None = None) -> Iter
         register_comm_hook(model)  # once; a no-op afterwards
     model = unwrap(model)
     storage = _storage_formats(model, state)
-    p = state.policy
     with contextlib.ExitStack() as stack:
         state.in_autocast = True
         stack.callback(setattr, state, "in_autocast", False)
-        if state.emulation == "module boundaries":
-            handles = _emulation.add_forward_rounding(model, state.precisions, storage, p.compute, p.output)
-        else:
-            # Native, or per-op emulation: torch.autocast and the native module hooks, in carrier dtypes.
-            dtype_of = _native.dtype_of if state.execution == "native" else _op_emulation.carrier_of
-            if p.compute != F32:
-                stack.enter_context(torch.autocast(state.device.type, dtype=dtype_of(p.compute)))
-            handles = _native.add_forward_casts(model, state.precisions, p.compute, p.output,
-                                                state.device.type, dtype_of)
-            if state.execution == "emulated":
-                handles += _op_emulation.add_parameter_casts(model, storage)
-                stack.enter_context(_op_emulation.OpEmulation(state.device.type, state.rounding))
-        for handle in handles:
+        if state.autocast_dtype is not None:
+            stack.enter_context(torch.autocast(state.device.type, dtype=state.autocast_dtype))
+        for handle in _forward_hooks(model, state, storage):
             stack.callback(handle.remove)
+        if state.emulation == "per op":
+            stack.enter_context(_op_emulation.OpEmulation(state.device.type, state.rounding))
         yield

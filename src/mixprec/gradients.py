@@ -10,12 +10,14 @@ writes the same slots.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .emulate import quantize
 from .formats import Format
 
-__all__ = ["GradSlot", "stamp"]
+__all__ = ["GradSlot", "stamp", "rounding_hook"]
 
 
 class GradSlot:
@@ -93,3 +95,14 @@ class GradSlot:
 def stamp(t: torch.Tensor) -> tuple[int, int, int]:
     """What changes when a tensor is replaced, re-pointed or written in place (see GradSlot)."""
     return id(t), t.data_ptr(), t._version
+
+
+def rounding_hook(fmt: Format) -> Callable[[torch.Tensor], None]:
+    """A post-accumulate-grad hook rounding ``p.grad`` onto `fmt`, as a 16-bit parameter's .grad is rounded
+    (emulated parameters without an FP32 master)."""
+    def hook(p: torch.Tensor) -> None:
+        if p.grad is not None:
+            with torch.no_grad():
+                p.grad.copy_(quantize(p.grad, fmt))
+
+    return hook

@@ -40,14 +40,14 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from .emulate import quantize
 from .formats import F32, FORMATS, Format
-from .gradients import GradSlot
+from .gradients import GradSlot, rounding_hook
 
 __all__ = ["MasterWeights", "MODES", "managed"]
 
@@ -235,7 +235,7 @@ class MasterWeights(torch.optim.Optimizer):
                 self._hooks.append(slot.param.register_post_accumulate_grad_hook(slot.write_back_hook))
         for param, fmt in self._rounded:
             if param.requires_grad:
-                self._hooks.append(param.register_post_accumulate_grad_hook(_rounder(fmt)))
+                self._hooks.append(param.register_post_accumulate_grad_hook(rounding_hook(fmt)))
 
     def _refuse_direct_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._stepping:
@@ -509,12 +509,3 @@ def _to_fp32_state(key: str, value: Any) -> Any:
         return value.to(torch.float32)
     return value
 
-
-def _rounder(fmt: Format) -> Callable[[torch.Tensor], None]:
-    # Mode "none", emulated: the accumulated gradient is rounded onto the format, as a 16-bit .grad is.
-    def hook(param: torch.Tensor) -> None:
-        if param.grad is not None:
-            with torch.no_grad():
-                param.grad.copy_(quantize(param.grad, fmt))
-
-    return hook
