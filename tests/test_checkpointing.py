@@ -136,3 +136,25 @@ def test_hugging_face_gradient_checkpointing_trains_as_without_it(policy):
         runs.append((losses, [p.detach().clone() for p in model.parameters()]))
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+
+
+@pytest.mark.parametrize("policy", ["f16-master", "f16-master,execution=native"])
+def test_checkpointing_under_torch_compile_trains_as_eager_without_it(policy):
+    # The kept hooks return before anything dynamo cannot trace; recomputation inside the compiled graph.
+    def run(checkpointing: str | None, compiled: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = Net(checkpointing)
+        model, opt, scaler = mp.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), policy)
+        model = torch.compile(model, backend="aot_eager") if compiled else model
+        for i in range(3):
+            g = torch.Generator().manual_seed(i)
+            x, y = torch.randn(4, 6, 16, generator=g), torch.randn(4, 6, 1, generator=g)
+            with mp.autocast(model):
+                loss = F.mse_loss(model(x).float(), y)
+            scaler.scale(loss).backward()
+            mp.step(opt, scaler)
+            opt.zero_grad()
+        return [p.detach().clone() for p in opt.model_params]
+
+    torch._dynamo.reset()
+    assert all(torch.equal(a, b) for a, b in zip(run("non-reentrant", True), run(None, False), strict=True))
