@@ -158,3 +158,24 @@ def test_checkpointing_under_torch_compile_trains_as_eager_without_it(policy):
 
     torch._dynamo.reset()
     assert all(torch.equal(a, b) for a, b in zip(run("non-reentrant", True), run(None, False), strict=True))
+
+
+@pytest.mark.parametrize("policy", ["f16-master", "f16-master,execution=native"])
+def test_a_prepared_model_still_pickles_and_deep_copies(policy):
+    # torch.save(model) (the whole module) and copy.deepcopy (an EMA, a teacher) copy the kept hooks too:
+    # the copies' do nothing (the state they gate on is the original's), and the copies run as it does.
+    import copy
+    import io
+
+    model = Net(None)
+    mp.prepare(model, None, policy)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copies = [torch.load(buffer, weights_only=False), copy.deepcopy(model)]
+    x = torch.randn(2, 6, 16)
+    with torch.no_grad(), mp.autocast(model):
+        expected = model(x)
+    for other in copies:
+        with torch.no_grad(), mp.autocast(other):
+            assert torch.equal(other(x), expected)

@@ -37,15 +37,34 @@ def eager(hook: Callable) -> Callable:
 
 
 def gated(hook: Callable, gate: Callable[[], bool] | None) -> Callable:
-    """`hook`, run only while ``gate()`` is true (always with None). The gate is checked before the
-    hook's compile-disabled body: a gated hook that does nothing costs a compiled model no graph break."""
-    if gate is None:
-        return hook
+    """`hook`, run only while ``gate()`` is true (always with None); see `Gated`."""
+    return hook if gate is None else Gated(hook, gate)
 
-    def run(*args: Any, **kwargs: Any) -> Any:
-        return hook(*args, **kwargs) if gate() else None
 
-    return run
+class Gated:
+    """A hook that runs `hook` only while ``gate()`` is true. The gate is checked before the hook's
+    compile-disabled body: a gated hook that does nothing costs a compiled model no graph break.
+
+    A copy of its module (``torch.save(model)``, ``copy.deepcopy``) gets a hook that does nothing: the
+    state it gates on belongs to the original model.
+    """
+
+    def __init__(self, hook: Callable, gate: Callable[[], bool]) -> None:
+        self.hook, self.gate = hook, gate
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.hook(*args, **kwargs) if self.gate() else None
+
+    def __reduce__(self) -> tuple:
+        return _nothing_hook, ()
+
+
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    """What a `Gated` hook becomes in a copy of its model."""
+
+
+def _nothing_hook() -> Callable:
+    return _nothing
 
 
 def round_chain(x: torch.Tensor, formats: tuple[Format, ...]) -> torch.Tensor:

@@ -231,8 +231,9 @@ def _recompute_hooks(model: torch.nn.Module, state: PreparedState) -> list[Remov
     handles = _forward_hooks(model, state, _storage_formats(model, state), gate)
     if state.emulation != "per op":
         return handles
+
     def enter(module: torch.nn.Module, args: Any) -> None:
-        if state.recomputing_in is None and _recomputing(state):
+        if state.recomputing_in is None:
             state.recomputing_in = module, _op_emulation.OpEmulation(state.device.type, state.rounding).__enter__()
 
     def leave(module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -240,9 +241,9 @@ def _recompute_hooks(model: torch.nn.Module, state: PreparedState) -> list[Remov
             state.recomputing_in[1].__exit__(None, None, None)
             state.recomputing_in = None
 
-    for module in model.modules():
-        handles.append(module.register_forward_pre_hook(enter, prepend=True))
-        handles.append(module.register_forward_hook(leave, always_call=True))
+    for module in model.modules():  # gated too: outside a recomputation they return at once
+        handles.append(module.register_forward_pre_hook(_emulation.gated(enter, gate), prepend=True))
+        handles.append(module.register_forward_hook(_emulation.gated(leave, gate), always_call=True))
     return handles
 
 

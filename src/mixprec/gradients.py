@@ -10,6 +10,7 @@ writes the same slots.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -99,10 +100,11 @@ def stamp(t: torch.Tensor) -> tuple[int, int, int]:
 
 def rounding_hook(fmt: Format) -> Callable[[torch.Tensor], None]:
     """A post-accumulate-grad hook rounding ``p.grad`` onto `fmt`, as a 16-bit parameter's .grad is rounded
-    (emulated parameters without an FP32 master)."""
-    def hook(p: torch.Tensor) -> None:
-        if p.grad is not None:
-            with torch.no_grad():
-                p.grad.copy_(quantize(p.grad, fmt))
+    (emulated parameters without an FP32 master). A partial, not a closure: the model still pickles."""
+    return functools.partial(_round_grad, fmt)
 
-    return hook
+
+def _round_grad(fmt: Format, p: torch.Tensor) -> None:
+    if p.grad is not None:
+        with torch.no_grad():
+            p.grad.copy_(quantize(p.grad, fmt))
