@@ -129,7 +129,7 @@ def test_core_stays_small():
     ~2,000 lines: 2,137 once per-op emulation, the NaN-storm guard, stored-scale checks and mp.memory joined
     it (module-boundary emulation, ~45 lines, is kept beside per-op emulation as the only way to emulate
     formats no 16-bit dtype carries); 2,197 with the fast path (mp.step(sync=False): skipping on the device
-    through fused optimizers, the run of skips counted on the device and checkpointed); 2,232 with the hooks
+    through fused optimizers, the run of skips counted on the device and checkpointed); 2,239 with the hooks
     that make activation checkpointing recompute a forward as mp.autocast ran it; the ceiling is 2,250.
     numerics (watch, doctor, trace: diagnostics
     layered on top) has a budget of its own."""
