@@ -22,14 +22,25 @@ WORKER = r'''
 import os, sys, torch, torch.distributed as dist
 import mixprec as mp
 
+from torch.utils.checkpoint import checkpoint
+
+class Checkpointed(torch.nn.Module):  # activation checkpointing of one module, as checkpoint wrappers do
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+    def forward(self, x):
+        return checkpoint(self.inner, x, use_reentrant=False)
+
 rank, world, out = int(sys.argv[1]), 2, sys.argv[2]
 torch.set_num_threads(1)
 dist.init_process_group("gloo", rank=rank, world_size=world)
 results = {}
 for policy in sys.argv[3:]:
-    for kind in ("fsdp", "ddp", "fsdp-fault", "fsdp-fault-fused", "fsdp-fault-sync-free"):
+    for kind in ("fsdp", "ddp", "fsdp-fault", "fsdp-fault-fused", "fsdp-fault-sync-free", "fsdp-checkpointed"):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 1))
+        if kind == "fsdp-checkpointed":  # the Linear and the LayerNorm island recomputed in backward
+            model[0], model[1] = Checkpointed(model[0]), Checkpointed(model[1])
         if kind.startswith("fsdp"):
             model = mp.distributed.fully_shard(model, policy)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=kind != "ddp" and kind.endswith(("fused", "free")))
@@ -154,6 +165,14 @@ def test_fsdp2_sync_free_steps_skip_on_every_rank_as_synced_ones(runs, policy):
         assert all(torch.equal(a, b) for a, b in zip(free["weights"], synced["weights"], strict=True))
     assert all(torch.equal(a, b) for a, b in zip(runs[0][f"{policy}|fsdp-fault-sync-free"]["weights"],
                                                   runs[1][f"{policy}|fsdp-fault-sync-free"]["weights"], strict=True))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_fsdp2_with_activation_checkpointing_trains_as_without_it(runs, policy):
+    for rank in range(2):
+        checkpointed, plain = runs[rank][f"{policy}|fsdp-checkpointed"], runs[rank][f"{policy}|fsdp"]
+        assert checkpointed["applied"] == plain["applied"] and checkpointed["scaler"] == plain["scaler"]
+        assert all(torch.equal(a, b) for a, b in zip(checkpointed["weights"], plain["weights"], strict=True))
 
 
 def test_fsdp2_refuses_policies_it_cannot_run():
