@@ -510,3 +510,36 @@ def test_a_skipped_step_names_the_parameters_whose_gradients_overflowed(monkeypa
     info = one_step(True)
     assert not info.applied and len(calls) == 1
     assert info.nonfinite == {"#2 (shape 2x4)": "nan"} and info.named(model) == {"2.weight": "nan"}
+
+
+@pytest.mark.parametrize("policy", ["f16-master", "f16-mixed"])
+def test_optimizer_step_by_hand_on_scaled_gradients_is_refused_and_changes_nothing(policy):
+    # A loop (or a framework) calling optimizer.step() after scaler.scale(loss).backward() would step on
+    # gradients 2^16 times too large, with no inf/NaN check: the optimizer prepare returned refuses.
+    model = mlp(torch.float32)
+    model, opt, scaler = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), policy)
+    with mp.autocast(model):
+        loss = loss_of(model, 0, torch.float32)
+    scaler.scale(loss).backward()
+    before = snapshot(opt, model)
+    refused = r"still multiplied by the loss scale \(65536\).*mp.step\(optimizer, scaler\)"
+    with pytest.raises(RuntimeError, match=refused):
+        opt.step()
+    assert bitwise_equal(snapshot(opt, model), before)
+    mp.step(opt, scaler)  # the right way still works, and later steps with it too
+    opt.zero_grad()
+    with mp.autocast(model):
+        loss = loss_of(model, 1, torch.float32)
+    scaler.scale(loss).backward()
+    mp.step(opt, scaler)
+
+
+def test_optimizer_step_by_hand_without_loss_scaling_is_plain_pytorch():
+    model = mlp(torch.float32)
+    model, opt, scaler = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), "bf16-master")
+    with mp.autocast(model):
+        loss = loss_of(model, 0, torch.float32)
+    scaler.scale(loss).backward()  # a NoScaler: the gradients are the loss's own
+    before = snapshot(opt, model)
+    opt.step()
+    assert not bitwise_equal(snapshot(opt, model), before)

@@ -187,7 +187,10 @@ def prepare(
         state.autocast_dtype = (_native.dtype_of if execution == "native" else _op_emulation.carrier_of)(policy.compute)
     state.handles += _recompute_hooks(model, state)
     setattr(model, _STATE_ATTR, state)
-    return given, optimizer, policy.make_scaler(device)
+    scaler = policy.make_scaler(device)
+    if optimizer is not None:  # optimizer.step() by hand on scaled gradients: refused
+        state.handles.append(optimizer.register_step_pre_hook(scaler.refuse_unscaled_step))
+    return given, optimizer, scaler
 
 
 def _recomputing(state: PreparedState) -> bool:

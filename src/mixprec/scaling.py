@@ -229,6 +229,15 @@ class LossScaler:
         """Record that `mp.step` consumed the gradients of the scale() calls so far."""
         self._stepped_at = self._scale_calls
 
+    def refuse_unscaled_step(self, optimizer: torch.optim.Optimizer, args: Any = (), kwargs: Any = None) -> None:
+        """An optimizer step pre-hook (`mp.prepare` registers it): refuse ``optimizer.step()`` on gradients
+        this scaler scaled that no `mp.step` has unscaled and checked (a NoScaler's are as they were)."""
+        if self._scale_calls != (self._stepped_at or 0) and not isinstance(self, NoScaler):
+            raise RuntimeError(
+                f"optimizer.step() after scaler.scale(loss).backward(): the gradients are still multiplied by "
+                f"the loss scale ({self.loss_scale:g}) and unchecked for inf/NaN. Step with "
+                f"mp.step(optimizer, scaler), which unscales, checks, clips and skips overflowing steps")
+
     def unscale_and_check_(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """Multiply every gradient in place by 1/scale; return 1.0 (0-dim tensor) if any was inf/NaN.
 

@@ -418,6 +418,7 @@ def step(
         raise RuntimeError(
             "mp.step found no gradients: call scaler.scale(loss).backward() before mp.step "
             "(and optimizer.zero_grad() after it, not before)")
+    scaler.mark_stepped()  # from here this step consumes the scaled gradients (optimizer.step() may now run)
 
     # 1. Unscale + check, fused; grads are FP32 masters' grads when MasterWeights is used.
     found_inf = scaler.unscale_and_check_(grads)
@@ -459,7 +460,6 @@ def step(
         for opt in optimizers:
             _step_on_device(opt, found_inf)
         scaler.update(found_inf)
-        scaler.mark_stepped()
         return StepInfo(applied=found_inf == 0, loss_scale=loss_scale_now, grad_norm=norm,
                         skipped_steps=scaler.skipped_steps.clone())
 
@@ -480,7 +480,6 @@ def step(
             for opt in optimizers:
                 if isinstance(opt, MasterWeights):
                     opt.release_grads_()
-            scaler.mark_stepped()
             raise error
 
     # Provenance of a skipped step (a cold path, as rare as skips): which parameters' gradients overflowed.
@@ -496,7 +495,6 @@ def step(
     # 5. Scale update (tensor ops), then host-side bookkeeping with the values already read.
     scaler.update(found_inf)
     scaler.observe(overflow, loss_scale, in_a_row if overflow else 0)
-    scaler.mark_stepped()
     if storm:
         raise error
     return StepInfo(
