@@ -454,3 +454,13 @@ def test_stepping_the_optimizer_passed_to_prepare_is_a_clear_error():
     with pytest.raises(RuntimeError, match="step the optimizer that mp.prepare"):
         inner.step()
     assert mp.step(opt, scaler).applied  # the returned one steps, through the same inner optimizer
+
+
+def test_sparse_embeddings_are_refused_with_the_fix_and_nothing_changed():
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 1))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"module '0' has sparse=True.*build it with sparse=False"):
+        mp.prepare(model, opt, "f16-master")
+    assert mp.prepared_state(model) is None and opt.param_groups[0]["params"][0] is model[0].weight
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))

@@ -157,6 +157,11 @@ def prepare(
             f"prepare got a {type(model).__name__}: prepare the model first, then wrap it, e.g. "
             f"model, opt, scaler = mp.prepare(model, opt, policy); model = DistributedDataParallel(model)")
     given, model = model, unwrap(model)  # torch.compile(model) may come before prepare: prepare what it wraps
+    sparse = [repr(name) for name, m in model.named_modules()
+              if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse]
+    if sparse:
+        raise ValueError(f"module {', '.join(sparse)} has sparse=True, which makes sparse gradients; mixprec's loss "
+                         f"scaling and master weights handle dense ones only: build it with sparse=False")
     if prepared_state(model) is not None:
         raise RuntimeError(
             f"this {type(model).__name__} is already prepared (policy {prepared_state(model).policy}); "

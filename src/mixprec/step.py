@@ -322,13 +322,9 @@ def _skips_on_device(optimizers: list[torch.optim.Optimizer]) -> bool:
     A skipped first step must leave no state behind, and torch's fused SGD, skipping its first step on
     the device, leaves its momentum buffers uninitialised (garbage in every later step).
     """
-    for opt in map(_inner, optimizers):
-        for group in opt.param_groups:
-            if isinstance(opt, torch.optim.SGD) and group["momentum"] == 0:
-                continue  # stateless
-            if any(p.grad is not None and p not in opt.state for p in group["params"]):
-                return False
-    return True
+    return all(p.grad is None or p in opt.state for opt in map(_inner, optimizers) for group in opt.param_groups
+               if not (isinstance(opt, torch.optim.SGD) and group["momentum"] == 0)  # SGD without momentum: no state
+               for p in group["params"])
 
 
 def _step_on_device(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
