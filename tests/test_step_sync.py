@@ -216,7 +216,9 @@ def test_on_cuda_sync_free_steps_never_wait_for_the_device():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1)).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    model, opt, scaler = mp.prepare(model, opt, "f16-master,execution=native")
+    # A scale no clean step overflows at: the first step is applied and creates the state, so every later
+    # step can skip on the device.
+    model, opt, scaler = mp.prepare(model, opt, "f16-master,execution=native,scaling=dynamic:1024")
     x, y = torch.randn(32, 64, device="cuda"), torch.randn(32, 1, device="cuda")
     applied = []
     for i in range(6):
