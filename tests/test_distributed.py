@@ -70,7 +70,8 @@ Result = dict[str, Any]
 def scenario(name: str, preset: str | None, **options: Any) -> Spec:
     """A JSON-ready description of one training run. preset None: plain PyTorch, no mixprec."""
     spec = {"name": name, "preset": preset, "ddp": True, "optimizer": "sgd", "steps": STEPS, "micro": 1,
-            "fault": None, "seeds": "same", "autocast_on": "ddp", "ddp_options": {}, "sync": True}
+            "fault": None, "seeds": "same", "autocast_on": "ddp", "ddp_options": {}, "sync": True,
+            "checkpointed": False}
     unknown = set(options) - set(spec)
     if unknown:
         raise TypeError(f"unknown scenario options {sorted(unknown)}")
@@ -103,6 +104,17 @@ def micro_batch(step: int, micro: int, ranks: list[int]) -> tuple[torch.Tensor, 
         xs.append(x)
         ys.append(0.1 * (x[:, :1] * 0.5 - x[:, 1:2]) + 0.01 * torch.randn(ROWS, 1, generator=g))
     return torch.cat(xs), torch.cat(ys)
+
+
+class Checkpointed(torch.nn.Module):
+    """Activation checkpointing of one module: backward recomputes its forward (non-reentrant)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False)
 
 
 def make_optimizer(kind: str, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -148,6 +160,8 @@ def train(spec: Spec, rank: int | None) -> Result:
     preset = spec["preset"]
     seed = 1000 + rank if (spec["seeds"] == "different" and rank is not None) else 1000
     model = make_model(seed)
+    if spec["checkpointed"]:  # the first Linear and the LayerNorm (an FP32 island) recomputed in backward
+        model[0], model[1] = Checkpointed(model[0]), Checkpointed(model[1])
     opt = make_optimizer(spec["optimizer"], model)
     scaler = None
     if preset is not None:
@@ -473,7 +487,9 @@ def _fault_group() -> list[Spec]:
 
 
 def _no_sync_group() -> list[Spec]:
-    return [scenario("no_sync f16-master", "f16-master", micro=4, steps=5)]
+    return [scenario("no_sync f16-master", "f16-master", micro=4, steps=5),
+            *(scenario(f"{'' if on else 'not '}checkpointed {p}", p, micro=2, steps=5, checkpointed=on)
+              for p in ("f16-master", "bf16-master,execution=native") for on in (True, False))]
 
 
 def _seeds_group() -> list[Spec]:
@@ -589,6 +605,21 @@ def test_sync_free_steps_skip_on_every_rank_as_synced_steps_do(pairs, fault):
     assert_replicas_equal(*free, ignore=ignore)
     for rank in range(WORLD):
         assert_replicas_equal(free[rank], synced[rank])
+
+
+@pytest.mark.parametrize("preset", ["f16-master", "bf16-master,execution=native"])
+def test_activation_checkpointing_under_ddp_trains_as_without_it(pairs, preset):
+    # Backward recomputes the checkpointed modules' forward inside DDP's backward (with no_sync micro-batches):
+    # replicas equal, and bit for bit the run without checkpointing (whose parameters are named differently).
+    results = pairs("no_sync")
+    with_it, without = replicas(results, f"checkpointed {preset}"), replicas(results, f"not checkpointed {preset}")
+    assert_replicas_equal(*with_it)
+    for a, b in zip(with_it, without, strict=True):
+        assert a["applied"] == b["applied"] and a["loss_scales"] == b["loss_scales"]
+        assert _same_bits(list(a["params"].values()), list(b["params"].values()))
+        assert _same_bits(a["masters"], b["masters"])
+        assert all(x.keys() == y.keys() and _same_bits(list(x.values()), list(y.values()))
+                   for x, y in zip(a["opt_state"], b["opt_state"], strict=True))
 
 
 def test_no_sync_micro_batches_accumulate_and_reduce_once(pairs):
