@@ -414,10 +414,10 @@ def step(
         raise RuntimeError(
             "mp.step found no gradients: call scaler.scale(loss).backward() before mp.step "
             "(and optimizer.zero_grad() after it, not before)")
-    scaler.mark_stepped()  # from here this step consumes the scaled gradients (optimizer.step() may now run)
 
     # 1. Unscale + check, fused; grads are FP32 masters' grads when MasterWeights is used.
     found_inf = scaler.unscale_and_check_(grads)
+    scaler.mark_stepped()  # unscaled in place: this step has consumed them (optimizer.step() may now run)
 
     # 2. Agree across ranks (one collective), then clip the unscaled gradients if they are finite.
     device = found_inf.device
