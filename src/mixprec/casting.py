@@ -14,7 +14,9 @@ rules, 16-bit values, FP32 arithmetic: `mixprec._op_emulation`), or at module bo
 What `prepare` does (kept until `unprepare`): stores parameters in their format (native: cast in place,
 same Parameter objects; emulated: rounded in place), rounds weight gradients onto it after each
 accumulation (emulated), wraps the optimizer in `MasterWeights` when parameters are narrower than FP32,
-and builds the policy's loss scaler on the model's device. What `autocast` does (only inside it):
+builds the policy's loss scaler on the model's device, refuses ``optimizer.step()`` on gradients that
+scaler scaled (a step pre-hook: `mp.step` unscales them), and keeps copies of `autocast`'s module hooks
+that act only while activation checkpointing recomputes a forward in backward. What `autocast` does (only inside it):
 torch.autocast and the FP32 islands' casts (native and per-op emulation), the FP32 arithmetic and the
 parameter casts of per-op emulation, or the rounding hooks of module emulation.
 """
