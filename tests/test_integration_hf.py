@@ -264,3 +264,50 @@ def test_importing_the_integration_imports_neither_framework():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'accelerate'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]"
+
+
+ACCELERATE_WORKER = r'''
+import sys, torch, transformers, accelerate
+sys.path.insert(0, sys.argv[1])
+import mixprec as mp
+import test_integration_hf as t
+from mixprec.integrations import hf
+
+torch.set_num_threads(1)
+accelerator = accelerate.Accelerator(cpu=True, mixed_precision="no")
+model = t.tiny_gpt2()
+args = t.training_args(sys.argv[2])
+loader = torch.utils.data.DataLoader(t.examples(), batch_size=t.BATCH, shuffle=False)
+model, optimizer, scaler, loader = hf.prepare_accelerated(accelerator, model, t.trainer_optimizer(model, args),
+                                                          t.POLICY, loader)
+losses, applied = [], []
+for batch in loader:
+    with mp.autocast(model):
+        loss = model(**batch).loss
+    accelerator.backward(scaler.scale(loss))
+    applied.append(mp.step(optimizer, scaler, max_grad_norm=1.0).applied)
+    optimizer.zero_grad()
+    losses.append(loss.item())
+torch.save({"kind": type(model).__name__, "world": accelerator.num_processes, "losses": losses, "applied": applied,
+            "weights": [p.detach().clone() for p in model.parameters()],
+            "masters": [m.detach().clone() for m in optimizer.master_params]},
+           f"{sys.argv[2]}/rank{accelerator.process_index}.pt")
+'''
+
+
+def test_accelerate_on_two_processes_keeps_replicas_bitwise_equal(tmp_path):
+    # torchrun, 2 CPU processes: Accelerate wraps the prepared model in DDP (gloo) and shards the batches.
+    # Each rank sees other rows (other losses), every rank takes the same skip decisions, and weights and
+    # FP32 masters stay bitwise equal across the ranks.
+    script = tmp_path / "worker.py"
+    script.write_text(ACCELERATE_WORKER)
+    tests = str(__import__("pathlib").Path(__file__).parent)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                           str(script), tests, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert r0["kind"] == "DistributedDataParallel" and r0["world"] == 2
+    assert len(r0["losses"]) == STEPS // 2 and r0["losses"] != r1["losses"]  # sharded: each rank its rows
+    assert r0["applied"] == r1["applied"] and any(r0["applied"]) and not all(r0["applied"])
+    assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(r0["masters"], r1["masters"], strict=True))
