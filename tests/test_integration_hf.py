@@ -295,19 +295,42 @@ torch.save({"kind": type(model).__name__, "world": accelerator.num_processes, "l
 '''
 
 
-def test_accelerate_on_two_processes_keeps_replicas_bitwise_equal(tmp_path):
-    # torchrun, 2 CPU processes: Accelerate wraps the prepared model in DDP (gloo) and shards the batches.
-    # Each rank sees other rows (other losses), every rank takes the same skip decisions, and weights and
-    # FP32 masters stay bitwise equal across the ranks.
+TRAINER_WORKER = r'''
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import test_integration_hf as t
+from mixprec.integrations import hf
+
+torch.set_num_threads(1)
+args = t.training_args(sys.argv[2], ddp_backend="gloo")
+trainer = hf.Trainer(policy=t.POLICY, model=t.tiny_gpt2(), args=args, train_dataset=t.examples())
+trainer.train()
+logs = [h for h in trainer.state.log_history if "loss" in h]
+torch.save({"world": args.world_size, "kind": type(trainer.model_wrapped).__name__,
+            "skipped": [h["skipped_steps"] for h in logs], "losses": [h["loss"] for h in logs],
+            "weights": [p.detach().clone() for p in trainer.model.parameters()],
+            "masters": [m.detach().clone() for m in trainer.optimizer.optimizer.master_params]},
+           f"{sys.argv[2]}/rank{args.process_index}.pt")
+'''
+
+
+@pytest.mark.parametrize("worker", ["accelerate", "trainer"])
+def test_two_processes_keep_replicas_bitwise_equal(tmp_path, worker):
+    # torchrun, 2 CPU processes: Accelerate (and the Trainer through it) wraps the prepared model in DDP
+    # (gloo) and shards the batches. Every rank takes the same skip decisions, and weights and FP32
+    # masters stay bitwise equal across the ranks.
     script = tmp_path / "worker.py"
-    script.write_text(ACCELERATE_WORKER)
+    script.write_text(ACCELERATE_WORKER if worker == "accelerate" else TRAINER_WORKER)
     tests = str(__import__("pathlib").Path(__file__).parent)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
                            str(script), tests, str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert r0["kind"] == "DistributedDataParallel" and r0["world"] == 2
-    assert len(r0["losses"]) == STEPS // 2 and r0["losses"] != r1["losses"]  # sharded: each rank its rows
-    assert r0["applied"] == r1["applied"] and any(r0["applied"]) and not all(r0["applied"])
+    if worker == "accelerate":
+        assert len(r0["losses"]) == STEPS // 2 and r0["losses"] != r1["losses"]  # sharded: each rank its rows
+        assert r0["applied"] == r1["applied"] and any(r0["applied"]) and not all(r0["applied"])
+    else:  # the Trainer logs the loss averaged over the ranks, and the skipped steps so far
+        assert r0["skipped"] == r1["skipped"] and 0 < r0["skipped"][-1] < len(r0["skipped"])
     assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"], strict=True))
     assert all(torch.equal(a, b) for a, b in zip(r0["masters"], r1["masters"], strict=True))
