@@ -260,3 +260,28 @@ def test_the_whole_loop_reads_the_host_once_per_step_or_never(host_reads, policy
         assert bool(info.applied)
         counts.append(len(host_reads.calls))
     assert counts == [1, 1, 0, 1, 0, 0]
+
+
+@pytest.mark.parametrize("policy", ["f16-master", "bf16-master", "f16-master,execution=emulated-module",
+                                    "f16-mixed,execution=native", "f16-pure"])
+def test_sync_free_steps_under_prepare_train_bit_for_bit_as_synced_ones(policy):
+    # The same through mp.prepare: emulated masters (rounded copy-back), module emulation, FP32 params with
+    # 16-bit compute (no masters), 16-bit params without masters.
+    runs = {}
+    for sync in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        model, opt, scaler = mp.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True),
+                                        policy + ",scaling=dynamic:256")
+        applied = []
+        for i in range(8):
+            g = torch.Generator().manual_seed(i)
+            x, y = torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g)
+            with mp.autocast(model):
+                loss = ((model(x).float() - y) ** 2).mean() * (INF if i in (3, 4) else 1.0)
+            scaler.scale(loss).backward()
+            applied.append(bool(mp.step(opt, scaler, max_grad_norm=1.0, sync=sync).applied))
+            opt.zero_grad()
+        runs[sync] = applied, state_of(model, opt, scaler)
+    assert runs[True][0] == [i not in (3, 4) for i in range(8)] and runs[False][0] == runs[True][0]
+    assert same_bits(runs[False][1], runs[True][1])
