@@ -327,6 +327,13 @@ class LossScaler:
         """Consecutive skipped steps up to the last `update`, for `mp.step`'s NaN-storm guard.
 
         Syncs: no after a synced `mp.step` (it read the count), yes after ``mp.step(..., sync=False)``.
+
+        Example:
+            >>> s = StaticScaler(4.0)
+            >>> for found_inf in (1.0, 0.0, 1.0, 1.0):
+            ...     s.update(torch.tensor(found_inf))
+            >>> s.skipped_in_a_row, int(s.skipped_in_a_row_tensor), int(s.skipped_steps)
+            (2, 2, 3)
         """
         if self._in_a_row_read is None:
             self._in_a_row_read = int(self._in_a_row.item())

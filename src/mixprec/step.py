@@ -392,6 +392,11 @@ def step(
         >>> info = mp.step(opt, scaler)
         >>> info.applied, info.loss_scale, scaler.loss_scale, p.tolist()
         (False, 4.0, 2.0, [1.0, 1.0])
+        >>> q = torch.nn.Parameter(torch.ones(2))
+        >>> q.grad = torch.tensor([1.0, 2.0])  # as scaled by 2
+        >>> info = mp.step(torch.optim.SGD([q], lr=0.5, fused=True), mp.StaticScaler(2.0), sync=False)
+        >>> info.applied, q.tolist()  # a device tensor: read when wanted
+        (tensor(True), [0.75, 0.5])
     """
     if not isinstance(scaler, LossScaler):
         raise TypeError(f"mp.step takes the LossScaler mp.prepare returned (or mp.NoScaler()), got "
