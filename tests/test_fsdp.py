@@ -86,6 +86,7 @@ try:
 except RuntimeError as error:
     results["shard after prepare"] = str(error)
 torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+dist.barrier()  # both ranks done before the group goes: gloo aborts at exit now and then otherwise
 dist.destroy_process_group()
 '''
 

@@ -292,6 +292,8 @@ torch.save({"kind": type(model).__name__, "world": accelerator.num_processes, "l
             "weights": [p.detach().clone() for p in model.parameters()],
             "masters": [m.detach().clone() for m in optimizer.master_params]},
            f"{sys.argv[2]}/rank{accelerator.process_index}.pt")
+accelerator.wait_for_everyone()
+torch.distributed.destroy_process_group()  # gloo aborts at exit now and then when the group is left alive
 '''
 
 
@@ -311,6 +313,8 @@ torch.save({"world": args.world_size, "kind": type(trainer.model_wrapped).__name
             "weights": [p.detach().clone() for p in trainer.model.parameters()],
             "masters": [m.detach().clone() for m in trainer.optimizer.optimizer.master_params]},
            f"{sys.argv[2]}/rank{args.process_index}.pt")
+trainer.accelerator.wait_for_everyone()
+torch.distributed.destroy_process_group()  # gloo aborts at exit now and then when the group is left alive
 '''
 
 

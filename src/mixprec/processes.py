@@ -69,6 +69,9 @@ def process_group(device: torch.device, world_size: int) -> Iterator[None]:
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
         try:
             yield
+            # Every rank's collectives done before any rank tears the group down: gloo's worker threads
+            # still holding work at exit abort the process now and then ("terminate called ...").
+            dist.barrier()
         finally:
             dist.destroy_process_group()
 
