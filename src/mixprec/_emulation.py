@@ -18,6 +18,7 @@ those boundaries: the emulation is per module, not per op.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -56,15 +57,11 @@ class Gated:
         return self.hook(*args, **kwargs) if self.gate() else None
 
     def __reduce__(self) -> tuple:
-        return _nothing_hook, ()
+        return functools.partial, (_nothing,)
 
 
 def _nothing(*args: Any, **kwargs: Any) -> None:
     """What a `Gated` hook becomes in a copy of its model."""
-
-
-def _nothing_hook() -> Callable:
-    return _nothing
 
 
 def round_chain(x: torch.Tensor, formats: tuple[Format, ...]) -> torch.Tensor:

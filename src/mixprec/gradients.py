@@ -73,6 +73,11 @@ class GradSlot:
         """Record that the parameter now holds the rounded master."""
         self._param_seen = stamp(self.param)
 
+    def release_(self) -> None:
+        """Drop this step's FP32 gradient: the step consumed it (applied or skipped)."""
+        self.master.grad = None
+        self.reduced = self.settled = False
+
     def accumulate_hook(self, grad: torch.Tensor) -> None:
         # Runs before autograd adds `grad` into param.grad: add it into the FP32 gradient instead,
         # starting from whatever param.grad holds now (None after zero_grad, zeros, a clipped value...).

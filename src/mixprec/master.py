@@ -326,8 +326,7 @@ class MasterWeights(torch.optim.Optimizer):
         Without it, the next backward accumulates onto ``param.grad`` as in plain PyTorch.
         """
         for slot in self._slots:
-            slot.master.grad = None
-            slot.reduced = slot.settled = False
+            slot.release_()
 
     @torch.no_grad()
     def sync_masters_(self) -> None:
@@ -358,8 +357,7 @@ class MasterWeights(torch.optim.Optimizer):
                 slot.param.copy_(quantize(slot.master, slot.fmt))
             slot.wrote_param()
             if release_grads:
-                slot.master.grad = None
-                slot.reduced = slot.settled = False
+                slot.release_()
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]

@@ -322,7 +322,9 @@ def _skips_on_device(optimizers: list[torch.optim.Optimizer]) -> bool:
     A skipped first step must leave no state behind, and torch's fused SGD, skipping its first step on
     the device, leaves its momentum buffers uninitialised (garbage in every later step).
     """
-    return all(p.grad is None or p in opt.state for opt in map(_inner, optimizers) for group in opt.param_groups
+    unsure = [opt for opt in map(_inner, optimizers)  # every parameter with state: no need to look one by one
+              if len(opt.state) < sum(len(group["params"]) for group in opt.param_groups)]
+    return all(p.grad is None or p in opt.state for opt in unsure for group in opt.param_groups
                if not (isinstance(opt, torch.optim.SGD) and group["momentum"] == 0)  # SGD without momentum: no state
                for p in group["params"])
 
