@@ -29,6 +29,7 @@ import torch
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from mixprec.checkpoints import find_checkpoint, list_checkpoints, load_checkpoint
+from test_training import _tensors  # every tensor in a nested state dict, by its path
 
 KILLS = 20
 STEPS = 300
@@ -103,17 +104,6 @@ def _newest_step(folder: Path) -> int:
 
 def _temp_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob(".*.tmp")) if folder.is_dir() else []
-
-
-def _tensors(tree, prefix=""):
-    if torch.is_tensor(tree):
-        yield prefix, tree
-    elif isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from _tensors(value, f"{prefix}.{key}")
-    elif isinstance(tree, (list, tuple)):
-        for i, value in enumerate(tree):
-            yield from _tensors(value, f"{prefix}[{i}]")
 
 
 def assert_same_checkpoint(a: dict, b: dict) -> None:
