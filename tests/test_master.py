@@ -348,7 +348,7 @@ def test_weights_loaded_after_prepare_are_what_the_optimizer_continues_from():
 
 
 @pytest.mark.parametrize("policy", ["bf16-master", "f16-master,scaling=static:8"])
-def test_a_nan_written_into_a_master_weight_is_reported_by_name(policy):
+def test_a_nan_written_into_a_weight_is_reported_by_name(policy):
     # Issue 15: with bf16 nothing was said at all, and every later step was skipped. Now the step after the
     # first skipped one checks the weights (in its one sync) and names the parameter.
     model, opt, scaler = _prepared(policy)
@@ -356,16 +356,26 @@ def test_a_nan_written_into_a_master_weight_is_reported_by_name(policy):
         _backward(model, scaler, i)
         assert mp.step(opt, scaler).applied
         opt.zero_grad()
-    with torch.no_grad():
-        opt.master_params[0][3, 1] = float("nan")  # the FP32 master of the 16-bit 0.weight
+    model[0].weight.data[3, 1] = float("nan")  # through .data: no version counter sees it (issue 20)
     infos = []
     with pytest.raises(mp.NaNStormError) as caught:
         for i in range(2, 10):
             _backward(model, scaler, i)
             infos.append(mp.step(opt, scaler))
             opt.zero_grad()
-    # step 3 applies (finite gradients) and rounds the NaN into the model, step 4 skips, step 5 says why
-    assert [info.applied for info in infos] == [True, False]
+    # step 3 skips (the NaN weight makes its gradients NaN), step 4 checks the weights and says why
+    assert [info.applied for info in infos] == [False]
     error = caught.value.named(model)
     assert error.reason == "weights" and error.weights == {"0.weight": "nan"}
     assert str(error).startswith("the weights of 0.weight: nan hold inf/NaN: every later step would be skipped")
+
+
+def test_a_value_written_into_a_master_alone_gives_way_to_the_parameter():
+    # The parameter is the weight; its master only adds bits where it still rounds to it (issue 20): a NaN
+    # written into the master alone never reaches the model (write masters with copy_to_model_ after).
+    model, opt, scaler = _prepared("bf16-master")
+    before = model[0].weight.detach().clone()
+    with torch.no_grad():
+        opt.master_params[0][3, 1] = float("nan")
+    opt.sync_masters_()
+    assert torch.equal(mp.quantize(opt.master_params[0], mp.BF16), before)  # emulated: FP32 storage

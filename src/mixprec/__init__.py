@@ -19,7 +19,7 @@ from .memory import MemoryReport, memory
 from .numerics import Diagnosis, TensorStats, Trace, Watch, doctor, trace_nonfinite, watch
 from .policy import PRESETS, Policy, Rule
 from .scaling import DynamicScaler, LossScaleFloorError, LossScaler, NoScaler, StaticScaler
-from .step import NaNStormError, StepInfo, step
+from .step import NaNStormError, StepInfo, step, unscale_
 
 __version__ = "0.1.0"
 
@@ -59,5 +59,6 @@ __all__ = [
     "quantize",
     "memory",
     "step",
+    "unscale_",
     "unprepare",
 ]

@@ -1,11 +1,25 @@
 """One gradient in two precisions: the 16-bit one on the model, where PyTorch keeps it, and its FP32
 refinement on the master weight, which the optimizer steps on.
 
-A parameter with an FP32 master gets a `GradSlot` (`mixprec.MasterWeights` makes them): hooks add every
-incoming gradient into ``master.grad`` in FP32 (micro-batches sum in FP32) and write its rounding into
-``param.grad``; the FP32 value counts only where it still rounds to ``param.grad``, so whatever changes
-``param.grad`` (zero_grad, clipping, a reduction) wins. The DDP hook in `mixprec.distributed` reads and
-writes the same slots.
+``param.grad`` is THE gradient: what users read, clip, mask, hook and clear, by any path (torch ops,
+``.data``, hooks, ``set_``). ``master.grad`` only adds bits to it: an FP32 value counts only where it
+still rounds to ``param.grad``, checked by value at every use (`GradSlot.settle_`), never trusted on a
+stamp. The same holds for the weights: a master counts only where it rounds to its parameter. Why
+values and not stamps (object, storage, version counter): writes through ``.data`` (``grad.data.zero_()``,
+``weight.data.clamp_()``) and hooks do not bump a version counter, so a stamp can be fooled; a value
+cannot. The cost is a few elementwise passes per step (benchmarks/bench_step.py).
+
+How a backward reaches both (hooks that `mixprec.MasterWeights` registers, first in PyTorch's order):
+
+1. a tensor hook, before any other: ``master.grad`` becomes the FP32 form of ``param.grad`` as it stands
+   (None if None), and ``param.grad`` is zeroed, so that autograd's accumulation leaves in it exactly this
+   backward's gradient, after every user hook has run on it; under ``torch.autograd.grad``, which never
+   accumulates, it does nothing;
+2. a post-accumulate-grad hook, before any other: that gradient is added into ``master.grad`` in FP32
+   (micro-batches sum in FP32) and ``param.grad`` becomes its rounding; users' post-accumulate hooks
+   then see and may change the sum, as in plain PyTorch.
+
+The DDP hook in `mixprec.distributed` reads and writes the same slots.
 """
 
 from __future__ import annotations
@@ -14,11 +28,12 @@ import functools
 from collections.abc import Callable
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 
 from .emulate import quantize
 from .formats import Format
 
-__all__ = ["GradSlot", "stamp", "rounding_hook"]
+__all__ = ["GradSlot", "rounding_hook", "accumulates", "put_first"]
 
 
 class GradSlot:
@@ -28,19 +43,13 @@ class GradSlot:
     sees; ``master.grad`` (FP32) is the same gradient with more bits, valid where it rounds to it.
     ``reduced`` is set when mixprec's DDP communication hook produced ``master.grad`` (so it is equal
     on every rank); ``settled`` once the step took ``master.grad`` (which it then unscales in place).
-
-    Checking the FP32 values against the 16-bit ones costs a few passes over them, so it is skipped
-    while a tensor is untouched since mixprec last wrote it: same object, same storage, same version
-    counter (which every in-place write through torch bumps: zero_, mul_, copy_, indexing, DDP's copy).
     """
 
-    __slots__ = ("param", "master", "fmt", "emulated", "reduced", "settled", "_grad_seen", "_param_seen")
+    __slots__ = ("param", "master", "fmt", "emulated", "reduced", "settled")
 
     def __init__(self, param: torch.Tensor, master: torch.Tensor, fmt: Format, emulated: bool) -> None:
         self.param, self.master, self.fmt, self.emulated = param, master, fmt, emulated
         self.reduced = self.settled = False
-        self._grad_seen: tuple[int, int, int] | None = None
-        self._param_seen = stamp(param)
 
     def round(self, x: torch.Tensor) -> torch.Tensor:
         """`x` rounded onto the parameter's format, in the parameter's dtype."""
@@ -53,54 +62,69 @@ class GradSlot:
         return torch.where(keep, fp32, visible if not self.emulated else quantize(visible, self.fmt))
 
     def settle_(self, trust_fp32: bool = True) -> None:
-        """Make ``master.grad`` the FP32 form of ``param.grad`` (None when it is None)."""
+        """Make ``master.grad`` the FP32 form of ``param.grad`` (None when it is None), by value."""
         visible = self.param.grad
         if visible is None:
             self.master.grad = None
         elif self.master.grad is None or not trust_fp32:
             self.master.grad = (quantize(visible, self.fmt) if self.emulated else visible).to(
                 torch.float32, copy=True)
-        elif stamp(visible) != self._grad_seen:  # written since the hook rounded the FP32 sum into it
+        else:
             self.master.grad = self.refine(self.master.grad, visible)
 
     def sync_master_(self, trust_fp32: bool = True) -> None:
-        """Follow weights written into the parameter since mixprec last rounded the master into it."""
-        if stamp(self.param) != self._param_seen:
-            self.master.copy_(self.refine(self.master, self.param) if trust_fp32 else self.param)
-            self.wrote_param()
-
-    def wrote_param(self) -> None:
-        """Record that the parameter now holds the rounded master."""
-        self._param_seen = stamp(self.param)
+        """Keep the master where it still rounds to the parameter; elsewhere take the parameter's value."""
+        self.master.copy_(self.refine(self.master, self.param) if trust_fp32 else self.param)
 
     def release_(self) -> None:
         """Drop this step's FP32 gradient: the step consumed it (applied or skipped)."""
         self.master.grad = None
         self.reduced = self.settled = False
 
+    def publish_(self) -> None:
+        """Write the rounding of ``master.grad`` into ``param.grad`` (after the step unscaled or clipped it),
+        so that both read the same gradient again, in the same units."""
+        if self.master.grad is not None and self.param.grad is not None:
+            self.param.grad.copy_(self.round(self.master.grad))
+
     def accumulate_hook(self, grad: torch.Tensor) -> None:
-        # Runs before autograd adds `grad` into param.grad: add it into the FP32 gradient instead,
-        # starting from whatever param.grad holds now (None after zero_grad, zeros, a clipped value...).
+        # Before users' hooks and autograd's accumulation (see the module docstring); returns None, so
+        # the incoming gradient goes on unchanged.
+        if not accumulates(self.param):
+            return
         with torch.no_grad():
-            incoming = quantize(grad, self.fmt) if self.emulated else grad  # a 16-bit param's grad is 16-bit
             self.settle_()
             self.settled = False
-            if self.master.grad is None:
-                self.master.grad = incoming.to(torch.float32, copy=True)
-            else:
-                self.master.grad.add_(incoming)
+            if self.param.grad is not None:
+                self.param.grad.zero_()
 
     def write_back_hook(self, param: torch.Tensor) -> None:
-        # After autograd's (16-bit) accumulation: param.grad becomes the rounding of the FP32 sum.
-        if param.grad is not None and self.master.grad is not None:
-            with torch.no_grad():
+        # After autograd's accumulation: param.grad holds this backward's gradient alone (zeroed above).
+        with torch.no_grad():
+            incoming = quantize(param.grad, self.fmt) if self.emulated else param.grad
+            if self.master.grad is None:
+                self.master.grad = incoming.to(torch.float32, copy=True)
+                if self.emulated:
+                    param.grad.copy_(incoming)
+            else:
+                self.master.grad.add_(incoming)
                 param.grad.copy_(self.round(self.master.grad))
-            self._grad_seen = stamp(param.grad)
 
 
-def stamp(t: torch.Tensor) -> tuple[int, int, int]:
-    """What changes when a tensor is replaced, re-pointed or written in place (see GradSlot)."""
-    return id(t), t.data_ptr(), t._version
+def accumulates(param: torch.Tensor) -> bool:
+    """Whether the running backward adds into ``param.grad``: False inside ``torch.autograd.grad``
+    (which returns gradients and accumulates none) or a ``backward(inputs=...)`` that leaves it out."""
+    try:
+        return torch._C._will_engine_execute_node(get_gradient_edge(param).node)
+    except RuntimeError:  # torch refuses to answer for a leaf inside autograd.grad, which never accumulates
+        return False
+
+
+def put_first(hooks: dict, handle: torch.utils.hooks.RemovableHandle) -> None:
+    """Move the hook of `handle` to the front of a tensor's hook dict, so that it runs before any other
+    (hooks registered earlier by users included)."""
+    if hasattr(hooks, "move_to_end") and handle.id in hooks:
+        hooks.move_to_end(handle.id, last=False)
 
 
 def rounding_hook(fmt: Format) -> Callable[[torch.Tensor], None]:

@@ -47,7 +47,7 @@ import torch
 
 from .emulate import quantize
 from .formats import F32, FORMATS, Format
-from .gradients import GradSlot, rounding_hook
+from .gradients import GradSlot, put_first, rounding_hook
 
 __all__ = ["MasterWeights", "MODES", "managed"]
 
@@ -230,9 +230,12 @@ class MasterWeights(torch.optim.Optimizer):
         # Stepping the inner optimizer directly would update the masters and never the model.
         self._hooks.append(self.optimizer.register_step_pre_hook(self._refuse_direct_step))
         for slot in self._slots:
-            if slot.param.requires_grad:
-                self._hooks.append(slot.param.register_hook(slot.accumulate_hook))
-                self._hooks.append(slot.param.register_post_accumulate_grad_hook(slot.write_back_hook))
+            if slot.param.requires_grad:  # first in PyTorch's order, before hooks users registered earlier
+                p = slot.param
+                self._hooks += [p.register_hook(slot.accumulate_hook),
+                                p.register_post_accumulate_grad_hook(slot.write_back_hook)]
+                put_first(p._backward_hooks, self._hooks[-2])
+                put_first(p._post_accumulate_grad_hooks, self._hooks[-1])
         for param, fmt in self._rounded:
             if param.requires_grad:
                 self._hooks.append(param.register_post_accumulate_grad_hook(rounding_hook(fmt)))
@@ -329,6 +332,25 @@ class MasterWeights(torch.optim.Optimizer):
             slot.release_()
 
     @torch.no_grad()
+    def publish_grads_(self, settled: bool = True) -> None:
+        """Round the FP32 gradients into the parameters' ``.grad`` (`mp.step` does, once it unscaled and
+        clipped them): after the step, ``p.grad`` holds what the optimizer stepped on, unscaled, as
+        torch.amp leaves it. With ``settled=False`` (`mp.unscale_`) the next step settles the FP32
+        gradients against ``p.grad`` again, taking any edit made in between.
+
+        Syncs: no.
+        """
+        for models, masters in self._native_copy_groups.values():
+            pairs = [(p.grad, m.grad) for p, m in zip(models, masters, strict=True)
+                     if p.grad is not None and m.grad is not None]
+            if pairs:
+                torch._foreach_copy_(*map(list, zip(*pairs, strict=True)))
+        for slot in self._slots:
+            if slot.emulated:
+                slot.publish_()
+            slot.settled = settled and slot.settled
+
+    @torch.no_grad()
     def sync_masters_(self) -> None:
         """Keep each master only where it still rounds to its parameter; elsewhere take the parameter.
 
@@ -355,7 +377,6 @@ class MasterWeights(torch.optim.Optimizer):
         for slot in self._slots:
             if slot.emulated:
                 slot.param.copy_(quantize(slot.master, slot.fmt))
-            slot.wrote_param()
             if release_grads:
                 slot.release_()
 

@@ -194,6 +194,7 @@ class LossScaler:
         self._in_a_row_read: int | None = 0  # its value as last read on the host; None: changed since
         self._scale_calls = 0  # scale() calls so far, and how many there had been at the last mp.step
         self._stepped_at: int | None = None
+        self._unscaled: tuple[int, list[int], torch.Tensor] | None = None  # mp.unscale_: (scale calls, optimizers, found-inf)
 
     # ----- the hot path -------------------------------------------------------------------------
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
@@ -224,6 +225,22 @@ class LossScaler:
                 "would update from the same gradients, unscaled by a scale that may have changed since. "
                 "If several optimizers share this backward, step them together: "
                 "mp.step([optimizer_a, optimizer_b], scaler)")
+
+    def keep_unscaled(self, optimizers: list[Any], found_inf: torch.Tensor) -> None:
+        """Record that `mp.unscale_` unscaled this backward's gradients for `optimizers` (found-inf: theirs)."""
+        self._unscaled = (self._scale_calls, [id(o) for o in optimizers], found_inf)
+
+    def take_unscaled(self, optimizers: list[Any], peek: bool = False) -> torch.Tensor | None:
+        """The found-inf flag `keep_unscaled` recorded for this backward (forgotten unless `peek`), or None."""
+        if self._unscaled is None or self._unscaled[0] != self._scale_calls:
+            return None
+        if self._unscaled[1] != [id(o) for o in optimizers]:
+            raise RuntimeError("mp.step got other optimizers than mp.unscale_ unscaled for this backward: pass "
+                               "the same optimizers (a list, when several share the backward) to both")
+        found_inf = self._unscaled[2]
+        if not peek:
+            self._unscaled = None
+        return found_inf
 
     def mark_stepped(self) -> None:
         """Record that `mp.step` consumed the gradients of the scale() calls so far."""

@@ -47,7 +47,7 @@ from .distributed import is_dtensor
 from .master import MasterWeights, managed
 from .scaling import LossScaler, find_nonfinite
 
-__all__ = ["StepInfo", "step", "NaNStormError"]
+__all__ = ["StepInfo", "step", "unscale_", "NaNStormError"]
 
 
 @dataclass(frozen=True)
@@ -339,6 +339,58 @@ def _step_on_device(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -
         del inner.found_inf, inner.grad_scale
 
 
+def _grads_to_step(optimizers: list[torch.optim.Optimizer], scaler: LossScaler,
+                    ranks: int) -> tuple[list[torch.Tensor], list[bool]]:
+    """The gradients `_gather_grads` finds, refusing a step with none (and a second step on the same ones)."""
+    scaler.check_not_stepped()
+    found = _gather_grads(optimizers, ranks)
+    if not found[0]:
+        raise RuntimeError(
+            "mp.step found no gradients: call scaler.scale(loss).backward() before mp.step "
+            "(and optimizer.zero_grad() after it, not before)")
+    return found
+
+
+def _publish(optimizers: list[torch.optim.Optimizer], settled: bool = True) -> None:
+    for opt in optimizers:
+        if isinstance(opt, MasterWeights):
+            opt.publish_grads_(settled)
+
+
+def unscale_(optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], scaler: LossScaler) -> None:
+    """Divide this backward's gradients by the loss scale now, in place, before `step`: torch.amp's
+    ``GradScaler.unscale_``, for clipping or reading ``p.grad`` by hand.
+
+    ``p.grad`` (and the FP32 gradients of `MasterWeights`) then hold the true gradients; edit them as
+    usual (``clip_grad_norm_(model.parameters(), 1.0)``, masks), then call ``mp.step(optimizer, scaler)``
+    with the same optimizers: it uses the edited gradients, does not unscale them again, and skips the
+    step if they overflowed before unscaling (found here). ``mp.step(..., max_grad_norm=...)`` clips
+    without this call, in FP32.
+
+    Raises:
+        RuntimeError: called twice for one backward, or with no gradients (see `step`).
+
+    Syncs: no.
+
+    Example:
+        >>> import torch, mixprec as mp
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> opt, scaler = torch.optim.SGD(model.parameters(), lr=1.0), mp.StaticScaler(8.0)
+        >>> scaler.scale(model(torch.ones(1, 2) * 3).sum()).backward()
+        >>> mp.unscale_(opt, scaler); model.weight.grad.tolist()
+        [[3.0, 3.0]]
+        >>> norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        >>> mp.step(opt, scaler).applied, [round(g, 4) for g in model.weight.grad[0].tolist()]
+        (True, [0.7071, 0.7071])
+    """
+    optimizers = _optimizers(optimizer)
+    if scaler.take_unscaled(optimizers, peek=True) is not None:
+        raise RuntimeError("mp.unscale_ was already called for this backward: call mp.step next")
+    grads, _ = _grads_to_step(optimizers, scaler, _group_size(None))
+    scaler.keep_unscaled(optimizers, scaler.unscale_and_check_(grads))
+    _publish(optimizers, settled=False)  # the step settles them again: they may be edited in between
+
+
 def step(
     optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
     scaler: LossScaler,
@@ -414,16 +466,12 @@ def step(
     if not sync:
         _check_skips_on_device(optimizers)
     limit = _skip_limit(max_skips_in_a_row, scaler)
-    scaler.check_not_stepped()
     ranks = _group_size(group)
-    grads, sharded = _gather_grads(optimizers, ranks)
-    if not grads:
-        raise RuntimeError(
-            "mp.step found no gradients: call scaler.scale(loss).backward() before mp.step "
-            "(and optimizer.zero_grad() after it, not before)")
-
-    # 1. Unscale + check, fused; grads are FP32 masters' grads when MasterWeights is used.
-    found_inf = scaler.unscale_and_check_(grads)
+    # 1. Unscale + check, fused; grads are FP32 masters' grads when MasterWeights is used. After
+    # mp.unscale_ they are unscaled already (and maybe clipped by hand): gathered again, not unscaled twice.
+    unscaled = scaler.take_unscaled(optimizers)  # found-inf of an mp.unscale_ for this backward, or None
+    grads, sharded = _grads_to_step(optimizers, scaler, ranks)
+    found_inf = scaler.unscale_and_check_(grads) if unscaled is None else unscaled
     scaler.mark_stepped()  # unscaled in place: this step has consumed them (optimizer.step() may now run)
 
     # 2. Agree across ranks (one collective), then clip the unscaled gradients if they are finite.
@@ -456,6 +504,7 @@ def step(
         # skip the step as for an overflow instead of zeroing the gradients and stepping on.
         found_inf = torch.maximum(found_inf, (~torch.isfinite(norm)).to(found_inf.device, found_inf.dtype))
         _clip_(grads, norm, max_grad_norm, found_inf)
+    _publish(optimizers)  # param.grad unscaled (and clipped) too, as torch.amp leaves it
 
     if not sync and _skips_on_device(optimizers):
         # No host read: the optimizers skip an overflowing step themselves, on the device.
