@@ -10,9 +10,10 @@ free that torch defers to zero_grad: on CPU that is a visible allocator cost (1.
 
 Variants (each reported as ratio = median(mixprec) / median(torch.amp)):
 
-* ``masters``: mixprec with FP16 parameters + FP32 `MasterWeights` (FP16 grads on the parameters and
-  their FP32 form on the masters, as the backward hooks leave them; the step includes checking the FP32
-  grads and masters against the model's, and the copy of masters back into FP16 params)
+* ``masters``: mixprec with FP16 parameters + FP32 `MasterWeights` (FP16 grads on the parameters, as one
+  backward leaves them; the step includes making their FP32 form, checking the masters against the
+  model's weights by value, writing the unscaled gradients back into ``p.grad``, and the copy of masters
+  back into FP16 params)
   vs torch.amp.GradScaler with FP32 parameters (its usual setup: autocast, FP32 weights). Both step an
   FP32 Adam over 5M FP32 values; mixprec additionally writes the 5M FP16 parameters.
 * ``scaler-only``: FP32 parameters on both sides, plain Adam: mp.step + DynamicScaler vs GradScaler.
@@ -87,21 +88,14 @@ def ours(masters: bool, clip: float | None, setup: Setup = Setup()) -> Side:
     adam = setup.adam(model.parameters())
     opt = mp.MasterWeights(adam) if masters else adam
     scaler = mp.DynamicScaler(init_scale=2.0**16, growth_interval=10**9, device=setup.device)
-    targets = [p for g in opt.param_groups for p in g["params"]]  # masters (FP32) or the params
     params = list(model.parameters())
     source = setup.grads(model)
 
-    slots = opt.grad_slots if masters else []
-
     def set_grads() -> None:
-        # What backward leaves: the 16-bit gradient on each parameter and, with masters, its FP32 form on
-        # the master, written back by the hook (mp.step consumes the FP32 one: both are put back each time).
-        for p, t, s in zip(params, targets, source, strict=True):
+        # What one backward leaves: the 16-bit gradient on each parameter (with masters, the FP32 form is
+        # made by the step from it; an FP32 sum exists only between micro-batches, mixprec.gradients).
+        for p, s in zip(params, source, strict=True):
             p.grad = s.to(p.dtype, copy=True)
-            if t is not p:
-                t.grad = s.clone()
-        for slot in slots:
-            slot.write_back_hook(slot.param)
         setup.done()
 
     def step() -> None:

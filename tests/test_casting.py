@@ -106,7 +106,8 @@ def test_emulated_master_gradients_are_rounded_and_the_step_keeps_params_on_the_
     with mp.autocast(model):
         loss = F.cross_entropy(model(x), y)
     scaler.scale(loss).backward()
-    assert on_grid(opt.param_groups[0]["params"][0].grad, mp.F16)  # fc.weight's FP32 master's grad
+    # fc.weight's gradient on the model; its FP32 master's grad, which the step takes from it
+    assert on_grid(opt.model_params[0].grad, mp.F16) and on_grid(opt.collect_grads_()[0], mp.F16)
     before = model.ln.weight.detach().clone()
     info = mp.step(opt, scaler)
     assert info.applied

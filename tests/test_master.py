@@ -96,7 +96,10 @@ def test_zero_grad_clears_model_and_master_grads():
     p.sum().backward()
     p.grad = torch.ones_like(p)  # a leftover 16-bit grad as well
     opt.zero_grad(set_to_none=False)
-    assert p.grad.abs().sum() == 0 and opt.master_params[0].grad.abs().sum() == 0
+    # the FP32 gradient exists only between micro-batches; what the step takes is zero either way
+    assert p.grad.abs().sum() == 0 and (opt.master_params[0].grad is None or opt.master_params[0].grad.abs().sum() == 0)
+    assert [g.abs().sum().item() for g in opt.collect_grads_()] == [0.0]
+    opt.release_grads_()
     opt.zero_grad()
     assert p.grad is None and opt.master_params[0].grad is None
 

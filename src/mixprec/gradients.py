@@ -62,19 +62,26 @@ class GradSlot:
         return torch.where(keep, fp32, visible if not self.emulated else quantize(visible, self.fmt))
 
     def settle_(self, trust_fp32: bool = True) -> None:
-        """Make ``master.grad`` the FP32 form of ``param.grad`` (None when it is None), by value."""
+        """Make ``master.grad`` the FP32 form of ``param.grad`` (None when it is None), by value.
+
+        Between micro-batches ``master.grad`` holds an FP32 sum with bits ``param.grad`` lacks, kept where
+        it still rounds to it; after a single backward it is None: ``param.grad`` holds all there is.
+        """
         visible = self.param.grad
         if visible is None:
             self.master.grad = None
         elif self.master.grad is None or not trust_fp32:
             self.master.grad = (quantize(visible, self.fmt) if self.emulated else visible).to(
                 torch.float32, copy=True)
-        else:
+        elif not _same(self.round(self.master.grad), visible):
             self.master.grad = self.refine(self.master.grad, visible)
 
     def sync_master_(self, trust_fp32: bool = True) -> None:
         """Keep the master where it still rounds to the parameter; elsewhere take the parameter's value."""
-        self.master.copy_(self.refine(self.master, self.param) if trust_fp32 else self.param)
+        if not trust_fp32:
+            self.master.copy_(self.param)
+        elif not _same(self.round(self.master), self.param):
+            self.master.copy_(self.refine(self.master, self.param))
 
     def release_(self) -> None:
         """Drop this step's FP32 gradient: the step consumed it (applied or skipped)."""
@@ -100,15 +107,27 @@ class GradSlot:
 
     def write_back_hook(self, param: torch.Tensor) -> None:
         # After autograd's accumulation: param.grad holds this backward's gradient alone (zeroed above).
+        # The first one needs no FP32 copy (a 16-bit gradient has no more bits); a later one is summed in FP32.
         with torch.no_grad():
-            incoming = quantize(param.grad, self.fmt) if self.emulated else param.grad
             if self.master.grad is None:
-                self.master.grad = incoming.to(torch.float32, copy=True)
                 if self.emulated:
-                    param.grad.copy_(incoming)
+                    param.grad.copy_(quantize(param.grad, self.fmt))
             else:
-                self.master.grad.add_(incoming)
+                self.master.grad.add_(quantize(param.grad, self.fmt) if self.emulated else param.grad)
                 param.grad.copy_(self.round(self.master.grad))
+
+
+_BITS = {2: torch.int16, 4: torch.int32}
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool | None:
+    """Whether two tensors of one dtype hold the same bits, where asking costs no host sync (the CPU; a
+    memory compare, several times faster than comparing as floats); else None: the caller then does the
+    elementwise work (on an accelerator a few passes cost less than a sync)."""
+    if a.device.type != "cpu" or a.dtype != b.dtype or a.element_size() not in _BITS:
+        return None
+    bits = _BITS[a.element_size()]
+    return torch.equal(a.view(bits), b.view(bits))
 
 
 def accumulates(param: torch.Tensor) -> bool:
