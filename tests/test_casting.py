@@ -465,3 +465,35 @@ def test_sparse_embeddings_are_refused_with_the_fix_and_nothing_changed():
         mp.prepare(model, opt, "f16-master")
     assert mp.prepared_state(model) is None and opt.param_groups[0]["params"][0] is model[0].weight
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("policy", ["bf16-master", "bf16-master,execution=native"])
+def test_a_deep_copy_of_a_prepared_model_is_its_weights_only(policy):
+    # Issue 20 (14): the EMA pattern copied the MasterWeights with its masters and Adam state (6x the
+    # parameter bytes), and mp.memory on the copy raised.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16))
+    model, opt, scaler = mp.prepare(model, torch.optim.Adam(model.parameters()), policy)
+    with mp.autocast(model):
+        scaler.scale(model(torch.randn(3, 16)).float().sum()).backward()
+    mp.step(opt, scaler)
+    opt.zero_grad()
+    ema = copy.deepcopy(model)
+    state = mp.prepared_state(ema)
+    assert state.master_weights is None and state.handles == [] and mp.prepared_state(model).master_weights is opt
+    held = mp.memory(ema).held
+    assert held["masters"] == held["optimizer_state"] == 0
+    assert held["parameters"] == mp.memory(model, opt).held["parameters"]
+    assert all(not p._backward_hooks and not getattr(p, "_post_accumulate_grad_hooks", None)
+               for p in ema.parameters())
+    x = torch.randn(3, 16)
+    with mp.autocast(ema):
+        y_ema = ema(x)
+    with mp.autocast(model):
+        y = model(x)
+    assert torch.equal(y_ema, y)  # the copy runs in the policy's formats
+    weights = [p.detach().clone() for p in ema.parameters()]
+    with mp.autocast(model):
+        scaler.scale(model(x).float().sum()).backward()
+    mp.step(opt, scaler)  # training the original leaves the copy alone
+    assert all(torch.equal(a, b) for a, b in zip(weights, ema.parameters(), strict=True))

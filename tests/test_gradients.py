@@ -207,3 +207,40 @@ def test_unscale_then_step_skips_on_an_overflow_and_refuses_misuse():
     scaler.scale(p.sum()).backward()
     assert mp.step(opt, scaler).applied  # no stale unscale_ state: this one unscales by 2
     assert p.tolist() == [0.0, 0.0]
+
+
+def test_a_second_optimizer_not_given_to_prepare_is_refused_before_anything_changes():  # 10
+    for policy in ("bf16-master", "bf16-master,execution=native", "bf16-pure"):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(4, 1)
+        m, a, s = mp.prepare(m, torch.optim.SGD([m.weight], lr=1e-3), policy)
+        b = torch.optim.SGD([m.bias], lr=1e-3)
+        with mp.autocast(m):
+            s.scale(m(torch.ones(2, 4)).float().sum()).backward()
+        before = [p.detach().clone() for p in m.parameters()]
+        with pytest.raises(RuntimeError, match="stored in 16 bits.*Build one optimizer over every parameter"):
+            mp.step([a, b], s)
+        assert all(torch.equal(x, p) for x, p in zip(before, m.parameters(), strict=True)), policy
+
+
+def test_emulated_f16_pure_keeps_adam_in_16_bits_as_native_does():  # 9
+    def run(policy):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+        m, o, s = mp.prepare(m, torch.optim.Adam(m.parameters(), lr=1e-3), policy)
+        x, applied = torch.randn(16, 8), []
+        for _ in range(10):
+            with mp.autocast(m):
+                s.scale(m(x).float().pow(2).mean()).backward()
+            try:
+                applied.append(mp.step(o, s).applied)
+            except mp.NaNStormError as error:  # Adam's eps (1e-8) is 0 in FP16: v underflows, m / 0
+                applied.append(error.reason)
+                break
+            o.zero_grad()
+        state = o.state[o.master_params[0]]
+        return applied, state["exp_avg_sq"]
+
+    native, emulated = run("f16-pure,execution=native"), run("f16-pure")
+    assert native[0] == emulated[0] == [True, False, "weights"]  # emulated trained 10 steps before
+    assert native[1].dtype == emulated[1].dtype == torch.float16 and torch.equal(native[1], emulated[1])

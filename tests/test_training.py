@@ -68,7 +68,8 @@ def test_tiny_updates_stall_without_master_weights_and_match_fp32_with_them():
     c = compare("tiny-updates", ["f32", "f16-master", "f16-pure"], steps=300, threads=THREADS)
     f32, master, pure = (c.runs_of(p)[0] for p in c.policies)
     assert f32.final_metric < 0.5 * f32.initial_metric
-    assert pure.final_metric == pure.initial_metric  # every update rounded away
+    # (nearly) every update rounded away; Adam's 16-bit state lets a few through, as it does natively
+    assert pure.final_metric > 0.95 * pure.initial_metric
     assert master.final_metric == pytest.approx(f32.final_metric, rel=0.05)
 
 
@@ -123,8 +124,8 @@ def test_memory_is_counted_by_mp_memory_in_the_policy_formats():
     n = 32 * 8  # the model's parameters (Linear(32, 8), no bias)
     assert f32["parameters"] == f32["gradients"] == 4 * n and f32["masters"] == 0
     assert master["parameters"] == 2 * n and master["masters"] == 4 * n
-    # the 16-bit gradient on the model (where PyTorch keeps it) and the FP32 one on the master
-    assert master["gradients"] == (2 + 4) * n and pure["gradients"] == 2 * n and pure["masters"] == 0
+    # the 16-bit gradient on the model, where PyTorch keeps it (an FP32 one exists only between micro-batches)
+    assert master["gradients"] == 2 * n and pure["gradients"] == 2 * n and pure["masters"] == 0
     # Adam's two moments (FP32 next to masters, in the parameters' format without), and its FP32 step count
     assert master["optimizer_state"] == 2 * 4 * n + 4 and pure["optimizer_state"] == 2 * 2 * n + 4
     # one forward saves the input (64 x 32) for the weight gradient, and the loss its input and target (64 x 8)

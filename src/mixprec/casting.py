@@ -80,6 +80,11 @@ class PreparedState:
     autocast_dtype: torch.dtype | None = None
     recomputing_in: tuple[torch.nn.Module, Any] | None = field(default=None, repr=False)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy of the model (copy.deepcopy for an EMA, torch.save) is its weights in the policy's formats:
+        # it takes neither the optimizer and its masters nor the hook handles, which belong to the original.
+        return {**self.__dict__, "master_weights": None, "handles": [], "recomputing_in": None, "in_autocast": False}
+
     @property
     def emulation(self) -> str | None:
         return None if self.execution == "native" else self.policy.emulation
@@ -281,6 +286,8 @@ def _apply(model: torch.nn.Module, policy: Policy, execution: str, formats: list
             with torch.no_grad():
                 for slot in optimizer.grad_slots:
                     slot.master.copy_(originals[id(slot.param)][0])
+            if mode == "fp32" or execution == "emulated":  # a second, plain optimizer would step them wrongly
+                optimizer.claim(p for p in narrow if p.requires_grad)
         if execution == "emulated":
             # MasterWeights rounds the gradients of the parameters it steps; round the others' here.
             stepped = {id(p) for p in optimizer.model_params} if isinstance(optimizer, MasterWeights) else set()

@@ -240,6 +240,11 @@ class MasterWeights(torch.optim.Optimizer):
             if param.requires_grad:
                 self._hooks.append(param.register_post_accumulate_grad_hook(rounding_hook(fmt)))
 
+    def claim(self, params: Any) -> None:
+        """Count `params` (a prepared model's other 16-bit parameters, which this optimizer does not step)
+        among those `managed` reports: `mp.step` then refuses a plain optimizer over them too."""
+        self._managed.update((id(p), p) for p in params)
+
     def _refuse_direct_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._stepping:
             raise RuntimeError(
@@ -404,15 +409,34 @@ class MasterWeights(torch.optim.Optimizer):
             hook(self, (), {})
         self.collect_grads_()  # and the masters follow the model (done already where mp.step collected)
         self._stepping = True
+        carried = self._in_16_bits()
         try:
             self.optimizer.step()
         finally:
             self._stepping = False
+            for param, data, grad in carried:  # back to FP32 storage: values on the grid, exactly
+                param.data, param.grad = param.data.to(data.dtype), grad
         self.copy_to_model_(release_grads=True)
-        for param, fmt in self._rounded:
+        for param, fmt in self._rounded:  # formats no optimizer can step in (FP8): rounded after the update
             param.copy_(quantize(param, fmt))
         for hook in list(self._optimizer_step_post_hooks.values()):
             hook(self, (), {})
+
+    def _in_16_bits(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Mode "none", emulated: give each parameter whose format has a torch dtype (f16, bf16) that dtype
+        for the update, its optimizer state too, so that the optimizer's arithmetic (Adam's eps, moments)
+        is 16-bit as on a device with the format; returns what to put back."""
+        carried = []
+        for param, fmt in self._rounded:
+            if fmt.torch_dtype in (torch.float16, torch.bfloat16):
+                carried.append((param, param.data, param.grad))
+                param.data = param.data.to(fmt.torch_dtype)
+                param.grad = None if param.grad is None else param.grad.to(fmt.torch_dtype)
+                state = self.optimizer.state.get(param, {})
+                for key, value in state.items():
+                    if torch.is_tensor(value) and value.is_floating_point() and key != "step":
+                        state[key] = value.to(fmt.torch_dtype)
+        return carried
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of both the model's parameters and the masters.

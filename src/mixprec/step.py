@@ -210,9 +210,10 @@ def _gather_grads(optimizers: list[torch.optim.Optimizer], ranks: int) -> tuple[
             p = params[refused[0]]
             raise RuntimeError(
                 f"mp.step got a plain {type(optimizer).__name__} over parameter #{refused[0]} (shape "
-                f"{tuple(p.shape)}) and {len(refused) - 1} more that mp.prepare gave FP32 master weights: "
-                f"built after prepare, it would train them without masters. Build the optimizer first and "
-                f"step the one prepare returns: model, optimizer, scaler = mp.prepare(model, optimizer, policy)")
+                f"{tuple(p.shape)}) and {len(refused) - 1} more that mp.prepare stored in 16 bits: it would "
+                f"train them without FP32 masters (or off their format's grid). Build one optimizer over "
+                f"every parameter before prepare (param groups can differ in lr and weight decay) and step "
+                f"the one prepare returns: model, optimizer, scaler = mp.prepare(model, optimizer, policy)")
         for g in (p.grad for p in params if p.grad is not None):
             shard = is_dtensor(g)
             local.append(g.to_local() if shard else g)

@@ -80,6 +80,7 @@ def recipe() -> Recipe:
         batch_size=64,
         lr=2.0**-11,
         optimizer="adam",
+        eps=1e-4,  # Adam's default 1e-8 is 0 in FP16: with 16-bit state (f16-pure) it would divide by zero
         max_grad_norm=None,
         eval_every=25,
     )
