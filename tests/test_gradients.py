@@ -244,3 +244,69 @@ def test_emulated_f16_pure_keeps_adam_in_16_bits_as_native_does():  # 9
     native, emulated = run("f16-pure,execution=native"), run("f16-pure")
     assert native[0] == emulated[0] == [True, False, "weights"]  # emulated trained 10 steps before
     assert native[1].dtype == emulated[1].dtype == torch.float16 and torch.equal(native[1], emulated[1])
+
+
+# ----- the other write paths and optimizers (issue 20: "widen the net") ------------------------------
+
+
+def _replace(how: str, m: torch.nn.Module) -> None:
+    new = torch.full_like(m.weight, 0.5)
+    with torch.no_grad():
+        if how == "set_":
+            m.weight.set_(new)
+        elif how == "copy_":
+            m.weight.copy_(new)
+        elif how == "swap_tensors":
+            torch.utils.swap_tensors(m.weight, torch.nn.Parameter(new))
+        else:
+            m.load_state_dict({"weight": new})
+
+
+@pytest.mark.parametrize("how", ["set_", "copy_", "swap_tensors", "load_state_dict"])
+@pytest.mark.parametrize("policy", POLICIES[:2])
+def test_weights_written_any_way_are_what_the_update_starts_from(how, policy):
+    m, o, s, loss = _setup(policy, lr=0.0)
+    _replace(how, m)
+    loss().backward()
+    assert mp.step(o, s).applied
+    assert torch.all(m.weight == 0.5) and torch.all(o.master_params[0] == 0.5)
+
+
+def test_load_state_dict_with_assign_is_refused_before_anything_is_loaded():
+    m, o, s, loss = _setup("bf16-master")
+    weight = m.weight
+    with pytest.raises(RuntimeError, match="assign=True.*load with assign=False"):
+        m.load_state_dict({"weight": torch.zeros(1, 4)}, assign=True)
+    assert m.weight is weight and torch.all(m.weight != 0)
+    mp.unprepare(m)
+    m.load_state_dict({"weight": torch.zeros(1, 4)}, assign=True)  # the user's own model again: allowed
+
+
+def test_sparse_adam_is_refused_by_prepare_with_the_fix():
+    m = torch.nn.Linear(4, 1)
+    with pytest.raises(ValueError, match="SparseAdam.*use torch.optim.Adam"):
+        mp.prepare(m, torch.optim.SparseAdam(m.parameters()), "bf16-master")
+    assert m.weight.dtype == torch.float32 and mp.prepared_state(m) is None
+
+
+@pytest.mark.parametrize("policy", POLICIES[:2])
+def test_lbfgs_with_a_closure_steps_the_masters_and_converges(policy):
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+    m = torch.nn.Linear(4, 1)
+    m, o, _ = mp.prepare(m, torch.optim.LBFGS(m.parameters(), lr=1.0, max_iter=20), policy)
+
+    def closure():
+        o.zero_grad()
+        with mp.autocast(m):
+            loss = torch.nn.functional.mse_loss(m(x).float(), y)
+        loss.backward()
+        return loss
+
+    first = o.step(closure).item()  # LBFGS returns the loss it started its step from
+    for _ in range(2):
+        o.step(closure)
+    assert first > 10 and closure().item() < 1e-3  # 17.8 without the fix: the model never moved
+    assert torch.equal(o.master_params[0].to(torch.bfloat16).float(), mp.quantize(o.master_params[0], mp.BF16))
+    assert torch.allclose(m.weight.float(), torch.tensor([[1.0, -2.0, 0.5, 3.0]]), atol=0.05)

@@ -169,6 +169,9 @@ def prepare(
     if sparse:
         raise ValueError(f"module {', '.join(sparse)} has sparse=True, which makes sparse gradients; mixprec's loss "
                          f"scaling and master weights handle dense ones only: build it with sparse=False")
+    if isinstance(optimizer, torch.optim.SparseAdam):
+        raise ValueError("SparseAdam steps sparse gradients only, and mixprec's models make dense ones (sparse "
+                         "embeddings are refused): use torch.optim.Adam or AdamW")
     if prepared_state(model) is not None:
         raise RuntimeError(
             f"this {type(model).__name__} is already prepared (policy {prepared_state(model).policy}); "
@@ -198,11 +201,21 @@ def prepare(
     if policy.compute != F32 and state.emulation != "module boundaries":
         state.autocast_dtype = (_native.dtype_of if execution == "native" else _op_emulation.carrier_of)(policy.compute)
     state.handles += _recompute_hooks(model, state)
+    state.handles.append(model.register_load_state_dict_pre_hook(_refuse_assign))
     setattr(model, _STATE_ATTR, state)
     scaler = policy.make_scaler(device)
     if optimizer is not None:  # optimizer.step() by hand on scaled gradients: refused
         state.handles.append(optimizer.register_step_pre_hook(scaler.refuse_unscaled_step))
     return given, optimizer, scaler
+
+
+def _refuse_assign(module: torch.nn.Module, state_dict: Any, prefix: str, local_metadata: dict, *args: Any) -> None:
+    # load_state_dict(assign=True) would put new Parameter objects in the model, which neither the
+    # masters nor the hooks know: refused before anything is loaded (the root's hook runs first).
+    if local_metadata.get("assign_to_params_buffers", False) and prepared_state(module) is not None:
+        raise RuntimeError("load_state_dict(..., assign=True) on a prepared model would replace its parameters "
+                           "behind their master weights and hooks: load with assign=False (it copies into them "
+                           "and the masters follow), or load before mp.prepare")
 
 
 def _recomputing(state: PreparedState) -> bool:

@@ -219,6 +219,8 @@ class MasterWeights(torch.optim.Optimizer):
                 f"parameters in FP32 storage")
         # Only now that every check passed, point the inner optimizer at the masters.
         for group, stepped in zip(optimizer.param_groups, new_groups, strict=True):
+            if getattr(optimizer, "_params", None) is group["params"]:  # LBFGS keeps its group's list
+                optimizer._params = stepped
             group["params"] = stepped
         # Existing optimizer state follows its parameter to the master, in FP32 (like load_state_dict).
         for param, master in replaced.items():
@@ -386,11 +388,14 @@ class MasterWeights(torch.optim.Optimizer):
                 slot.release_()
 
     @torch.no_grad()
-    def step(self, closure: None = None) -> None:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         """Settle the FP32 gradients, step the inner optimizer on the masters, round them into the model.
 
         Without a loss scaler this is the whole update; with one, call ``mp.step(optimizer, scaler)``,
         which unscales, checks and clips the FP32 gradients, then calls this (or skips it on overflow).
+        A ``closure`` (for optimizers that re-evaluate the loss, e.g. LBFGS) is run at the masters, rounded
+        into the model, and its gradients are taken in FP32; like torch.amp, closures go without loss
+        scaling (a policy whose scaling is none, e.g. bf16-master). Returns what the inner step returns.
 
         Syncs: no (the inner optimizer may: e.g. capturable=False Adam on CUDA does not).
 
@@ -402,16 +407,13 @@ class MasterWeights(torch.optim.Optimizer):
             >>> opt.master_params[0].tolist(), p.tolist()  # 4 updates of 2^-12, each lost in FP16 alone
             ([0.9990234375, 0.9990234375], [0.9990234375, 0.9990234375])
         """
-        if closure is not None:
-            raise ValueError(
-                "MasterWeights.step does not take a closure: compute the loss and call backward first")
         for hook in list(self._optimizer_step_pre_hooks.values()):
             hook(self, (), {})
         self.collect_grads_()  # and the masters follow the model (done already where mp.step collected)
         self._stepping = True
         carried = self._in_16_bits()
         try:
-            self.optimizer.step()
+            loss = self.optimizer.step() if closure is None else self.optimizer.step(self._on_masters(closure))
         finally:
             self._stepping = False
             for param, data, grad in carried:  # back to FP32 storage: values on the grid, exactly
@@ -421,6 +423,18 @@ class MasterWeights(torch.optim.Optimizer):
             param.copy_(quantize(param, fmt))
         for hook in list(self._optimizer_step_post_hooks.values()):
             hook(self, (), {})
+        return loss
+
+    def _on_masters(self, closure: Any) -> Any:
+        """`closure` (which zeroes the gradients, runs forward and backward, returns the loss) evaluated where
+        the optimizer asks (LBFGS's line search): at its masters, rounded into the model, their gradients in FP32."""
+        def evaluate() -> Any:
+            self.copy_to_model_(release_grads=True)
+            with torch.enable_grad():
+                loss = closure()
+            self.collect_grads_()
+            return loss
+        return evaluate
 
     def _in_16_bits(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Mode "none", emulated: give each parameter whose format has a torch dtype (f16, bf16) that dtype
