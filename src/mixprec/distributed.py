@@ -158,8 +158,8 @@ def _reduce_bucket(state: _Reduction, bucket: dist.GradBucket) -> torch.futures.
     buffer = bucket.buffer()
     params = bucket.parameters()
     spans = _spans(params)
-    # Each gradient's best FP32 value: a master's FP32 gradient, settled against param.grad (which the
-    # bucket holds a copy of; unchecked while param.grad is as the hook left it), else the 16-bit one.
+    # Each gradient's best FP32 value: a master's FP32 gradient, settled against param.grad by value (the
+    # bucket holds a copy of param.grad), else the 16-bit one.
     work = buffer.to(torch.float32, copy=True)
     for p, (a, b) in zip(params, spans, strict=True):
         slot = state.slots.get(id(p))

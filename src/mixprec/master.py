@@ -54,6 +54,7 @@ __all__ = ["MasterWeights", "MODES", "managed"]
 MODES = ("fp32", "none")
 _PLANNED_MODES = ("compact", "kahan", "stochastic")
 STATE_VERSION = 1
+_STEPPED_IN_16_BITS = (torch.float16, torch.bfloat16)  # mode "none", emulated: the dtypes optimizers step in
 
 
 #: Every MasterWeights with hooks on a model (weakly held): `managed` looks parameters up in them.
@@ -416,11 +417,13 @@ class MasterWeights(torch.optim.Optimizer):
             loss = self.optimizer.step() if closure is None else self.optimizer.step(self._on_masters(closure))
         finally:
             self._stepping = False
-            for param, data, grad in carried:  # back to FP32 storage: values on the grid, exactly
-                param.data, param.grad = param.data.to(data.dtype), grad
+            for param, data, grad in carried:  # back into the FP32 storage: values on the grid, exactly
+                param.data = data.copy_(param.data)
+                param.grad = grad
         self.copy_to_model_(release_grads=True)
         for param, fmt in self._rounded:  # formats no optimizer can step in (FP8): rounded after the update
-            param.copy_(quantize(param, fmt))
+            if fmt.torch_dtype not in _STEPPED_IN_16_BITS:
+                param.copy_(quantize(param, fmt))
         for hook in list(self._optimizer_step_post_hooks.values()):
             hook(self, (), {})
         return loss
@@ -442,7 +445,7 @@ class MasterWeights(torch.optim.Optimizer):
         is 16-bit as on a device with the format; returns what to put back."""
         carried = []
         for param, fmt in self._rounded:
-            if fmt.torch_dtype in (torch.float16, torch.bfloat16):
+            if fmt.torch_dtype in _STEPPED_IN_16_BITS:
                 carried.append((param, param.data, param.grad))
                 param.data = param.data.to(fmt.torch_dtype)
                 param.grad = None if param.grad is None else param.grad.to(fmt.torch_dtype)

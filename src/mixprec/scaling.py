@@ -64,9 +64,21 @@ class LossScaleFloorError(RuntimeError):
 # ----- the fused pass over the gradients ---------------------------------------------------------
 
 
+def _dense_(t: torch.Tensor) -> torch.Tensor:
+    """A dense tensor itself; a sparse COO gradient's values (nn.Embedding(sparse=True)'s), which alias it.
+
+    FP16 ones are coalesced first, as torch.amp.GradScaler does: duplicate indices whose scaled values sum
+    past 65504 overflow here, not later in the optimizer. In place (``copy_``): ``p.grad`` stays the tensor
+    the optimizer reads. (Coalescing syncs on CUDA, as in torch.)
+    """
+    if t.is_sparse and t.dtype == torch.float16 and not t.is_coalesced():
+        t.copy_(t.coalesce())
+    return t._values() if t.is_sparse else t
+
+
 def _group_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
     groups: dict[tuple, list[torch.Tensor]] = {}
-    for t in tensors:
+    for t in map(_dense_, tensors):
         if t.numel():  # an empty tensor (a rank's empty FSDP shard) holds nothing to check or unscale
             groups.setdefault((t.device, t.dtype), []).append(t)
     return groups
@@ -86,7 +98,8 @@ def unscale_and_check_(grads: Sequence[torch.Tensor], inv_scale: torch.Tensor,
     pass ``check_unscaled=True`` to check the unscaled values as well (one more pass).
 
     Args:
-        grads: gradient tensors, on any devices and floating dtypes.
+        grads: gradient tensors, on any devices and floating dtypes; a sparse COO one (nn.Embedding(sparse=True))
+            has its values unscaled and checked, FP16 ones coalesced first, as torch.amp.GradScaler does.
         inv_scale: 0-dim float32 tensor, ``1 / scale``; the result lives on its device.
         check_unscaled: also check the gradients after the multiply.
 
@@ -137,6 +150,7 @@ def find_nonfinite(grads: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.bool)
     device = grads[0].device
     flags = torch.zeros(len(grads), dtype=torch.bool, device=device)
+    grads = [_dense_(g) for g in grads]
     index = {id(g): i for i, g in enumerate(grads)}
     for group in _group_by_device_and_dtype(grads).values():
         norms = torch.stack(torch._foreach_norm(group, ord=math.inf)).to(device)
@@ -194,7 +208,8 @@ class LossScaler:
         self._in_a_row_read: int | None = 0  # its value as last read on the host; None: changed since
         self._scale_calls = 0  # scale() calls so far, and how many there had been at the last mp.step
         self._stepped_at: int | None = None
-        self._unscaled: tuple[int, list[int], torch.Tensor] | None = None  # mp.unscale_: (scale calls, optimizers, found-inf)
+        # What mp.unscale_ did for this backward: (scale calls then, the optimizers' ids, their found-inf flag).
+        self._unscaled: tuple[int, list[int], torch.Tensor] | None = None
 
     # ----- the hot path -------------------------------------------------------------------------
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
