@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import matplotlib.image
 import numpy as np
 import pytest
+import torch
 
 from mixprec.report import (
     RunLogger,
@@ -125,6 +127,13 @@ def test_write_report_on_a_real_comparison(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     env = results["environment"]
     assert {"device", "device_name", "torch", "python", "git_commit", "date", "mixprec"} <= set(env)
+    # which 16-bit CPU features the machine has, as /proc/cpuinfo lists them (AMX-BF16 or not decides speed)
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = next((line.split() for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), []) \
+        if cpuinfo.exists() else []
+    assert env["cpu_flags"] == [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16",
+                                            "amx_int8") if f in flags]
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     (experiment,) = results["experiments"]
     assert experiment["reference"] == "f32" and len(experiment["runs"]) == 6
     verdict = {row["policy"]: row["verdict"] for row in experiment["summary"]}

@@ -31,7 +31,24 @@ def environment(device: str | torch.device = "cpu", threads: int | None = None) 
         "git_commit": git_commit(),
         "platform": platform.platform(),
         "cpu_threads": threads or torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": cpu_flags(),
     }
+
+
+#: The CPU features that decide how fast 16-bit (and 8-bit) arithmetic runs on a CPU.
+_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+    """Which of the CPU features that matter for 16-bit matmuls this machine has (from /proc/cpuinfo;
+    empty where it cannot be read). AMX-BF16 runs bfloat16 matmuls several times faster than FP32."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [f for f in _FLAGS if f in flags]
 
 
 def git_commit() -> str | None:
