@@ -417,9 +417,12 @@ class MasterWeights(torch.optim.Optimizer):
             loss = self.optimizer.step() if closure is None else self.optimizer.step(self._on_masters(closure))
         finally:
             self._stepping = False
-            for param, data, grad in carried:  # back into the FP32 storage: values on the grid, exactly
-                param.data = data.copy_(param.data)
-                param.grad = grad
+            state = self.optimizer.state
+            for params, i, param, low in carried:  # back into the FP32 parameter: values on the grid, exactly
+                params[i] = param
+                param.copy_(low)
+                if low in state:
+                    state[param] = state.pop(low)
         self.copy_to_model_(release_grads=True)
         for param, fmt in self._rounded:  # formats no optimizer can step in (FP8): rounded after the update
             if fmt.torch_dtype not in _STEPPED_IN_16_BITS:
@@ -439,20 +442,25 @@ class MasterWeights(torch.optim.Optimizer):
             return loss
         return evaluate
 
-    def _in_16_bits(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """Mode "none", emulated: give each parameter whose format has a torch dtype (f16, bf16) that dtype
-        for the update, its optimizer state too, so that the optimizer's arithmetic (Adam's eps, moments)
-        is 16-bit as on a device with the format; returns what to put back."""
-        carried = []
-        for param, fmt in self._rounded:
-            if fmt.torch_dtype in _STEPPED_IN_16_BITS:
-                carried.append((param, param.data, param.grad))
-                param.data = param.data.to(fmt.torch_dtype)
-                param.grad = None if param.grad is None else param.grad.to(fmt.torch_dtype)
-                state = self.optimizer.state.get(param, {})
-                for key, value in state.items():
-                    if torch.is_tensor(value) and value.is_floating_point() and key != "step":
-                        state[key] = value.to(fmt.torch_dtype)
+    def _in_16_bits(self) -> list[tuple[list[torch.Tensor], int, torch.Tensor, torch.Tensor]]:
+        """Mode "none", emulated: put in the optimizer, for the update, a copy of each parameter whose format
+        has a torch dtype (f16, bf16) in that dtype, with its gradient and state, so that the optimizer's
+        arithmetic (Adam's eps, its moments) is 16-bit as on a device with the format. The Parameter itself
+        is left alone (a new .data would cut it from DDP's hooks). Returns what to put back."""
+        formats = {id(p): fmt for p, fmt in self._rounded if fmt.torch_dtype in _STEPPED_IN_16_BITS}
+        carried, state = [], self.optimizer.state
+        for group in self.optimizer.param_groups if formats else ():
+            params = group["params"]
+            for i, param in enumerate(params):
+                if id(param) in formats:
+                    dtype = formats[id(param)].torch_dtype
+                    low = param.detach().to(dtype)
+                    low.grad = None if param.grad is None else param.grad.to(dtype)
+                    if param in state:
+                        state[low] = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k != "step"
+                                      else v for k, v in state.pop(param).items()}
+                    params[i] = low
+                    carried.append((params, i, param, low))
         return carried
 
     def zero_grad(self, set_to_none: bool = True) -> None:
