@@ -1,8 +1,8 @@
 """Where and with what a result was measured: device, versions, commit, date.
 
 Example:
-    >>> sorted(environment("cpu"))[:3]
-    ['cpu_threads', 'date', 'device']
+    >>> sorted(environment("cpu"))[:4]
+    ['cpu_capability', 'cpu_flags', 'cpu_threads', 'date']
 """
 
 from __future__ import annotations
