@@ -233,3 +233,11 @@ def test_general_path_does_not_depend_on_chunking(monkeypatch):
     assert_same(whole, chunked)
     if TORCH_E4M3_SATURATES:
         assert_same(quantize_bits(x, mp.E4M3), x.to(torch.float8_e4m3fn).float())
+
+
+def test_float64_input_is_rounded_twice_as_torchs_own_cast_does():
+    # docs/formats.md: 1 + 2^-11 + 2^-40 rounds to 1 + 2^-10 from float64 directly, but float32 rounds it onto
+    # the FP16 midpoint first, which ties to even (1.0); torch's float64 -> float16 cast does the same.
+    x = torch.tensor([1 + 2**-11 + 2**-40], dtype=torch.float64)
+    assert x.to(torch.float16).item() == 1.0 and mp.quantize(x, mp.F16).item() == 1.0
+    assert mp.quantize(x, mp.F16).dtype == torch.float64

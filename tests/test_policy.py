@@ -248,3 +248,31 @@ def test_a_dynamic_initial_scale_above_the_default_ceiling_makes_a_scaler():
     scaler = mp.Policy.parse(f"f16-master,scaling=dynamic:{2**40}").make_scaler()
     assert scaler.loss_scale == 2.0**40 and scaler.max_scale == 2.0**40
     assert mp.Policy.parse("f16-master,scaling=dynamic:1024").make_scaler().max_scale == 2.0**24
+
+
+def test_a_dynamic_initial_scale_below_the_floor_lowers_the_floor():
+    # Issue 20 (5): it parsed, then prepare raised "init_scale (0.5) must lie in [1.0, ...]".
+    policy = mp.Policy.parse("f16-master,scaling=dynamic:0.5")
+    assert mp.Policy.parse(str(policy)) == policy
+    model = torch.nn.Linear(2, 2)
+    model, opt, scaler = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), policy)
+    assert scaler.loss_scale == 0.5 and scaler.min_scale == 0.5
+
+
+@pytest.mark.parametrize("match", [" x", "x ", "\tlm_head", "x\n"])
+def test_a_rule_whose_match_a_policy_string_would_strip_is_refused(match):
+    # Issue 20 (16): Rule(" x") did not round-trip through str/parse.
+    with pytest.raises(ValueError, match="must not start or end with whitespace.*use 'x'|use 'lm_head'"):
+        mp.Rule(match, mp.F32)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12),
+       st.sampled_from(["fp32", "fp16", "bf16"]))
+def test_every_rule_a_user_can_build_round_trips_through_the_policy_string(match, compute):
+    try:
+        rule = mp.Rule(match, compute)
+    except ValueError:
+        return  # refused up front, with what to write instead
+    policy = mp.Policy.parse("bf16-master").replace(rules=(rule,))
+    assert mp.Policy.parse(str(policy)) == policy, str(policy)

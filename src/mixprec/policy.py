@@ -83,6 +83,9 @@ class Rule:
         if not isinstance(self.match, str) or not self.match.strip() or any(c in self.match for c in ",="):
             raise ValueError(
                 f"a rule's match must be a non-empty glob without ',' or '=', got {self.match!r}")
+        if self.match != self.match.strip():  # a policy string strips it: str(policy) would not parse back
+            raise ValueError(f"a rule's match must not start or end with whitespace, got {self.match!r}: "
+                             f"use {self.match.strip()!r}")
         object.__setattr__(self, "compute", _fmt(self.compute))
         if self.params is not None:
             object.__setattr__(self, "params", _fmt(self.params))
@@ -426,10 +429,11 @@ class Policy:
         elif kind == "static":
             scaler = StaticScaler(float(value))
         else:
-            # An initial scale above the default ceiling (2^24) raises the ceiling to it, so that every
-            # "dynamic:S0" the string accepts makes a scaler (the scale only ever backs off from there).
-            scaler = DynamicScaler(init_scale=float(value), max_scale=max(2.0**24, float(value))) if value \
-                else DynamicScaler()
+            # An initial scale above the default ceiling (2^24) raises the ceiling to it, one below the
+            # default floor (1) lowers the floor to it, so that every "dynamic:S0" the string accepts makes
+            # a scaler.
+            scaler = DynamicScaler(init_scale=float(value), max_scale=max(2.0**24, float(value)),
+                                   min_scale=min(1.0, float(value))) if value else DynamicScaler()
         if device is not None and hasattr(scaler, "to"):
             scaler = scaler.to(device) or scaler
         return scaler
