@@ -16,8 +16,9 @@ N = W + B
 ADAM_STEPS = 2 * 4  # Adam keeps one FP32 scalar `step` tensor per parameter (weight, bias)
 
 
-def _linear_after_one_step(policy: str | None):
-    """Linear(256, 256) with Adam: one step taken, then a second backward (gradients present)."""
+def _linear_after_one_step(policy: str | None, micro_batches: int = 1):
+    """Linear(256, 256) with Adam: one step taken, then `micro_batches` backwards (gradients present; with
+    masters, an FP32 sum of them from the second on)."""
     torch.manual_seed(0)
     model = nn.Linear(256, 256)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -37,7 +38,8 @@ def _linear_after_one_step(policy: str | None):
     else:
         optimizer.step()
     optimizer.zero_grad()
-    backward()
+    for _ in range(micro_batches):
+        backward()
     return model, optimizer
 
 
@@ -56,11 +58,11 @@ def test_f32_policy_is_the_unprepared_count():
 
 
 def test_f16_master_emulated_holds_fp32_tensors_and_counts_the_fp16_formats():
-    model, optimizer = _linear_after_one_step("f16-master")
+    model, optimizer = _linear_after_one_step("f16-master", micro_batches=2)
     report = mp.memory(model, optimizer)
     assert report.execution == "emulated"
     # Emulation: FP16 values in float32 storage (4 bytes held, 2 in the format); the gradient on the model
-    # likewise, plus the FP32 gradient on the master; masters and Adam's moments are FP32 either way.
+    # likewise, plus the FP32 sum of the micro-batches on the master; masters and Adam's moments are FP32.
     assert report.held == {"parameters": 4 * N, "masters": 4 * N, "gradients": (4 + 4) * N,
                            "optimizer_state": 2 * 4 * N + ADAM_STEPS, "activations": 0}
     assert report.formats == {"parameters": 2 * N, "masters": 4 * N, "gradients": (2 + 4) * N,
@@ -69,11 +71,13 @@ def test_f16_master_emulated_holds_fp32_tensors_and_counts_the_fp16_formats():
 
 @pytest.mark.parametrize("policy", ["f16-master,execution=native", "bf16-master,execution=native"])
 def test_16_bit_masters_native_on_cpu_hold_what_the_formats_take(policy):
-    model, optimizer = _linear_after_one_step(policy)
+    model, optimizer = _linear_after_one_step(policy, micro_batches=2)
     report = mp.memory(model, optimizer)
     assert report.execution == "native" and model.weight.dtype != torch.float32
     assert report.held == report.formats == {"parameters": 2 * N, "masters": 4 * N, "gradients": (2 + 4) * N,
                                              "optimizer_state": 2 * 4 * N + ADAM_STEPS, "activations": 0}
+    # after one backward only the 16-bit gradient exists: the step makes its FP32 form (issue 20)
+    assert mp.memory(*_linear_after_one_step(policy)).held["gradients"] == 2 * N
 
 
 def test_bf16_master_emulated_matches_bf16_master_native_in_formats():
@@ -120,6 +124,39 @@ def test_tied_parameters_count_once():
     model = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 10, bias=False))
     model[1].weight = model[0].weight
     assert mp.memory(model).held["parameters"] == 10 * 6 * 4
+
+
+@pytest.mark.parametrize("policy", [None, "f16-master"])
+def test_a_meta_model_counts_what_the_same_model_on_cpu_holds(policy):
+    # Every meta tensor's storage has data_ptr 0: counted by address, all but the first would vanish.
+    def count(device: str) -> mp.MemoryReport:
+        with torch.device(device):
+            model = nn.Sequential(nn.Linear(1000, 1000), nn.ReLU(), nn.Linear(1000, 1000))
+            x = torch.ones(8, 1000)
+        optimizer = torch.optim.Adam(model.parameters())
+        if policy is not None:
+            model, optimizer, _ = mp.prepare(model, optimizer, policy)
+        model(x).sum().backward()
+        if policy is None:
+            optimizer.step()  # Adam's moments
+            optimizer.zero_grad()
+            model(x).sum().backward()
+        return mp.memory(model, optimizer, run=lambda: model(x).sum())
+
+    meta, cpu = count("meta"), count("cpu")
+    assert meta.held == cpu.held and meta.formats == cpu.formats
+    assert meta.held["parameters"] == 2 * (1000 * 1000 + 1000) * 4
+    assert meta.held["activations"] == 2 * 8 * 1000 * 4  # each Linear's input (the second's: ReLU's output)
+
+
+def test_a_sparse_gradient_counts_its_indices_and_values():
+    model = nn.Embedding(10, 4, sparse=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.tensor([1, 2, 2])).sum().backward()  # three rows looked up: an uncoalesced gradient of 3 rows
+    optimizer.step()  # SGD's first momentum buffer: a copy of the gradient, sparse too
+    report = mp.memory(model, optimizer)
+    assert report.held["gradients"] == report.formats["gradients"] == 3 * 8 + 3 * 4 * 4  # int64 indices, values
+    assert report.held["optimizer_state"] == report.held["gradients"]
 
 
 def _mlp():

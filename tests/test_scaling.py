@@ -176,6 +176,74 @@ def test_find_nonfinite_flags_each_tensor():
     assert find_nonfinite(grads).tolist() == [True, False, True]
 
 
+# ----- sparse gradients, against torch.amp.GradScaler (torch's test_grad_scaling_unscale_sparse cases) -----
+
+SPARSE = {  # name: (indices, values, dtype) of a 2x3 sparse COO gradient, scaled by 4
+    "plain": ([[0, 1, 1], [2, 0, 2]], [16.0, 32.0, 64.0], torch.float32),
+    "inf": ([[0, 1, 1], [2, 0, 2]], [16.0, 32.0, INF], torch.float32),
+    "nan": ([[0, 1, 1], [2, 0, 2]], [16.0, 32.0, math.nan], torch.float32),
+    "duplicates": ([[0, 1, 0], [2, 0, 2]], [16.0, 32.0, 64.0], torch.float32),  # left uncoalesced, as torch does
+    "fp16": ([[0, 1, 1], [2, 0, 2]], [16.0, 32.0, 64.0], torch.float16),
+    "fp16 duplicates summing past 65504": ([[0, 1, 0], [2, 0, 2]], [64000.0, 32.0, 64000.0], torch.float16),
+}
+
+
+def _sgd_with_a_sparse_grad(case: str) -> tuple[torch.nn.Parameter, torch.optim.SGD]:
+    indices, values, dtype = SPARSE[case]
+    p = torch.nn.Parameter(torch.ones(2, 3, dtype=dtype))
+    p.grad = torch.sparse_coo_tensor(torch.tensor(indices), torch.tensor(values), (2, 3), dtype=dtype)
+    return p, torch.optim.SGD([p], lr=1.0)
+
+
+@pytest.mark.parametrize("case", list(SPARSE))
+def test_sparse_gradients_step_as_torch_grad_scaler_steps_them(case):
+    p, optimizer = _sgd_with_a_sparse_grad(case)
+    grad = p.grad
+    info = mp.step(optimizer, mp.StaticScaler(4.0))
+    assert p.grad is grad  # unscaled (and coalesced) in place: the tensor the optimizer read
+
+    q, reference = _sgd_with_a_sparse_grad(case)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(torch.ones(()))  # its lazy initialisation (the gradients were set by hand, already scaled)
+    if q.dtype == torch.float16:  # GradScaler.step refuses FP16 gradients; torch's own test unscales them so
+        found = scaler._unscale_grads_(reference, torch.full((1,), 0.25), torch.zeros(1), True)[q.device]
+        applied = found.item() == 0
+        if applied:
+            reference.step()
+    else:
+        scaler.step(reference)
+        scaler.update()
+        applied = scaler.get_scale() == 4.0  # not backed off
+    assert info.applied == applied == (case in {"plain", "duplicates", "fp16"})
+    assert torch.equal(p, q)
+    torch.testing.assert_close(p.grad.to_dense(), q.grad.to_dense(), equal_nan=True, rtol=0, atol=0)
+    assert p.grad.is_coalesced() == q.grad.is_coalesced()
+
+
+def test_a_sparse_embedding_trains_as_under_torch_grad_scaler():
+    def train(ours: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        embedding = torch.nn.Embedding(10, 4, sparse=True)
+        optimizer = torch.optim.SGD(embedding.parameters(), lr=0.5)
+        scaler = mp.StaticScaler(1024.0) if ours else torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for _ in range(3):
+            scaler.scale(embedding(torch.tensor([[1, 2, 2, 7]])).square().sum()).backward()
+            if ours:
+                assert mp.step(optimizer, scaler).applied
+            else:
+                scaler.step(optimizer)
+                scaler.update()
+            optimizer.zero_grad()
+        return embedding.weight.detach()
+
+    assert torch.equal(train(ours=True), train(ours=False))
+
+
+def test_find_nonfinite_reads_a_sparse_gradients_values():
+    grads = [torch.sparse_coo_tensor(torch.tensor([[0, 1]]), torch.tensor(v), (3,)) for v in ([1.0, INF], [1.0, 2.0])]
+    assert find_nonfinite(grads).tolist() == [True, False]
+
+
 # ----- checkpoints ------------------------------------------------------------------------------------
 
 

@@ -82,7 +82,9 @@ def memory(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = Non
             and draws dropout masks. None: activations are 0.
 
     Gradients and optimizer state count what exists when called: call after a backward (before the
-    step) for the gradients, after a first step for Adam's moments. Buffers are not counted.
+    step) for the gradients, after a first step for Adam's moments. Buffers are not counted. A model on
+    the meta device counts as on a CPU (give ``run`` meta inputs); a sparse gradient counts its indices
+    and values.
     Syncs: no (only sizes are read); on CUDA, with ``run``, it resets the peak-memory statistics.
 
     Example:
@@ -105,6 +107,8 @@ def memory(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = Non
     held, formats, seen = dict.fromkeys(CATEGORIES, 0), dict.fromkeys(CATEGORIES, 0), set(map(_key, model.buffers()))
 
     def add(category: str, t: torch.Tensor | None, width: int | None = None) -> None:  # width: bits per element
+        if t is not None and t.is_sparse:  # a sparse COO gradient has no storage: its indices' and values'
+            return add(category, t._indices()), add(category, t._values(), width)
         if t is not None and _key(t) not in seen:  # each storage once, in the first category it is found in
             seen.add(_key(t))
             held[category] += (n := t.untyped_storage().nbytes())
@@ -150,5 +154,6 @@ def memory(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = Non
 
 
 def _key(t: torch.Tensor) -> tuple[torch.device, int]:
-    t = getattr(t, "_local_tensor", t)  # a DTensor (FSDP2): this rank's shard
-    return t.device, t.untyped_storage().data_ptr()
+    storage = getattr(t, "_local_tensor", t).untyped_storage()  # a DTensor (FSDP2): this rank's shard
+    # The storage's address; a meta (or empty) storage has none (0 for all): then the storage itself.
+    return t.device, storage.data_ptr() or storage._cdata
