@@ -320,3 +320,93 @@ def test_explain_and_state_name_the_emulation():
         "f16-master,execution=emulated-module").explain(model).splitlines()[0]
     mp.prepare(model, None, "f16-master")
     assert prepared_state(model).summary()["emulation"] == "per op"
+
+
+# ----- parameters read outside their module's forward, written in place ----------------------------
+
+class ReadsChildWeight(nn.Module):
+    """nanoGPT's position embedding: the parent adds a child's weight itself, never calling the child.
+    Token 1 at position 0 sums to 40000 + 30000, above FP16's 65504."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok, self.pos = nn.Embedding(4, 8), nn.Embedding(6, 8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return (self.tok(ids) + self.pos.weight[:ids.shape[-1]]) / 4
+
+
+def child_weight_run(policy: str, overflow: bool) -> tuple[torch.Tensor, bool, list[torch.Tensor]]:
+    model = ReadsChildWeight()
+    if overflow:
+        with torch.no_grad():
+            model.tok.weight[1, 0], model.pos.weight[0, 0] = 40000.0, 30000.0
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt, scaler = mp.prepare(model, opt, policy + ",scaling=static:1")
+    with mp.autocast(model):
+        out = model(torch.tensor([[1, 2, 3, 1, 0]]))
+    scaler.scale(out.float().pow(2).mean()).backward()  # an inf in `out` makes the gradients inf
+    applied = mp.step(opt, scaler).applied
+    return out.detach(), applied, [p.detach().float() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("overflow", [False, True])
+def test_a_child_weight_read_by_its_parent_is_16_bit_as_natively(overflow):
+    native = child_weight_run("f16-master,execution=native", overflow)
+    emulated = child_weight_run("f16-master", overflow)
+    assert torch.equal(emulated[0], native[0])  # the FP16 add: rounded, and inf above 65504
+    assert emulated[1] == native[1] == (not overflow)  # overflow: both skip the step
+    for ours, theirs in zip(emulated[2], native[2], strict=True):
+        assert torch.equal(ours, theirs)
+
+
+class InPlaceActivations(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.linear(x), 0.3, inplace=True)
+        h = F.elu(h * 1.3, 0.7, inplace=True)
+        h = F.hardtanh(h * 1.1, -2.2, 2.2, inplace=True)
+        return F.relu(h - 0.1, inplace=True) * 1.0  # multiplying by one rounds nothing: the relu's output
+
+
+@pytest.mark.parametrize("fmt", [mp.E4M3, mp.F16])
+def test_in_place_functionals_round_their_result_onto_the_grid(fmt):
+    model = InPlaceActivations()
+    mp.prepare(model, None, f"params=fp16,compute={fmt.name},output={fmt.name},scaling=none")
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    with mp.autocast(model), Recorder() as recorder:
+        model(x).sum().backward()
+    in_place = [t for (name, _), t in zip(recorder.calls, recorder.outputs, strict=True)
+                if name in ("leaky_relu", "elu", "hardtanh", "relu")]
+    assert len(in_place) == 4
+    for t in in_place:
+        assert torch.equal(t.float(), mp.quantize(t.float(), fmt))
+    assert torch.isfinite(model.linear.weight.grad).all()
+
+
+def embedding_after_forward(policy: str | None) -> torch.Tensor:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 8, max_norm=1.0), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[0].weight.mul_(10)  # row norms about 30
+    ids = torch.tensor([[1, 2, 5, 2]])
+    if policy is None:
+        model(ids)
+    else:
+        mp.prepare(model, None, policy)
+        with mp.autocast(model):
+            model(ids)
+    return model[0].weight.detach().float()
+
+
+def test_embedding_max_norm_renormalises_the_parameter_as_natively():
+    fp32, native = embedding_after_forward(None), embedding_after_forward("f16-master,execution=native")
+    emulated = embedding_after_forward("f16-master")
+    norms = emulated.norm(dim=1)
+    assert (norms[[1, 2, 5]] <= 1 + mp.F16.eps).all() and (norms[[0, 3]] > 10).all()  # the rows looked up
+    assert torch.equal(emulated, native)
+    assert torch.allclose(emulated, fp32, rtol=mp.F16.eps, atol=0)

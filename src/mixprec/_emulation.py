@@ -147,8 +147,8 @@ def add_forward_rounding(model: torch.nn.Module, precisions: list[ModulePrecisio
                 gated(_input_hook(activation, compute), gate), with_kwargs=True))
             stored = {storage[id(p)] for p in module._parameters.values() if p is not None}
             if compute != F32 and stored - {compute}:  # some weight is wider than the compute format
-                handles += add_parameter_swap(module, lambda name, p, compute=compute: cast(p, (compute,), (compute,)),
-                                              gate)
+                handles += add_parameter_swap(module, lambda p, compute=compute: cast(p, (compute,), (compute,)),
+                                              storage, gate)
         handles.append(module.register_forward_hook(gated(_output_hook((compute, activation)), gate)))
     # The model's outputs: what the loss sees. Natively a cast to `output`, whose backward casts back.
     handles.append(model.register_forward_hook(gated(_output_hook((output,)), gate)))
@@ -172,36 +172,46 @@ def _output_hook(formats: tuple[Format, ...]) -> Callable:
     return eager(hook)
 
 
-def add_parameter_swap(module: torch.nn.Module, make: Callable[[str, torch.Tensor], torch.Tensor],
-                       gate: Callable[[], bool] | None = None) -> list[RemovableHandle]:
-    """Hooks putting ``make(name, p)`` in place of each of the module's own parameters while it runs
-    forward (gated by `gate`).
+def add_parameter_swap(module: torch.nn.Module, make: Callable[[torch.Tensor], torch.Tensor],
+                       storage: dict[int, Format], gate: Callable[[], bool] | None = None,
+                       owners: list[torch.nn.Module] | None = None) -> list[RemovableHandle]:
+    """Hooks putting ``make(p)`` in place of each parameter of `owners` (default: `module` alone) while
+    `module` runs forward (gated by `gate`); a parameter an enclosing module's swap already replaced is
+    left as that swap made it.
 
-    Writes module._parameters[name] directly (keeping the key's order: state_dict and named_parameters
+    Writes owner._parameters[name] directly (keeping the key's order: state_dict and named_parameters
     are unchanged) because nn.Module's setattr refuses a non-Parameter tensor; the replacement's backward
-    flows into the original Parameter.
+    flows into the original Parameter. What the forward writes into a replacement in place (nn.Embedding's
+    max_norm renormalises its weight) natively lands in the parameter: it is copied back into it, rounded
+    onto its storage format (`storage`, by id); not under torch.inference_mode (no version counter tells).
     """
-    swapped: list[dict[str, torch.Tensor]] = []  # a stack: a module may be re-entered
+    owners = [module] if owners is None else owners
+    swapped: list[tuple[list, list]] = []  # a stack: a module may be re-entered
 
     def swap(module: torch.nn.Module, args: tuple) -> None:
-        originals = {k: p for k, p in module._parameters.items() if p is not None}
-        for name, p in originals.items():
-            module._parameters[name] = make(name, p)
-        if isinstance(module, torch.nn.RNNBase):
-            # RNNs read a cached list of their weights (refreshed by their own setattr, which we bypass).
-            originals["__flat_weights__"] = module._flat_weights  # type: ignore[assignment]
-            module._flat_weights = [module._parameters.get(n) for n in module._flat_weights_names]
-        swapped.append(originals)
+        done, flat = [], []
+        for owner in owners:
+            for name, p in owner._parameters.items():
+                if isinstance(p, torch.nn.Parameter) and (new := make(p)) is not p:
+                    owner._parameters[name] = new
+                    done.append((owner, name, p, new, None if new.is_inference() else new._version))
+            if isinstance(owner, torch.nn.RNNBase):
+                # RNNs read a cached list of their weights (refreshed by their own setattr, which we bypass).
+                flat.append((owner, owner._flat_weights))
+                owner._flat_weights = [owner._parameters.get(n) for n in owner._flat_weights_names]
+        swapped.append((done, flat))
 
     def restore(module: torch.nn.Module, args: tuple, output: Any) -> None:
         if not swapped:  # the swap hook did not run (an earlier pre-hook raised)
             return
-        originals = swapped.pop()
-        flat = originals.pop("__flat_weights__", None)
-        for name, p in originals.items():
-            module._parameters[name] = p
-        if flat is not None:
-            module._flat_weights = flat
+        done, flat = swapped.pop()
+        for owner, name, p, new, version in done:
+            owner._parameters[name] = p
+            if version is not None and new._version != version:
+                with torch.no_grad():
+                    p.copy_(round_chain(new, (storage.get(id(p), F32),)))
+        for owner, weights in flat:
+            owner._flat_weights = weights
 
     # The restore acts exactly where a swap did (the gate may read otherwise by then).
     return [module.register_forward_pre_hook(gated(eager(swap), gate)),

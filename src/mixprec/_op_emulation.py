@@ -29,6 +29,8 @@ onto sub-carrier formats; they run natively in the carrier dtype (right values, 
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -107,6 +109,28 @@ def sub_carrier_formats(formats: Iterable[Format]) -> dict[torch.dtype, Format]:
     return {dtype: fmt for dtype, (fmt,) in by_carrier.items() if fmt not in (F16, BF16)}
 
 
+@functools.cache
+def _inplace_position(func: Callable) -> int | None:
+    """Where `func` takes an ``inplace`` flag positionally (F.relu, F.dropout, ...), or None."""
+    try:
+        names = list(inspect.signature(func).parameters)
+    except (TypeError, ValueError):  # builtins without a signature
+        return None
+    return names.index("inplace") if "inplace" in names else None
+
+
+def _in_place(func: Callable, args: tuple, kwargs: dict) -> bool:
+    """Whether `func` writes its result into its input: ``relu_``, ``__iadd__``, or ``F.relu(x, inplace=True)``
+    (torch.nn.functional passes the flag as a keyword; by position too, for other callers)."""
+    name = getattr(func, "__name__", "")
+    if name.endswith("_") and not name.endswith("__") or name.startswith("__i"):
+        return True
+    if "inplace" in kwargs:
+        return bool(kwargs["inplace"])
+    position = _inplace_position(func)
+    return position is not None and len(args) > position and bool(args[position])
+
+
 class OpEmulation(TorchFunctionMode):
     """The torch-function mode that gives FP32 arithmetic to `FP32_ARITHMETIC` functions and rounds the
     outputs of every function onto the sub-carrier formats (active inside `mp.autocast` only)."""
@@ -127,7 +151,7 @@ class OpEmulation(TorchFunctionMode):
             with torch.autocast(self.device_type, enabled=False):
                 out = func(*map_floats(args, to_fp32), **map_floats(kwargs, to_fp32))
             out = map_floats(out, lambda y: y.to(dtype))
-        return self._round(func, out, args) if self.rounding else out
+        return self._round(func, out, args, kwargs) if self.rounding else out
 
     def _arithmetic_dtype(self, args: tuple, kwargs: dict) -> torch.dtype | None:
         """The 16-bit dtype native execution would compute this call in, or None (leave it as it is)."""
@@ -139,13 +163,11 @@ class OpEmulation(TorchFunctionMode):
             return torch.get_autocast_dtype(self.device_type)
         return dtypes.pop() if len(dtypes) == 1 and dtypes <= {torch.float16, torch.bfloat16} else None
 
-    def _round(self, func: Callable, out: Any, args: tuple) -> Any:
+    def _round(self, func: Callable, out: Any, args: tuple, kwargs: dict) -> Any:
         """Round every floating output in a sub-carrier dtype onto its format: new tensors with the
         gradient rounded too; an in-place result in place; a view (values already rounded) not at all."""
         inputs = set()
         map_floats(args, lambda x: inputs.add(x.untyped_storage().data_ptr()) or x)
-        name = getattr(func, "__name__", "")
-        in_place = name.endswith("_") and not name.endswith("__") or name.startswith("__i")
 
         def round_one(y: torch.Tensor) -> torch.Tensor:
             fmt = self.rounding.get(y.dtype)
@@ -153,9 +175,10 @@ class OpEmulation(TorchFunctionMode):
                 return y
             if y.untyped_storage().data_ptr() not in inputs:
                 return cast(y, (fmt,), (fmt,))
-            if in_place:
-                with torch.no_grad():
-                    y.copy_(round_chain(y, (fmt,)))
+            if _in_place(func, args, kwargs):
+                # Through .data: no version bump, so an op that saved its result for backward (relu_,
+                # elu_) still runs it, on the rounded values (natively its result is in the format).
+                y.data.copy_(round_chain(y.data, (fmt,)))
             return y
 
         return map_floats(out, round_one)
@@ -163,13 +186,18 @@ class OpEmulation(TorchFunctionMode):
 
 def add_parameter_casts(model: torch.nn.Module, storage: dict[int, Format],
                         gate: Callable[[], bool] | None = None) -> list[RemovableHandle]:
-    """While each module runs forward, its parameters stored narrower than FP32 are replaced by a cast
-    to their carrier dtype (values unchanged: they lie on the format's grid); gated by `gate`."""
+    """While each module runs forward, the parameters stored narrower than FP32 of it *and of every module
+    inside it* are replaced by a cast to their carrier dtype (values unchanged: they lie on the format's
+    grid); gated by `gate`. A parent reading a child's weight itself (nanoGPT's ``x + self.wpe.weight[:T]``)
+    so gets the 16-bit tensor native execution has, and adds in 16 bits (overflowing at 65504) as it does."""
+    carriers = {key: carrier_of(fmt) for key, fmt in storage.items() if fmt != F32}
+
+    def make(p: torch.Tensor) -> torch.Tensor:
+        return p.to(carriers[id(p)]) if id(p) in carriers else p
+
     handles: list[RemovableHandle] = []
     for module in model.modules():
-        narrow = {name: carrier_of(storage[id(p)]) for name, p in module._parameters.items()
-                  if p is not None and storage.get(id(p), F32) != F32}
-        if narrow:
-            handles += add_parameter_swap(
-                module, lambda name, p, narrow=narrow: p.to(narrow[name]) if name in narrow else p, gate)
+        owners = [m for m in module.modules() if any(id(p) in carriers for p in m._parameters.values())]
+        if owners:  # the outermost module's swap does the work; inner ones act when run on their own
+            handles += add_parameter_swap(module, make, storage, gate, owners)
     return handles
