@@ -517,3 +517,14 @@ def test_empty_tensors_are_finite_and_unscale_to_nothing():
     assert find_nonfinite(grads).tolist() == [False, True, False]
     assert float(mp.StaticScaler(0.5).unscale_and_check_(grads)) == 1.0 and grads[1][0] == 4.0
     assert float(unscale_and_check_([torch.ones(0)], torch.tensor(2.0), check_unscaled=True)) == 0.0
+
+
+def test_a_sparse_gradient_is_clipped_by_the_norm_of_its_dense_form():
+    p = torch.nn.Parameter(torch.zeros(2, 3))
+    grad = torch.sparse_coo_tensor(torch.tensor([[0, 1, 0], [2, 0, 2]]), torch.tensor([12.0, 16.0, 12.0]), (2, 3))
+    p.grad = grad
+    info = mp.step(torch.optim.SGD([p], lr=1.0), mp.StaticScaler(4.0), max_grad_norm=1.0)
+    dense = grad.to_dense()  # unscaled: 6 at (0, 2) (two entries), 4 at (1, 0): norm sqrt(52)
+    assert info.applied and info.grad_norm == pytest.approx(52**0.5)
+    assert torch.allclose(p.detach(), -torch.tensor([[0, 0, 6.0], [4.0, 0, 0]]) / (52**0.5 + 1e-6))
+    assert torch.allclose(dense, torch.tensor([[0, 0, 6.0], [4.0, 0, 0]]) / (52**0.5 + 1e-6))

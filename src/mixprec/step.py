@@ -228,6 +228,11 @@ def _read_together(values: list[torch.Tensor]) -> list[float]:
     return torch.stack([v.to(device=device, dtype=dtype) for v in values]).tolist()
 
 
+def _summed(g: torch.Tensor) -> torch.Tensor:
+    """A gradient's values, a sparse one's summed over duplicate indices (what its norm is taken of)."""
+    return g.coalesce()._values() if g.is_sparse else g
+
+
 def _norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """L2 norm of several tensors, as torch.nn.utils.get_total_norm computes it (0 for none)."""
     if not grads:
@@ -487,8 +492,8 @@ def step(
     if max_grad_norm is not None:
         # In FP32: a 16-bit norm overflows long before the gradients do (a plain optimizer over
         # 16-bit parameters steps 16-bit grads).
-        shards = [g.float() for g, s in zip(grads, sharded, strict=True) if s]
-        replicas = [g.float() for g, s in zip(grads, sharded, strict=True) if not s]
+        shards = [_summed(g).float() for g, s in zip(grads, sharded, strict=True) if s]
+        replicas = [_summed(g).float() for g, s in zip(grads, sharded, strict=True) if not s]
         shard_sq = _norm(shards, device) ** 2 if shards else None
         replica_norm = _norm(replicas, device)
     if ranks > 1:
@@ -504,7 +509,7 @@ def step(
         # A norm that overflows FP32 while every gradient is finite cannot clip (its coefficient is 0):
         # skip the step as for an overflow instead of zeroing the gradients and stepping on.
         found_inf = torch.maximum(found_inf, (~torch.isfinite(norm)).to(found_inf.device, found_inf.dtype))
-        _clip_(grads, norm, max_grad_norm, found_inf)
+        _clip_([g._values() if g.is_sparse else g for g in grads], norm, max_grad_norm, found_inf)
     _publish(optimizers)  # param.grad unscaled (and clipped) too, as torch.amp leaves it
 
     if not sync and _skips_on_device(optimizers):
