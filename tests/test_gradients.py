@@ -310,3 +310,33 @@ def test_lbfgs_with_a_closure_steps_the_masters_and_converges(policy):
     assert first > 10 and closure().item() < 1e-3  # 17.8 without the fix: the model never moved
     assert torch.equal(o.master_params[0].to(torch.bfloat16).float(), mp.quantize(o.master_params[0], mp.BF16))
     assert torch.allclose(m.weight.float(), torch.tensor([[1.0, -2.0, 0.5, 3.0]]), atol=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("policy", ["bf16-master,execution=native", "f16-master,scaling=static:8,execution=native"])
+def test_on_cuda_writes_through_data_are_honoured_without_a_host_sync(policy):
+    # On CUDA the by-value check is elementwise (no torch.equal, which would sync): the same answers.
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 1, bias=False).cuda()
+    m, o, s = mp.prepare(m, torch.optim.SGD(m.parameters(), lr=1.0), policy)
+    x = torch.full((2, 4), 0.1, device="cuda")
+
+    def backward():
+        with mp.autocast(m):
+            s.scale(m(x).float().sum()).backward()
+
+    backward()
+    mp.step(o, s)
+    o.zero_grad()
+    m.weight.data.clamp_(-0.01, 0.01)
+    w1 = _weight(m)
+    backward()
+    m.weight.grad.data.mul_(0.5)  # halves the update
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        o.collect_grads_()  # the check itself: settle the gradients, follow the weights
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    mp.step(o, s)
+    assert torch.allclose(w1 - _weight(m), torch.full_like(w1, 0.1), atol=_tol(policy))
