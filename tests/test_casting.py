@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -497,3 +498,8 @@ def test_a_deep_copy_of_a_prepared_model_is_its_weights_only(policy):
         scaler.scale(model(x).float().sum()).backward()
     mp.step(opt, scaler)  # training the original leaves the copy alone
     assert all(torch.equal(a, b) for a, b in zip(weights, ema.parameters(), strict=True))
+    saved = io.BytesIO()  # torch.save of the whole model: the same light copy, without optimizer state
+    torch.save(model, saved)
+    saved.seek(0)
+    loaded = torch.load(saved, weights_only=False)
+    assert mp.prepared_state(loaded).master_weights is None and mp.memory(loaded).held == held
