@@ -14,13 +14,16 @@ the gradient of a 16-bit tensor is 16-bit. So it *is* native execution, with thr
   output rounded back; in backward the same graph computes the input gradients in FP32 and rounds
   them onto the carrier. Every other op runs natively on the 16-bit tensors.
 * Parameters stay FP32 tensors holding values on their storage format's grid (prepare rounds them;
-  the FP32 masters and gradient hooks are shared with module emulation). While their module runs
-  forward they are replaced by a cast to their carrier dtype, so every op sees the dtype a natively
-  stored parameter has; the cast's backward turns the 16-bit weight gradient into p.grad's FP32.
+  the FP32 masters and gradient hooks are shared with module emulation). While their module, or any
+  module containing it, runs forward they are replaced by a cast to their carrier dtype, so every op
+  sees the dtype a natively stored parameter has, also a parent reading a child's weight itself; the
+  cast's backward turns the 16-bit weight gradient into p.grad's FP32, and what the forward writes into
+  the cast in place (Embedding's max_norm) is written back into the parameter.
 
 Formats narrower than their carrier (FP8, custom formats) are tracked by dtype: every floating tensor
 an op returns in that carrier dtype is rounded onto the format's grid, in forward and (its gradient)
-in backward. Two such formats sharing one carrier in one policy are refused.
+in backward; an in-place result (``relu_``, ``+=``, ``F.relu(x, inplace=True)``) in place. Two such
+formats sharing one carrier in one policy are refused.
 
 What it cannot see: ops inside a Python function that is itself overridable and calls them (e.g. the
 linears inside ``F.multi_head_attention_forward``) are not re-routed to FP32 arithmetic nor rounded
