@@ -25,6 +25,7 @@ The DDP hook in `mixprec.distributed` reads and writes the same slots.
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -139,11 +140,10 @@ def accumulates(param: torch.Tensor) -> bool:
         return False
 
 
-def put_first(hooks: dict, handle: torch.utils.hooks.RemovableHandle) -> None:
+def put_first(hooks: OrderedDict, handle: torch.utils.hooks.RemovableHandle) -> None:
     """Move the hook of `handle` to the front of a tensor's hook dict, so that it runs before any other
     (hooks registered earlier by users included)."""
-    if hasattr(hooks, "move_to_end") and handle.id in hooks:
-        hooks.move_to_end(handle.id, last=False)
+    hooks.move_to_end(handle.id, last=False)
 
 
 def rounding_hook(fmt: Format) -> Callable[[torch.Tensor], None]:

@@ -227,7 +227,7 @@ class MasterWeights(torch.optim.Optimizer):
         for param, master in replaced.items():
             if param in optimizer.state:
                 state = optimizer.state.pop(param)
-                optimizer.state[master] = {k: _to_fp32_state(k, v) for k, v in state.items()}
+                optimizer.state[master] = _state_in(torch.float32, state)
 
     def _register_hooks(self) -> None:
         # Stepping the inner optimizer directly would update the masters and never the model.
@@ -457,8 +457,7 @@ class MasterWeights(torch.optim.Optimizer):
                     low = param.detach().to(dtype)
                     low.grad = None if param.grad is None else param.grad.to(dtype)
                     if param in state:
-                        state[low] = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k != "step"
-                                      else v for k, v in state.pop(param).items()}
+                        state[low] = _state_in(dtype, state.pop(param))
                     params[i] = low
                     carried.append((params, i, param, low))
         return carried
@@ -571,9 +570,8 @@ class MasterWeights(torch.optim.Optimizer):
         return f"MasterWeights({self.optimizer!r}, mode={self.mode!r}{fmt})"
 
 
-def _to_fp32_state(key: str, value: Any) -> Any:
-    # Optimizer state follows its dtype policy: floating state matches the param, "step" stays as is.
-    if torch.is_tensor(value) and value.is_floating_point() and key != "step":
-        return value.to(torch.float32)
-    return value
+def _state_in(dtype: torch.dtype, state: dict[str, Any]) -> dict[str, Any]:
+    # Optimizer state follows its parameter's dtype: floating state takes `dtype`, "step" stays as is.
+    return {key: value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() and key != "step"
+            else value for key, value in state.items()}
 

@@ -76,7 +76,8 @@ def _dense_(t: torch.Tensor) -> torch.Tensor:
     return t._values() if t.is_sparse else t
 
 
-def _group_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
+def group_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
+    """The non-empty `tensors` (a sparse one: its values) by (device, dtype), for one foreach call each."""
     groups: dict[tuple, list[torch.Tensor]] = {}
     for t in map(_dense_, tensors):
         if t.numel():  # an empty tensor (a rank's empty FSDP shard) holds nothing to check or unscale
@@ -114,7 +115,7 @@ def unscale_and_check_(grads: Sequence[torch.Tensor], inv_scale: torch.Tensor,
         (1.0, [1.0, 2.0])
     """
     found_infs: list[torch.Tensor] = []
-    for (device, dtype), group in _group_by_device_and_dtype(grads).items():
+    for (device, dtype), group in group_by_device_and_dtype(grads).items():
         found = torch.zeros((), dtype=torch.float32, device=device)
         inv = inv_scale.to(device=device, non_blocking=True)
         fused = device.type in _FUSED_DEVICE_TYPES and dtype in _FUSED_DTYPES
@@ -152,7 +153,7 @@ def find_nonfinite(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     flags = torch.zeros(len(grads), dtype=torch.bool, device=device)
     grads = [_dense_(g) for g in grads]
     index = {id(g): i for i, g in enumerate(grads)}
-    for group in _group_by_device_and_dtype(grads).values():
+    for group in group_by_device_and_dtype(grads).values():
         norms = torch.stack(torch._foreach_norm(group, ord=math.inf)).to(device)
         where = torch.tensor([index[id(g)] for g in group], device=device)
         flags[where] = torch.logical_not(torch.isfinite(norms))

@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from .distributed import is_dtensor
 from .master import MasterWeights, managed
-from .scaling import LossScaler, find_nonfinite
+from .scaling import LossScaler, find_nonfinite, group_by_device_and_dtype
 
 __all__ = ["StepInfo", "step", "unscale_", "NaNStormError"]
 
@@ -301,10 +301,7 @@ def _clip_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float, found
     """
     masked = torch.where(found_inf.to(norm.device) != 0, torch.zeros_like(norm), norm)
     coef = torch.clamp(max_norm / (masked + 1e-6), max=1.0)
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for g in grads:
-        groups.setdefault((g.device, g.dtype), []).append(g)
-    for (device, _), group in groups.items():
+    for (device, _), group in group_by_device_and_dtype(grads).items():  # a sparse gradient: its values
         torch._foreach_mul_(group, coef.to(device))
 
 
@@ -509,7 +506,7 @@ def step(
         # A norm that overflows FP32 while every gradient is finite cannot clip (its coefficient is 0):
         # skip the step as for an overflow instead of zeroing the gradients and stepping on.
         found_inf = torch.maximum(found_inf, (~torch.isfinite(norm)).to(found_inf.device, found_inf.dtype))
-        _clip_([g._values() if g.is_sparse else g for g in grads], norm, max_grad_norm, found_inf)
+        _clip_(grads, norm, max_grad_norm, found_inf)
     _publish(optimizers)  # param.grad unscaled (and clipped) too, as torch.amp leaves it
 
     if not sync and _skips_on_device(optimizers):
