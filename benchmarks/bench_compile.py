@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 import mixprec as mp
+from mixprec.harness.environment import environment
 from mixprec.recipes import get_recipe
 from mixprec.report import write_json
-from mixprec.report.environment import environment
 
 POLICIES = ["f32", "bf16-mixed", "f16-master", "bf16-master"]
 

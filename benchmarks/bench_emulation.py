@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 import mixprec as mp
+from mixprec.harness.environment import environment
 from mixprec.recipes import get_recipe
 from mixprec.report import write_json
-from mixprec.report.environment import environment
 
 POLICIES = ["f32", "f16-master", "f16-master,execution=emulated-module", "f16-master,execution=native",
             "bf16-master"]

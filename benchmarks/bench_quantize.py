@@ -4,7 +4,7 @@ For each format torch has as a dtype, three ways to put 16M float32 values onto 
 timed side by side in one run (best of N, after a warm-up):
 
 * native:   ``x.to(dtype).to(torch.float32)`` (torch's cast),
-* general:  ``mixprec.emulate.quantize_bits`` (integer/float arithmetic, no native cast: any format),
+* general:  ``mixprec.quantize.quantize_bits`` (integer/float arithmetic, no native cast: any format),
 * quantize: ``mp.quantize`` with nearest rounding (uses the native cast as a fast path when it exists).
 
 Goal (issue 2): general >= 0.5x native throughput; quantize == native.
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 import mixprec as mp
-from mixprec.emulate import quantize_bits
+from mixprec.harness.environment import environment
+from mixprec.quantize import quantize_bits
 from mixprec.report import write_json
-from mixprec.report.environment import environment
 
 
 def best_time(fn, repeats: int) -> float:

@@ -40,8 +40,8 @@ from typing import Any
 import torch
 
 import mixprec as mp
+from mixprec.harness.environment import environment
 from mixprec.report import write_json
-from mixprec.report.environment import environment
 
 WIDTH, LAYERS = 448, 25  # 25 x (448*448 + 448) = 5.03M parameters in 50 tensors
 SMALL = (32, 300)  # 300 x (32*32 + 32) = 317K parameters in 600 tensors: the per-tensor cost shows

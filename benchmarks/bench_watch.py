@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from bench_emulation import Run  # the same timed step (benchmarks/ is on the path when run as a script)
+from mixprec.harness.environment import environment
 from mixprec.report import write_json
-from mixprec.report.environment import environment
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import mixprec as mp
-from mixprec.checkpoints import list_checkpoints
 from mixprec.cli import main
+from mixprec.harness.checkpoints import list_checkpoints
 
 NO_CUDA = not torch.cuda.is_available()
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0

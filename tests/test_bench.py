@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import mixprec as mp
-from mixprec.benchmark import BASELINES, Clock, benchmark, build, goals, parse_runs, run_step, tf32
 from mixprec.cli import main
+from mixprec.harness.benchmark import BASELINES, Clock, benchmark, build, goals, parse_runs, run_step, tf32
+from mixprec.harness.training import train
 from mixprec.recipes import get_recipe
 from mixprec.recipes.gpt import SMALL, TINY, markov_tokens, parameter_count
-from mixprec.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--recipe", "gpt", "--steps", "2", "--warmup", "1", "--batch-size", "4"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixprec.checkpoints import (
+from mixprec.harness.checkpoints import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     find_checkpoint,
@@ -21,7 +21,7 @@ from mixprec.checkpoints import (
     prepare_run_folder,
     save_checkpoint,
 )
-from mixprec.training import LOG_EVERY, train
+from mixprec.harness.training import LOG_EVERY, train
 
 FAST = dict(steps=6, threads=1)  # tiny-updates: a Linear layer, Adam, a dynamic scaler: ~10 ms a step
 

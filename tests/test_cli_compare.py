@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mixprec.cli import main
-from mixprec.training import split_policies
+from mixprec.harness.training import split_policies
 
 
 def test_split_policies_keeps_key_value_parts_with_their_policy():

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mixprec.cli import main
-from mixprec.training import train
+from mixprec.harness.training import train
 
 STEPS = 30
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",

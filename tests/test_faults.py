@@ -14,11 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mixprec as mp
-from mixprec.checkpoints import load_checkpoint, torch_threads
 from mixprec.cli import main
-from mixprec.faults import Fault, FaultInjector, FaultPlan, Injection
+from mixprec.harness.checkpoints import load_checkpoint
+from mixprec.harness.determinism import torch_threads
+from mixprec.harness.faults import Fault, FaultInjector, FaultPlan, Injection
+from mixprec.harness.training import train
 from mixprec.recipes import get_recipe
-from mixprec.training import train
 
 # ----- the spec: parses, prints back, says what is valid --------------------------------------------------
 

@@ -28,7 +28,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from mixprec.checkpoints import find_checkpoint, list_checkpoints, load_checkpoint
+from mixprec.harness.checkpoints import find_checkpoint, list_checkpoints, load_checkpoint
 from test_training import _tensors  # every tensor in a nested state dict, by its path
 
 KILLS = 20

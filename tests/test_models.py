@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mixprec as mp
-from mixprec.casting import prepared_state
+from mixprec import prepared_state
 
 transformers = pytest.importorskip("transformers")
 

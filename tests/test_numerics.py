@@ -15,9 +15,9 @@ from torch import nn
 
 import mixprec as mp
 from mixprec.cli import main
+from mixprec.harness.training import train
 from mixprec.numerics.watch import EXPONENTS
 from mixprec.recipes import get_recipe
-from mixprec.training import train
 
 
 def _values() -> torch.Tensor:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from mixprec.harness.training import Comparison, RunResult, compare
 from mixprec.report import (
     RunLogger,
     format_bytes,
@@ -24,7 +25,6 @@ from mixprec.report import (
     write_report,
 )
 from mixprec.report.plots import _aligned, _running_mean
-from mixprec.training import Comparison, RunResult, compare
 
 
 def _run(policy: str, seed: int, final: float, initial: float = 0.1, steps: int = 4) -> RunResult:

@@ -1,4 +1,4 @@
-"""The architecture as tests: dependency direction (DESIGN.md), the public API, the core's size."""
+"""The architecture as tests (docs/architecture.md): layers and their direction, no cycles, small files, the API."""
 
 from __future__ import annotations
 
@@ -11,37 +11,58 @@ import mixprec as mp
 
 SRC = Path(mp.__file__).parent
 
-# DESIGN.md: formats -> emulate, policy, scaling -> casting, master, memory -> step, distributed
-#            -> numerics -> __init__ -> recipes, training -> report -> cli
-# except that distributed sits beside casting: mp.autocast(ddp) registers its communication hook.
-LEVEL = {
-    "formats": 0,
-    "emulate": 1, "policy": 1, "scaling": 1,
-    "casting": 2, "_emulation": 2, "_op_emulation": 2, "_native": 2, "master": 2, "gradients": 2, "memory": 2,
-    "distributed": 2,
-    "step": 3,
-    "numerics": 4,
-    "__init__": 5,
-    "recipes": 6, "checkpoints": 6, "processes": 6, "training": 6, "integrations": 6,
-    "faults": 6,  # fault injection: a testing tool used by training and the CLI, outside the core's budget
-    "report": 7, "benchmark": 7,  # the harness behind mixprec bench (uses report.environment)
-    "cli": 8,
-    "__main__": 9,  # python -m mixprec: runs the cli
-}
+# docs/architecture.md: the layers, lowest first. A module imports only from its own layer or lower ones
+# (a name stands for a module or a whole package: "numerics" is numerics/*). The library is the layers up
+# to "__init__"; above it are its first users, which import it only as `import mixprec as mp`.
+LAYERS = [
+    ["formats"],
+    ["quantize"],
+    ["gradients", "scaling"],
+    ["policy", "master"],  # policy names its scaler through scaling (make_scaler)
+    ["execution.hooks", "state"],
+    ["execution.native", "execution.emulated", "execution.emulated_module", "execution", "distributed", "memory",
+     "step"],
+    ["apply"],
+    ["numerics"],
+    ["__init__"],
+    ["integrations", "recipes"],
+    ["harness"],
+    ["report"],
+    ["cli"],
+    ["__main__"],
+]
+LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
 NEVER = {("scaling", "master"), ("master", "scaling")}  # step composes them
-CORE_LEVEL = 5
+LIBRARY_LEVEL = LEVEL["__init__"]
+MAX_FILE_LINES = 400
 
 
-def top_name(path: Path) -> str:
-    """The module name of a file under src/mixprec: its first path part ('casting', 'cli', ...)."""
-    part = path.relative_to(SRC).parts[0]
-    return part.removesuffix(".py")
+def module_name(path: Path) -> str:
+    """The dotted module name of a file under src/mixprec, relative to mixprec ('execution.hooks', 'cli')."""
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
 
 
-def mixprec_imports(path: Path) -> list[tuple[str, int]]:
-    """(imported mixprec submodule's top name or '' for mixprec itself, line) for each import."""
+def layer_name(module: str) -> str:
+    """The LAYERS entry a module belongs to: the longest entry that is the module or a package above it."""
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in LEVEL:
+            return ".".join(parts[:n])
+    raise KeyError(module)
+
+
+def mixprec_imports(path: Path) -> list[tuple[str, int, bool]]:
+    """(imported module relative to mixprec, '' for mixprec itself; line; inside a function?) per import."""
     tree = ast.parse(path.read_text())
-    package = ["mixprec", *path.relative_to(SRC).parent.parts]
+    here = ["mixprec", *path.relative_to(SRC).with_suffix("").parts]
+    package = here[:-1] if here[-1] != "__init__" else here[:-1]
+    in_function: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            in_function.update(id(n) for n in ast.walk(node) if n is not node)
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -52,48 +73,113 @@ def mixprec_imports(path: Path) -> list[tuple[str, int]]:
                 names = [".".join(base + ([node.module] if node.module else []))]
                 if node.module is None:  # from . import x
                     names = [".".join(base + [a.name]) for a in node.names]
+                elif all((SRC.joinpath(*base[1:], *node.module.split("."), a.name + ".py")).exists()
+                         for a in node.names):  # from .execution import hooks, native
+                    names = [f"{names[0]}.{a.name}" for a in node.names]
             else:
                 names = [node.module or ""]
+                if node.module and all(SRC.joinpath(*node.module.split(".")[1:], a.name + ".py").exists()
+                                       for a in node.names):
+                    names = [f"{node.module}.{a.name}" for a in node.names]
         else:
             continue
         for name in names:
             parts = name.split(".")
             if parts[0] == "mixprec":
-                found.append((parts[1] if len(parts) > 1 else "", node.lineno))
+                found.append((".".join(parts[1:]), node.lineno, id(node) in in_function))
     return found
 
 
-def test_every_module_has_a_level():
-    names = {top_name(p) for p in SRC.rglob("*.py")}
-    unknown = names - set(LEVEL)
-    assert not unknown, f"add these to LEVEL (and DESIGN.md's dependency direction): {unknown}"
+def library_files() -> list[Path]:
+    return sorted(SRC.rglob("*.py"))
+
+
+def test_every_module_has_a_layer():
+    unknown = set()
+    for path in library_files():
+        try:
+            layer_name(module_name(path))
+        except KeyError:
+            unknown.add(module_name(path))
+    assert not unknown, f"add these to LAYERS (and docs/architecture.md): {unknown}"
 
 
 def test_dependency_direction():
     problems = []
-    for path in sorted(SRC.rglob("*.py")):
-        me = top_name(path)
-        for target, line in mixprec_imports(path):
-            where = f"{path.relative_to(SRC)}:{line} imports mixprec.{target or ''}"
+    for path in library_files():
+        me = layer_name(module_name(path))
+        for target, line, _ in mixprec_imports(path):
+            where = f"{path.relative_to(SRC)}:{line} imports mixprec.{target}"
             if target == "":
-                if LEVEL[me] <= CORE_LEVEL and me != "__init__":
-                    problems.append(where + " (the core imports its siblings, not the package)")
+                if LEVEL[me] <= LIBRARY_LEVEL and me != "__init__":
+                    problems.append(where + " (the library imports its modules, not the package)")
                 continue
-            if target == me:
+            them = layer_name(target)
+            if them == me:
                 continue
-            if (me, target) in NEVER:
+            if (me.split(".")[0], them.split(".")[0]) in NEVER:
                 problems.append(where + " (scaling and master never import each other)")
-            elif LEVEL[target] > LEVEL[me]:
-                problems.append(where + f" (level {LEVEL[target]} above {LEVEL[me]})")
-            elif LEVEL[me] > CORE_LEVEL and LEVEL[target] < CORE_LEVEL:
-                problems.append(where + " (recipes, training, report and cli use only `import mixprec as mp`)")
+            elif LEVEL[them] > LEVEL[me]:
+                problems.append(where + f" (layer {LEVEL[them]} above {LEVEL[me]})")
+            elif LEVEL[me] > LIBRARY_LEVEL and LEVEL[them] < LIBRARY_LEVEL:
+                problems.append(where + " (integrations, recipes, the harness, report and cli use only "
+                                        "`import mixprec as mp`)")
     assert not problems, "\n".join(problems)
+
+
+def import_graph(level_of: callable) -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for path in library_files():
+        me = level_of(module_name(path))
+        for target, _, _ in mixprec_imports(path):
+            if target and level_of(target) != me:
+                graph.setdefault(me, set()).add(level_of(target))
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        if node in path:
+            return path[path.index(node):] + [node]
+        if node in done:
+            return None
+        for nxt in sorted(graph.get(node, ())):
+            if cycle := visit(nxt, path + [node]):
+                return cycle
+        done.add(node)
+        return None
+
+    for node in sorted(graph):
+        if cycle := visit(node, []):
+            return cycle
+    return None
+
+
+def test_no_import_cycles_between_modules_or_packages():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check can fail
+    assert find_cycle(import_graph(lambda m: m)) is None
+    assert find_cycle(import_graph(lambda m: m.split(".")[0])) is None
+
+
+def test_no_mixprec_imports_inside_functions():
+    inside = [f"{path.relative_to(SRC)}:{line} imports mixprec.{target}"
+              for path in library_files() for target, line, in_function in mixprec_imports(path) if in_function]
+    assert not inside, "import at the top of the module (a cycle means a module is in the wrong layer):\n" + \
+        "\n".join(inside)
+
+
+def test_every_file_is_small():
+    sizes = {str(p.relative_to(SRC)): len(p.read_text().splitlines()) for p in library_files()}
+    long = {name: n for name, n in sizes.items() if n > MAX_FILE_LINES}
+    assert not long, f"files over {MAX_FILE_LINES} lines (split them by responsibility): {long}"
 
 
 def test_import_mixprec_does_not_import_the_cli_or_the_tools_above_it():
     code = "import sys, mixprec; print(sorted(m for m in sys.modules if m.startswith('mixprec')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    for above in ("mixprec.cli", "mixprec.recipes", "mixprec.report", "mixprec.training"):
+    for above in ("mixprec.cli", "mixprec.recipes", "mixprec.report", "mixprec.harness"):
         assert above not in out, out
 
 
@@ -111,38 +197,8 @@ def test_init_only_reexports():
     assert kinds <= {"Expr", "ImportFrom", "Assign"}, kinds  # docstring, re-exports, __all__/__version__
 
 
-def code_lines(path: Path) -> int:
-    """Lines of code: not blank, not a comment, not inside a docstring."""
-    source = path.read_text()
-    docstrings: set[int] = set()
-    for node in ast.walk(ast.parse(source)):
-        body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
-                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
-            docstrings.update(range(body[0].lineno, body[0].end_lineno + 1))
-    return sum(1 for number, line in enumerate(source.splitlines(), 1)
-               if line.strip() and not line.strip().startswith("#") and number not in docstrings)
-
-
-def test_core_stays_small():
-    """The training core (formats to step and distributed, memory, and the package's face) near DESIGN.md's
-    ~2,000 lines: 2,137 once per-op emulation, the NaN-storm guard, stored-scale checks and mp.memory joined
-    it (module-boundary emulation, ~45 lines, is kept beside per-op emulation as the only way to emulate
-    formats no 16-bit dtype carries); 2,197 with the fast path (mp.step(sync=False): skipping on the device
-    through fused optimizers, the run of skips counted on the device and checkpointed); 2,239 with the hooks
-    that make activation checkpointing recompute a forward as mp.autocast ran it; 2,247 with the refusals of
-    optimizer.step() by hand on scaled gradients and of sparse embeddings (2,249 after review); 2,391 with issue
-    20's sixteen fixes (gradients and weights checked by value, users' hooks first-come, mp.unscale_, 16-bit
-    updates for emulated pure policies, a parent's reads of its children's weights, sparse gradients, LBFGS
-    closures, refusals of assign=True, SparseAdam and second plain optimizers); the ceiling is 2,400 until the
-    restructure issue splits the core by responsibility.
-    numerics (watch, doctor, trace: diagnostics
-    layered on top) has a budget of its own."""
-    core = [p for p in SRC.rglob("*.py") if LEVEL[top_name(p)] <= CORE_LEVEL and top_name(p) != "numerics"]
-    lines = sum(code_lines(p) for p in core)
-    assert 500 < lines < 2400, f"the core has {lines} lines of code; DESIGN.md aims under ~2,000: split or simplify"
-    numerics = sum(code_lines(p) for p in (SRC / "numerics").rglob("*.py"))
-    assert numerics < 800, f"numerics has {numerics} lines of code; keep the diagnostics under 800"
+def test_the_package_ships_its_type_hints():
+    assert (SRC / "py.typed").exists()
 
 
 BLOCK_EXTRAS = """

@@ -8,9 +8,9 @@ import statistics
 import pytest
 import torch
 
-from mixprec.checkpoints import find_checkpoint
+from mixprec.harness.checkpoints import find_checkpoint
+from mixprec.harness.training import compare, train
 from mixprec.recipes import get_recipe
-from mixprec.training import compare, train
 
 THREADS = 1  # small models: one thread is fastest, and steadiest next to other test processes
 

@@ -11,14 +11,15 @@ Example:
 """
 
 from . import distributed, numerics
-from .casting import PreparedState, autocast, prepare, prepared_state, unprepare
-from .emulate import quantize
+from .apply import autocast, prepare, unprepare
 from .formats import BF16, E4M3, E5M2, F16, F32, FORMATS, Format
 from .master import MasterWeights
 from .memory import MemoryReport, memory
 from .numerics import Diagnosis, TensorStats, Trace, Watch, doctor, trace_nonfinite, watch
 from .policy import PRESETS, Policy, Rule
+from .quantize import quantize
 from .scaling import DynamicScaler, LossScaleFloorError, LossScaler, NoScaler, StaticScaler
+from .state import PreparedState, prepared_state
 from .step import NaNStormError, StepInfo, step, unscale_
 
 __version__ = "0.1.0"

@@ -28,54 +28,20 @@ See docs/distributed.md.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .emulate import quantize
 from .formats import F32, Format
 from .gradients import GradSlot
+from .policy import Policy
+from .quantize import quantize
+from .state import is_dtensor, is_sharded, prepared_state, unwrap
 
 __all__ = ["register_comm_hook", "fsdp_mixed_precision", "fully_shard", "is_dtensor", "is_sharded", "unwrap"]
 
 _HOOK_ATTR = "_mixprec_comm_hook"
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DistributedDataParallel / DataParallel and torch.compile wrappers; others as
-    they are.
-
-    Example:
-        >>> m = torch.nn.Linear(2, 2)
-        >>> unwrap(torch.compile(m)) is m
-        True
-    """
-    while True:
-        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            model = model.module
-        elif _is_compiled(model):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _is_compiled(model: torch.nn.Module) -> bool:
-    """Whether `model` is ``torch.compile(module)``; without importing dynamo (slow, and only loaded
-    once something was compiled)."""
-    dynamo = sys.modules.get("torch._dynamo.eval_frame")
-    return dynamo is not None and isinstance(model, dynamo.OptimizedModule)
-
-
-def is_dtensor(t: torch.Tensor) -> bool:
-    """Whether `t` is a DTensor (an FSDP2 parameter or gradient shard), without importing DTensor."""
-    return hasattr(t, "placements") and hasattr(t, "to_local")
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether FSDP2 (``fully_shard``) manages the model's parameters (they are DTensors)."""
-    return any(is_dtensor(p) for p in model.parameters())
 
 
 class _Reduction:
@@ -106,8 +72,6 @@ def register_comm_hook(ddp: torch.nn.parallel.DistributedDataParallel) -> bool:
         ddp = DistributedDataParallel(model)
         mp.distributed.register_comm_hook(ddp)
     """
-    from .casting import prepared_state  # casting imports this module for unwrap
-
     if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
         raise TypeError(f"register_comm_hook takes a DistributedDataParallel, got {type(ddp).__name__}")
     state = prepared_state(ddp.module)
@@ -214,8 +178,6 @@ def fsdp_mixed_precision(policy: Any) -> Any:
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from .policy import Policy
-
     policy = Policy.parse(policy)
     for fmt in (policy.params, policy.reduce or policy.params):
         if fmt.torch_dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -242,8 +204,6 @@ def fully_shard(model: torch.nn.Module, policy: Any, modules: Any = (), **kwargs
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy
     from torch.distributed.fsdp import fully_shard as shard
-
-    from .policy import Policy
 
     policy = Policy.parse(policy)
     mixed = fsdp_mixed_precision(policy)

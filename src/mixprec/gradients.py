@@ -31,8 +31,8 @@ from collections.abc import Callable
 import torch
 from torch.autograd.graph import get_gradient_edge
 
-from .emulate import quantize
 from .formats import Format
+from .quantize import quantize
 
 __all__ = ["GradSlot", "rounding_hook", "accumulates", "put_first"]
 

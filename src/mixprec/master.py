@@ -45,9 +45,9 @@ from typing import Any
 
 import torch
 
-from .emulate import quantize
 from .formats import F32, FORMATS, Format
 from .gradients import GradSlot, put_first, rounding_hook
+from .quantize import quantize
 
 __all__ = ["MasterWeights", "MODES", "managed"]
 

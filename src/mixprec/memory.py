@@ -30,8 +30,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .casting import prepared_state
-from .distributed import unwrap
+from .state import prepared_state, unwrap
 
 CATEGORIES = ("parameters", "masters", "gradients", "optimizer_state", "activations")
 #: autograd nodes whose output holds its input's data again (a cast, a view, mixprec's rounding): in

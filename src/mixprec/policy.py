@@ -23,14 +23,11 @@ from __future__ import annotations
 import fnmatch
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 import torch
 
 from .formats import BF16, F16, F32, Format
-
-if TYPE_CHECKING:
-    from .scaling import LossScaler
+from .scaling import LossScaler, make_scaler, parse_scaling
 
 __all__ = ["Policy", "Rule", "PRESETS", "ModulePrecision", "EXECUTIONS", "DEFAULT_FP32_TYPES"]
 
@@ -182,7 +179,7 @@ class Policy:
         if isinstance(scaling, str) and scaling.strip().lower() == "auto":
             narrow_range = any(f.exponent_bits < F32.exponent_bits for f in (self.params, self.compute))
             scaling = "dynamic" if narrow_range else "none"
-        object.__setattr__(self, "scaling", _normalize_scaling(scaling))
+        object.__setattr__(self, "scaling", parse_scaling(scaling))
         if self.execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}, got {self.execution!r}")
         rules = (self.rules,) if isinstance(self.rules, (Rule, str)) else tuple(self.rules)
@@ -415,53 +412,13 @@ class Policy:
         return "\n".join([header, *lines])
 
     def make_scaler(self, device: torch.device | str | None = None) -> LossScaler:
-        """A fresh loss scaler for this policy's `scaling`, placed on `device` when given.
+        """A fresh loss scaler for this policy's `scaling` (see `mixprec.scaling.make_scaler`).
 
         Example:
             >>> type(Policy.parse("f16-master").make_scaler()).__name__
             'DynamicScaler'
         """
-        from .scaling import DynamicScaler, NoScaler, StaticScaler
-
-        kind, _, value = self.scaling.partition(":")
-        if kind == "none":
-            scaler = NoScaler()
-        elif kind == "static":
-            scaler = StaticScaler(float(value))
-        else:
-            # An initial scale above the default ceiling (2^24) raises the ceiling to it, one below the
-            # default floor (1) lowers the floor to it, so that every "dynamic:S0" the string accepts makes
-            # a scaler.
-            scaler = DynamicScaler(init_scale=float(value), max_scale=max(2.0**24, float(value)),
-                                   min_scale=min(1.0, float(value))) if value else DynamicScaler()
-        if device is not None and hasattr(scaler, "to"):
-            scaler = scaler.to(device) or scaler
-        return scaler
-
-
-def _normalize_scaling(text: str) -> str:
-    """Canonical scaling text, so that equal choices compare equal: 'static:1024.0' -> 'static:1024'."""
-    if not isinstance(text, str):
-        raise ValueError(f"scaling is a string ('none', 'static:S', 'dynamic' or 'dynamic:S0'), got {text!r}")
-    kind, sep, value = text.strip().lower().partition(":")
-    valid = "valid: 'auto', 'none', 'static:S' (e.g. 'static:1024'), 'dynamic', 'dynamic:S0' (initial scale)"
-    bad_value = (kind == "none" and sep) or (kind == "static" and not value)
-    if kind not in ("none", "static", "dynamic") or bad_value:
-        raise ValueError(f"unknown loss scaling {text!r}; {valid}")
-    if not value:
-        return kind
-    try:
-        scale = float(value)
-    except ValueError:
-        raise ValueError(f"loss scale in {text!r} is not a number; {valid}") from None
-    if not scale > 0 or scale == float("inf"):
-        raise ValueError(f"loss scale in {text!r} must be positive and finite; {valid}")
-    stored, f32 = torch.tensor(scale, dtype=torch.float32).item(), torch.finfo(torch.float32)  # as a scaler holds it
-    if not (f32.tiny <= stored < float("inf")):
-        raise ValueError(
-            f"loss scale in {text!r} ({scale:g}) is {stored!r} once stored in float32: it must be a finite, normal "
-            f"float32 above 0 (between {f32.tiny:.3g} and {f32.max:.3g}); {valid}")
-    return f"{kind}:{int(scale) if scale.is_integer() else repr(scale)}"
+        return make_scaler(self.scaling, device)
 
 
 _KEYS = ("params", "compute", "output", "master", "reduce", "scaling", "execution", "rule")

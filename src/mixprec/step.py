@@ -43,9 +43,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .distributed import is_dtensor
 from .master import MasterWeights, managed
 from .scaling import LossScaler, find_nonfinite, group_by_device_and_dtype
+from .state import is_dtensor
 
 __all__ = ["StepInfo", "step", "unscale_", "NaNStormError"]
 

@@ -3,7 +3,7 @@
     mixprec bench --recipe gpt --policies fp32,amp-bf16,f32,f16-master --steps 20
     mixprec bench --recipe gpt2-small --device cuda --compile --out benchmarks/results/bench_h200.json
 
-Prints a table (or JSON) of what `mixprec.benchmark.benchmark` measures: per policy the forward,
+Prints a table (or JSON) of what `mixprec.harness.benchmark.benchmark` measures: per policy the forward,
 backward and step times, throughput, memory and (CUDA) MFU, next to FP32 and torch.amp run in the same
 process. docs/performance.md has the commands for a CPU and an H100/H200, and the figures measured.
 """
@@ -11,13 +11,14 @@ process. docs/performance.md has the commands for a CPU and an H100/H200, and th
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
-from mixprec.benchmark import BASELINES, DEFAULT_POLICIES, benchmark, check_batch_size, check_fused, parse_runs
-from mixprec.checkpoints import check_writable
+from mixprec.harness.benchmark import BASELINES, DEFAULT_POLICIES, benchmark, check_batch_size, check_fused, parse_runs
+from mixprec.harness.checkpoints import check_writable
 from mixprec.recipes import RECIPES, get_recipe
-from mixprec.report import format_bytes, render, write_json
+from mixprec.report import clean_json, format_bytes, render, write_json
 
 from . import device_name, non_negative_int, positive_int, seed_int
 from .train import default_device
@@ -107,10 +108,6 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         write_json(args.out, result)
     if args.json:
-        import json
-
-        from mixprec.report import clean_json
-
         print(json.dumps(clean_json(result), indent=2))
         return 0
     print(results_table(result))

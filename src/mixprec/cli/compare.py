@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mixprec as mp
-from mixprec.checkpoints import check_writable
-from mixprec.processes import check_one_process
+from mixprec.harness.checkpoints import check_writable
+from mixprec.harness.processes import check_one_process
+from mixprec.harness.training import Comparison, split_policies, train
 from mixprec.recipes import RECIPES, Recipe, get_recipe
 from mixprec.report import (
     RunLogger,
@@ -25,7 +26,6 @@ from mixprec.report import (
     results_table,
     write_report,
 )
-from mixprec.training import Comparison, split_policies, train
 
 from .train import add_run_arguments, default_device, slug
 

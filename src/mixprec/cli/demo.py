@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mixprec.harness.training import Comparison
 from mixprec.report import reference_policy, summarize, write_report
-from mixprec.training import Comparison
 
 from . import device_name, positive_int
 from .compare import make_experiment, print_tables, run_experiments

@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 
 import mixprec as mp
-from mixprec.checkpoints import check_writable, isolated_rng, torch_threads
+from mixprec.harness.checkpoints import check_writable
+from mixprec.harness.determinism import isolated_rng, torch_threads
 from mixprec.recipes import RECIPES, get_recipe
 from mixprec.report import clean_json
 from mixprec.report.doctor import write_doctor_report

@@ -9,7 +9,7 @@ Under torchrun each process trains on its slice of every batch; only rank 0 prin
 Writes into --out: metrics.jsonl (one record per step and evaluation), a TensorBoard event file,
 checkpoint-NNNNNN.pt (the newest --keep-checkpoints of them, written atomically with a checksum: model,
 optimizer with FP32 masters, loss scaler, LR schedule, RNG states, step and the history; see
-mixprec.checkpoints) and result.json.
+mixprec.harness.checkpoints) and result.json.
 
 A folder that already holds a run is refused (exit status 2) unless --resume (continue from its newest
 intact checkpoint, skipping damaged newer ones with a line saying why) or --overwrite (remove the run's
@@ -28,12 +28,18 @@ from pathlib import Path
 import torch
 
 import mixprec as mp
-from mixprec.checkpoints import DEFAULT_KEEP, check_same_run, check_writable, find_checkpoint, prepare_run_folder
-from mixprec.faults import FaultPlan
-from mixprec.processes import rank_and_world_size, rows_per_process
+from mixprec.harness.checkpoints import (
+    DEFAULT_KEEP,
+    check_same_run,
+    check_writable,
+    find_checkpoint,
+    prepare_run_folder,
+)
+from mixprec.harness.faults import FaultPlan
+from mixprec.harness.processes import rank_and_world_size, rows_per_process
+from mixprec.harness.training import train
 from mixprec.recipes import RECIPES, get_recipe
 from mixprec.report import RunLogger, TrainingProgress, environment, format_scale, write_json
-from mixprec.training import train
 
 from . import device_name, non_negative_int, positive_int, seed_int
 
@@ -65,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def fault_plan(text: str) -> FaultPlan:
-    """argparse type: a fault spec such as ``grad:inf@3,7;loss:nan@rate=0.01;seed=1`` (`mixprec.faults`)."""
+    """argparse type: a fault spec such as ``grad:inf@3,7;loss:nan@rate=0.01;seed=1`` (`mixprec.harness.faults`)."""
     try:
         return FaultPlan.parse(text)
     except ValueError as error:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from .._emulation import map_floats
+from ..execution.hooks import map_floats
 from ..formats import FORMATS, Format
 
 __all__ = ["watch", "Watch", "TensorStats", "KINDS", "EXPONENTS"]

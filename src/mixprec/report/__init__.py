@@ -2,7 +2,7 @@
 
 Example:
     >>> import tempfile, pathlib
-    >>> from mixprec.training import compare
+    >>> from mixprec.harness.training import compare
     >>> folder = pathlib.Path(tempfile.mkdtemp())
     >>> path = write_report([compare("tiny-updates", ["f32", "f16-pure"], steps=5)], folder)
     >>> sorted(p.name for p in folder.iterdir())[:2]
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mixprec.training import Comparison
+from mixprec.harness.environment import environment, git_commit
+from mixprec.harness.training import Comparison
 
-from .environment import environment, git_commit
 from .markdown import report_markdown
 from .plots import plot_comparison
 from .progress import TrainingProgress

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 import mixprec as mp
+from mixprec.harness.environment import environment
 
-from .environment import environment
 from .writers import write_json
 
 EXPONENTS = mp.numerics.EXPONENTS  # the histogram's bins: floor(log2|x|), -149..127

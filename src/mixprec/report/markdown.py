@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mixprec.training import Comparison
+from mixprec.harness.training import Comparison
 
 from .summary import reference_policy, summarize
 from .tables import markdown_tables

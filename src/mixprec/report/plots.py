@@ -8,7 +8,7 @@ matches it exactly still shows both lines.
 
 Example:
     >>> import tempfile, pathlib
-    >>> from mixprec.training import compare
+    >>> from mixprec.harness.training import compare
     >>> folder = pathlib.Path(tempfile.mkdtemp())
     >>> [p.name for p in plot_comparison(compare("tiny-updates", ["f32"], steps=5), folder)]
     ['tiny-updates-curves.png', 'tiny-updates-loss-scale.png']
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixprec.training import Comparison
+from mixprec.harness.training import Comparison
 
 from .summary import reference_policy
 

@@ -1,4 +1,4 @@
-"""A live progress bar for training runs (rich), fed with the records `mixprec.training.train` logs.
+"""A live progress bar for training runs (rich), fed with the records `mixprec.harness.training.train` logs.
 
 Example:
     >>> with TrainingProgress(enabled=False) as progress:
@@ -34,7 +34,7 @@ class TrainingProgress:
         return self._progress.add_task(description, total=total, completed=completed, status="")
 
     def update(self, task: int, record: dict[str, Any]) -> None:
-        """Show one record of `mixprec.training.train`'s log: a step's loss and scale, or an evaluation."""
+        """Show one record of `mixprec.harness.training.train`'s log: a step's loss and scale, or an evaluation."""
         if record["kind"] == "eval":
             self._metric[task] = f" metric {record['metric']:.3g}"
         else:

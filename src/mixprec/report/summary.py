@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from mixprec.training import Comparison
+from mixprec.harness.training import Comparison
 
 STALLED_BELOW = 0.5  # share of the reference's gain under which a run "stalled"
 MIN_TOLERANCE = 0.02  # of the reference's gain: the tolerance when seeds agree exactly (or one seed)

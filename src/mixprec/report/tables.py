@@ -1,7 +1,7 @@
 """Tables for the terminal (rich, fit 80 columns) and for report.md (Markdown).
 
 Example:
-    >>> from mixprec.training import compare
+    >>> from mixprec.harness.training import compare
     >>> text = render(results_table(compare("tiny-updates", ["f32"], steps=5)))
     >>> max(map(len, text.splitlines())) <= 80
     True
@@ -15,7 +15,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from mixprec.training import Comparison
+from mixprec.harness.training import Comparison
 
 from .summary import format_bytes, format_metric, format_scale, summarize
 

@@ -60,7 +60,7 @@ def _json_line(record: dict[str, Any]) -> str:
 class RunLogger:
     """Writes a run's records to ``folder/metrics.jsonl`` and a TensorBoard event file in ``folder``.
 
-    Pass it as ``log=`` to `mixprec.training.train`. The folder's logs are this run's alone: at the
+    Pass it as ``log=`` to `mixprec.harness.training.train`. The folder's logs are this run's alone: at the
     start, metrics.jsonl is rewritten (atomically) to hold exactly ``history`` and the folder's old
     TensorBoard event files are replaced by one holding ``history``. For a resumed run, pass the
     checkpoint's history (every record up to its step): what the interrupted run logged after it, or

@@ -43,21 +43,18 @@ import torch
 import torch.distributed as dist
 
 import mixprec as mp
-from mixprec.checkpoints import (
+from mixprec.harness.checkpoints import (
     DEFAULT_KEEP,
     check_same_run,
     check_writable,
     find_checkpoint,
-    isolated_rng,
     load_checkpoint,
     prepare_run_folder,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
-    torch_threads,
 )
-from mixprec.faults import FaultInjector, FaultPlan
-from mixprec.processes import check_one_process, process_group, rank_and_world_size, rows_per_process, shard
+from mixprec.harness.determinism import isolated_rng, rng_state, set_rng_state, torch_threads
+from mixprec.harness.faults import FaultInjector, FaultPlan
+from mixprec.harness.processes import check_one_process, process_group, rank_and_world_size, rows_per_process, shard
 from mixprec.recipes import Data, Recipe, get_recipe
 
 LOG_EVERY = 10  # steps between reading losses back from the device (one extra sync per LOG_EVERY steps)
@@ -129,7 +126,7 @@ def train(
         data: the recipe's data, if already built (`compare` builds it once for all runs).
         device: where to train; execution is native or emulated as ``policy`` resolves on it.
         out: the run's folder, for its checkpoints ``checkpoint-000100.pt`` (written atomically at the
-            end, at ``stop_at`` and every ``checkpoint_every`` steps; see `mixprec.checkpoints`). A
+            end, at ``stop_at`` and every ``checkpoint_every`` steps; see `mixprec.harness.checkpoints`). A
             folder that already holds a run is refused unless ``resume`` or ``overwrite``. None: no
             checkpoints.
         resume: True: continue from the newest intact checkpoint in ``out`` (newer damaged ones are
@@ -144,7 +141,7 @@ def train(
         threads: torch CPU threads for this run (restored afterwards); None leaves torch's setting.
         log: called with every record (steps and evaluations) as the run makes it; under torchrun
             on rank 0 only.
-        faults: a `mixprec.faults.FaultPlan` or its spec (``"grad:inf@3,7;loss:nan@rate=0.01;seed=1"``):
+        faults: a `mixprec.harness.faults.FaultPlan` or its spec (``"grad:inf@3,7;loss:nan@rate=0.01;seed=1"``):
             inf/NaN injected into gradients, the loss or activations at those steps (counted from 1).
         max_skips_in_a_row: the NaN-storm guard, passed to ``mp.step``: after this many skipped steps in
             a row (``"auto"``: the scaler's ``storm_limit()``; None: never) the run stops with

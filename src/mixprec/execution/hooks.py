@@ -1,18 +1,12 @@
-"""Emulated execution of a policy: values rounded onto a format's grid, arithmetic in FP32.
+"""The hook toolkit every execution mode shares (`native`, `emulated`, `emulated_module`).
 
-The model mirrors what native execution stores, module by module (see docs/policies.md):
-
-* parameters hold values on their storage format's grid (rounded at prepare), and their gradients
-  are rounded onto it after every accumulation (natively a float16 parameter has a float16 .grad);
-* every floating tensor crossing a module boundary (inputs of modules that compute, outputs of every
-  module) is stored in the policy's activation format, and rounded onto the module's compute format
-  on the way in; the gradient of each such tensor is rounded the same way in backward;
-* a module whose parameters are wider than its compute format (FP32 params, FP16 compute: torch.amp's
-  recipe) sees its weights rounded onto the compute format at use, and the weight gradient of that use
-  is rounded onto the compute format too (natively: the gradient of the float16 copy of the weight).
-
-Functional ops inside a module's forward (an attention's softmax, a residual add) run in FP32 between
-those boundaries: the emulation is per module, not per op.
+* `eager` / `gated`: hooks that run outside torch.compile's tracing and act only while a gate is open
+  (inside `mp.autocast`, or while activation checkpointing recomputes a forward);
+* `cast` / `round_chain`: round a tensor onto a chain of formats, its gradient onto another chain;
+* `map_floats`: apply a function to every floating tensor inside nested outputs;
+* `round_parameters_` / `add_gradient_rounding`: emulated parameters hold values on their storage
+  format's grid, and so do their gradients after every accumulation;
+* `add_parameter_swap`: put a cast of each parameter in its place while a module runs forward.
 """
 
 from __future__ import annotations
@@ -25,10 +19,9 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from .emulate import quantize
-from .formats import F32, Format
-from .gradients import rounding_hook
-from .policy import ModulePrecision
+from ..formats import F32, Format
+from ..gradients import rounding_hook
+from ..quantize import quantize
 
 
 def eager(hook: Callable) -> Callable:
@@ -125,51 +118,6 @@ def round_parameters_(params: Iterable[tuple[torch.nn.Parameter, Format]]) -> No
 def add_gradient_rounding(params: Iterable[tuple[torch.nn.Parameter, Format]]) -> list[RemovableHandle]:
     """After each accumulation into p.grad, round p.grad onto p's storage format (kept while prepared)."""
     return [p.register_post_accumulate_grad_hook(rounding_hook(fmt)) for p, fmt in params if fmt != F32]
-
-
-def add_forward_rounding(model: torch.nn.Module, precisions: list[ModulePrecision], storage: dict[int, Format],
-                         activation: Format, output: Format,
-                         gate: Callable[[], bool] | None = None) -> list[RemovableHandle]:
-    """Forward hooks that round module inputs, weights at use and outputs (active inside autocast).
-
-    `storage` maps id(parameter) to its storage format; `activation` is the format tensors are stored
-    in between modules (the policy's compute format); `output` the format of the model's outputs;
-    `gate`: the hooks act only while it returns True (see `gated`).
-    """
-    handles: list[RemovableHandle] = []
-    by_name = dict(model.named_modules())
-    for mp in precisions:
-        module = by_name[mp.name]
-        compute = mp.compute
-        computes_here = mp.has_params or not any(True for _ in module.children())
-        if computes_here:
-            handles.append(module.register_forward_pre_hook(
-                gated(_input_hook(activation, compute), gate), with_kwargs=True))
-            stored = {storage[id(p)] for p in module._parameters.values() if p is not None}
-            if compute != F32 and stored - {compute}:  # some weight is wider than the compute format
-                handles += add_parameter_swap(module, lambda p, compute=compute: cast(p, (compute,), (compute,)),
-                                              storage, gate)
-        handles.append(module.register_forward_hook(gated(_output_hook((compute, activation)), gate)))
-    # The model's outputs: what the loss sees. Natively a cast to `output`, whose backward casts back.
-    handles.append(model.register_forward_hook(gated(_output_hook((output,)), gate)))
-    return handles
-
-
-def _input_hook(activation: Format, compute: Format) -> Callable:
-    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            return cast(x, (activation, compute), (compute, activation))
-
-        return map_floats(args, fn), map_floats(kwargs, fn)
-
-    return eager(hook)
-
-
-def _output_hook(formats: tuple[Format, ...]) -> Callable:
-    def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
-        return map_floats(output, lambda y: cast(y, formats, tuple(reversed(formats))))
-
-    return eager(hook)
 
 
 def add_parameter_swap(module: torch.nn.Module, make: Callable[[torch.Tensor], torch.Tensor],

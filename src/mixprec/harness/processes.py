@@ -1,6 +1,6 @@
 """Several processes under torchrun: who this process is, its slice of each batch, the process group.
 
-`mixprec.training.train` runs data-parallel when torchrun starts it with ``WORLD_SIZE`` > 1: every rank
+`mixprec.harness.training.train` runs data-parallel when torchrun starts it with ``WORLD_SIZE`` > 1: every rank
 trains a DistributedDataParallel replica on its contiguous slice of the same global batch.
 """
 

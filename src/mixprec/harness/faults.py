@@ -23,7 +23,7 @@ Clauses are separated by ``;``. Each fault is ``KIND[TARGET]:VALUE@WHEN``:
 and the element are a pure function of (seed, clause, step), so a run (or a resumed one) injects the
 same faults whatever happened before, and the training's own random numbers are not touched.
 
-Use it from the API, in the order of a training step (`mixprec.training.train` does the same with
+Use it from the API, in the order of a training step (`mixprec.harness.training.train` does the same with
 ``faults=``, and ``mixprec train --inject-faults SPEC``):
 
     injector = FaultInjector("grad:inf@rate=0.1;seed=3", model)

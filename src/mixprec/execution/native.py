@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from ._emulation import eager, gated, map_floats
-from .formats import F32, Format
-from .policy import ModulePrecision
+from ..formats import F32, Format
+from ..policy import ModulePrecision
+from .hooks import eager, gated, map_floats
 
 
 def dtype_of(fmt: Format) -> torch.dtype:

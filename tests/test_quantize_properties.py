@@ -1,5 +1,5 @@
 """quantize's invariants, property-based (hypothesis), for every kind of format: named 16- and 8-bit ones
-and custom ones (no inf, no mantissa, an odd bias). test_emulate.py checks values against torch's casts
+and custom ones (no inf, no mantissa, an odd bias). test_quantize.py checks values against torch's casts
 and an exact reference; these check the rules any rounding onto a grid must keep, on any float32:
 
 idempotent, monotone, sign-symmetric, every finite result on the format's grid, round-to-nearest within

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mixprec as mp
-from mixprec.casting import prepared_state, unprepare
+from mixprec import prepared_state, unprepare
 
 
 def on_grid(x: torch.Tensor, fmt: mp.Format) -> bool:

@@ -17,8 +17,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import mixprec as mp
-from mixprec._op_emulation import carrier_of, sub_carrier_formats
-from mixprec.casting import prepared_state
+from mixprec import prepared_state
+from mixprec.execution.emulated import carrier_of, sub_carrier_formats
 
 transformers = pytest.importorskip("transformers")
 

@@ -26,100 +26,20 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from . import _emulation, _native, _op_emulation
-from .distributed import is_dtensor, is_sharded, register_comm_hook, unwrap
+from .distributed import register_comm_hook
+from .execution import emulated, emulated_module, hooks, native
 from .formats import F32, Format
-from .gradients import GradSlot
 from .master import MasterWeights
-from .policy import ModulePrecision, Policy
+from .policy import Policy
 from .scaling import LossScaler
+from .state import _STATE_ATTR, PreparedState, is_dtensor, is_sharded, prepared_state, unwrap
 
-__all__ = ["prepare", "autocast", "unprepare", "prepared_state", "PreparedState"]
-
-_STATE_ATTR = "_mixprec_prepared"
-
-
-@dataclass
-class PreparedState:
-    """What `prepare` did to a model: read it with `prepared_state(model)` (reports, memory accounting).
-
-    Attributes:
-        policy: the policy applied.
-        execution: ``"native"`` or ``"emulated"``: what runs.
-        emulation: ``"per op"`` or ``"module boundaries"`` when emulated (see `Policy.emulation`), else None.
-        device: the model's device at prepare.
-        precisions: per module (named_modules order): params/compute format and why.
-        param_formats: qualified parameter name -> storage format of its values (emulated: the grid
-            the float32 tensor's values lie on; native: the tensor's dtype).
-        in_autocast: whether an `autocast` for this model is open.
-        master_weights: the `MasterWeights` prepare wrapped the optimizer in (its gradient hooks are
-            removed by `unprepare`), or None.
-        sharded: FSDP2 manages the parameters (its sharded FP32 parameters are the masters).
-        rounding: per-op emulation: carrier dtype -> the narrower format its values are rounded onto.
-        autocast_dtype: the dtype `autocast` enters torch.autocast with (None: it enters none).
-        recomputing_in: per-op emulation: the module whose recomputation in backward (activation
-            checkpointing) runs under OpEmulation now, and that mode; or None.
-    """
-
-    policy: Policy
-    execution: str
-    device: torch.device
-    precisions: list[ModulePrecision]
-    param_formats: dict[str, Format]
-    in_autocast: bool = False
-    handles: list[RemovableHandle] = field(default_factory=list, repr=False)
-    master_weights: MasterWeights | None = field(default=None, repr=False)
-    sharded: bool = False
-    rounding: dict[torch.dtype, Format] = field(default_factory=dict, repr=False)
-    autocast_dtype: torch.dtype | None = None
-    recomputing_in: tuple[torch.nn.Module, Any] | None = field(default=None, repr=False)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # A copy of the model (copy.deepcopy for an EMA, torch.save) is its weights in the policy's formats:
-        # it takes neither the optimizer and its masters nor the hook handles, which belong to the original.
-        return {**self.__dict__, "master_weights": None, "handles": [], "recomputing_in": None, "in_autocast": False}
-
-    @property
-    def emulation(self) -> str | None:
-        return None if self.execution == "native" else self.policy.emulation
-
-    @property
-    def grad_slots(self) -> list[GradSlot]:
-        """The parameters with FP32 masters and their FP32 gradients (read by the DDP hook)."""
-        return [] if self.master_weights is None else self.master_weights.grad_slots
-
-    def summary(self) -> dict[str, Any]:
-        """A JSON-ready summary: policy string, execution, device, and parameter counts per format."""
-        return {"policy": str(self.policy), "execution": self.execution, "emulation": self.emulation,
-                "device": str(self.device),
-                "master": None if self.policy.master is None else self.policy.master.name,
-                "param_formats": {f.name: n for f, n in _count(self.param_formats.values()).items()}}
-
-
-def _count(formats: Any) -> dict[Format, int]:
-    counts: dict[Format, int] = {}
-    for fmt in formats:
-        counts[fmt] = counts.get(fmt, 0) + 1
-    return counts
-
-
-def prepared_state(model: torch.nn.Module) -> PreparedState | None:
-    """The `PreparedState` of a prepared model, or None.
-
-    Example:
-        >>> m = torch.nn.Linear(2, 2)
-        >>> _ = prepare(m, None, "bf16-pure")
-        >>> prepared_state(m).execution
-        'emulated'
-    """
-    return getattr(unwrap(model), _STATE_ATTR, None)
-
+__all__ = ["prepare", "autocast", "unprepare"]
 
 def prepare(
     model: torch.nn.Module,
@@ -184,7 +104,7 @@ def prepare(
     precisions = policy.module_precisions(model, warn=True)
     rounding = {}  # per-op emulation: worked out (and formats it cannot carry refused) once, here
     if execution == "emulated" and policy.emulation == "per op":  # ops produce values in these formats:
-        rounding = _op_emulation.sub_carrier_formats([policy.output, *(mp.compute for mp in precisions)])
+        rounding = emulated.sub_carrier_formats([policy.output, *(mp.compute for mp in precisions)])
 
     # Each parameter's storage format is its module's (the widest of them, for tied weights).
     named = policy.parameter_formats(model, precisions)
@@ -199,7 +119,7 @@ def prepare(
                           master_weights=optimizer if isinstance(optimizer, MasterWeights) else None,
                           sharded=sharded, rounding=rounding)
     if policy.compute != F32 and state.emulation != "module boundaries":
-        state.autocast_dtype = (_native.dtype_of if execution == "native" else _op_emulation.carrier_of)(policy.compute)
+        state.autocast_dtype = (native.dtype_of if execution == "native" else emulated.carrier_of)(policy.compute)
     state.handles += _recompute_hooks(model, state)
     state.handles.append(model.register_load_state_dict_pre_hook(_refuse_assign))
     setattr(model, _STATE_ATTR, state)
@@ -238,13 +158,13 @@ def _forward_hooks(model: torch.nn.Module, state: PreparedState, storage: dict[i
     """The module hooks a forward inside `autocast` runs with; with `gate`, acting only while it says so."""
     p = state.policy
     if state.emulation == "module boundaries":
-        return _emulation.add_forward_rounding(model, state.precisions, storage, p.compute, p.output, gate)
+        return emulated_module.add_forward_rounding(model, state.precisions, storage, p.compute, p.output, gate)
     # Native, or per-op emulation: the native module hooks, in carrier dtypes.
-    dtype_of = _native.dtype_of if state.execution == "native" else _op_emulation.carrier_of
-    handles = _native.add_forward_casts(model, state.precisions, p.compute, p.output, state.device.type,
+    dtype_of = native.dtype_of if state.execution == "native" else emulated.carrier_of
+    handles = native.add_forward_casts(model, state.precisions, p.compute, p.output, state.device.type,
                                         dtype_of, gate)
     if state.execution == "emulated":
-        handles += _op_emulation.add_parameter_casts(model, storage, gate)
+        handles += emulated.add_parameter_casts(model, storage, gate)
     return handles
 
 
@@ -262,7 +182,7 @@ def _recompute_hooks(model: torch.nn.Module, state: PreparedState) -> list[Remov
 
     def enter(module: torch.nn.Module, args: Any) -> None:
         if state.recomputing_in is None:
-            state.recomputing_in = module, _op_emulation.OpEmulation(state.device.type, state.rounding).__enter__()
+            state.recomputing_in = module, emulated.OpEmulation(state.device.type, state.rounding).__enter__()
 
     def leave(module: torch.nn.Module, args: Any, output: Any) -> None:
         if state.recomputing_in is not None and state.recomputing_in[0] is module:
@@ -270,8 +190,8 @@ def _recompute_hooks(model: torch.nn.Module, state: PreparedState) -> list[Remov
             state.recomputing_in = None
 
     for module in model.modules():  # gated too: outside a recomputation they return at once
-        handles.append(module.register_forward_pre_hook(_emulation.gated(enter, gate), prepend=True))
-        handles.append(module.register_forward_hook(_emulation.gated(leave, gate), always_call=True))
+        handles.append(module.register_forward_pre_hook(hooks.gated(enter, gate), prepend=True))
+        handles.append(module.register_forward_hook(hooks.gated(leave, gate), always_call=True))
     return handles
 
 
@@ -288,9 +208,9 @@ def _apply(model: torch.nn.Module, policy: Policy, execution: str, formats: list
     handles: list[RemovableHandle] = []
     try:
         if execution == "native":
-            _native.cast_parameters_(model, formats)
+            native.cast_parameters_(model, formats)
         else:
-            _emulation.round_parameters_(formats)
+            hooks.round_parameters_(formats)
         if optimizer is not None and narrow:
             mode = "fp32" if policy.master is not None else "none"
             # Emulated: per parameter, FP32 islands stay FP32 (their own masters), the rest emulate their format.
@@ -304,7 +224,7 @@ def _apply(model: torch.nn.Module, policy: Policy, execution: str, formats: list
         if execution == "emulated":
             # MasterWeights rounds the gradients of the parameters it steps; round the others' here.
             stepped = {id(p) for p in optimizer.model_params} if isinstance(optimizer, MasterWeights) else set()
-            handles += _emulation.add_gradient_rounding(
+            handles += hooks.add_gradient_rounding(
                 (p, fmt) for p, fmt in formats if p.requires_grad and id(p) not in stepped)
     except BaseException:
         with torch.no_grad():
@@ -316,7 +236,7 @@ def _apply(model: torch.nn.Module, policy: Policy, execution: str, formats: list
                     p.copy_(data)
                 p.grad = grad
         if execution == "native":
-            _native.flatten_rnns(model)
+            native.flatten_rnns(model)
         for handle in handles:
             handle.remove()
         raise
@@ -428,5 +348,5 @@ def autocast(model: torch.nn.Module, policy: Policy | str | None = None) -> Iter
         for handle in _forward_hooks(model, state, storage):
             stack.callback(handle.remove)
         if state.emulation == "per op":
-            stack.enter_context(_op_emulation.OpEmulation(state.device.type, state.rounding))
+            stack.enter_context(emulated.OpEmulation(state.device.type, state.rounding))
         yield

@@ -39,10 +39,10 @@ from typing import Any
 import torch
 
 import mixprec as mp
-from mixprec.checkpoints import isolated_rng, torch_threads
+from mixprec.harness.determinism import isolated_rng, torch_threads
+from mixprec.harness.environment import environment
+from mixprec.harness.training import split_policies
 from mixprec.recipes import Batch, Data, Recipe, get_recipe
-from mixprec.report import environment
-from mixprec.training import split_policies
 
 #: torch baselines: name -> what runs
 BASELINES: dict[str, str] = {

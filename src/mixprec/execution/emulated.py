@@ -41,8 +41,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from ._emulation import add_parameter_swap, cast, map_floats, round_chain
-from .formats import BF16, F16, F32, Format
+from ..formats import BF16, F16, F32, Format
+from .hooks import add_parameter_swap, cast, map_floats, round_chain
 
 _CARRIERS = ((torch.float16, F16), (torch.bfloat16, BF16))
 

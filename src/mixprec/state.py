@@ -1,0 +1,136 @@
+"""What `mp.prepare` leaves on a model (`PreparedState`), and seeing through the wrappers around it.
+
+Both sides of a prepared model read this module: `mixprec.apply` writes the state, the DDP hook, the
+step and the memory report read it; `unwrap` sees through DDP/DataParallel and torch.compile, and
+`is_dtensor` / `is_sharded` tell FSDP2's sharded parameters apart, without importing DTensor.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from .formats import Format
+from .gradients import GradSlot
+from .master import MasterWeights
+from .policy import ModulePrecision, Policy
+
+__all__ = ["PreparedState", "prepared_state", "unwrap", "is_dtensor", "is_sharded"]
+
+_STATE_ATTR = "_mixprec_prepared"
+
+
+@dataclass
+class PreparedState:
+    """What `prepare` did to a model: read it with `prepared_state(model)` (reports, memory accounting).
+
+    Attributes:
+        policy: the policy applied.
+        execution: ``"native"`` or ``"emulated"``: what runs.
+        emulation: ``"per op"`` or ``"module boundaries"`` when emulated (see `Policy.emulation`), else None.
+        device: the model's device at prepare.
+        precisions: per module (named_modules order): params/compute format and why.
+        param_formats: qualified parameter name -> storage format of its values (emulated: the grid
+            the float32 tensor's values lie on; native: the tensor's dtype).
+        in_autocast: whether an `autocast` for this model is open.
+        master_weights: the `MasterWeights` prepare wrapped the optimizer in (its gradient hooks are
+            removed by `unprepare`), or None.
+        sharded: FSDP2 manages the parameters (its sharded FP32 parameters are the masters).
+        rounding: per-op emulation: carrier dtype -> the narrower format its values are rounded onto.
+        autocast_dtype: the dtype `autocast` enters torch.autocast with (None: it enters none).
+        recomputing_in: per-op emulation: the module whose recomputation in backward (activation
+            checkpointing) runs under OpEmulation now, and that mode; or None.
+    """
+
+    policy: Policy
+    execution: str
+    device: torch.device
+    precisions: list[ModulePrecision]
+    param_formats: dict[str, Format]
+    in_autocast: bool = False
+    handles: list[RemovableHandle] = field(default_factory=list, repr=False)
+    master_weights: MasterWeights | None = field(default=None, repr=False)
+    sharded: bool = False
+    rounding: dict[torch.dtype, Format] = field(default_factory=dict, repr=False)
+    autocast_dtype: torch.dtype | None = None
+    recomputing_in: tuple[torch.nn.Module, Any] | None = field(default=None, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy of the model (copy.deepcopy for an EMA, torch.save) is its weights in the policy's formats:
+        # it takes neither the optimizer and its masters nor the hook handles, which belong to the original.
+        return {**self.__dict__, "master_weights": None, "handles": [], "recomputing_in": None, "in_autocast": False}
+
+    @property
+    def emulation(self) -> str | None:
+        return None if self.execution == "native" else self.policy.emulation
+
+    @property
+    def grad_slots(self) -> list[GradSlot]:
+        """The parameters with FP32 masters and their FP32 gradients (read by the DDP hook)."""
+        return [] if self.master_weights is None else self.master_weights.grad_slots
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready summary: policy string, execution, device, and parameter counts per format."""
+        return {"policy": str(self.policy), "execution": self.execution, "emulation": self.emulation,
+                "device": str(self.device),
+                "master": None if self.policy.master is None else self.policy.master.name,
+                "param_formats": {f.name: n for f, n in _count(self.param_formats.values()).items()}}
+
+
+def _count(formats: Any) -> dict[Format, int]:
+    counts: dict[Format, int] = {}
+    for fmt in formats:
+        counts[fmt] = counts.get(fmt, 0) + 1
+    return counts
+
+
+def prepared_state(model: torch.nn.Module) -> PreparedState | None:
+    """The `PreparedState` of a prepared model, or None.
+
+    Example:
+        >>> m = torch.nn.Linear(2, 2)
+        >>> import mixprec as mp
+        >>> _ = mp.prepare(m, None, "bf16-pure")
+        >>> prepared_state(m).execution
+        'emulated'
+    """
+    return getattr(unwrap(model), _STATE_ATTR, None)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DistributedDataParallel / DataParallel and torch.compile wrappers; others as
+    they are.
+
+    Example:
+        >>> m = torch.nn.Linear(2, 2)
+        >>> unwrap(torch.compile(m)) is m
+        True
+    """
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif _is_compiled(model):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _is_compiled(model: torch.nn.Module) -> bool:
+    """Whether `model` is ``torch.compile(module)``; without importing dynamo (slow, and only loaded
+    once something was compiled)."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    return dynamo is not None and isinstance(model, dynamo.OptimizedModule)
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether `t` is a DTensor (an FSDP2 parameter or gradient shard), without importing DTensor."""
+    return hasattr(t, "placements") and hasattr(t, "to_local")
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) manages the model's parameters (they are DTensors)."""
+    return any(is_dtensor(p) for p in model.parameters())
