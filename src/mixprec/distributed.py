@@ -82,7 +82,7 @@ def register_comm_hook(ddp: torch.nn.parallel.DistributedDataParallel) -> bool:
         return False
     slots = {id(slot.param): slot for slot in state.grad_slots}
     storage = {id(p): state.param_formats[name] for name, p in ddp.module.named_parameters()}
-    reduce = state.policy.reduce
+    reduce = state.policy.reduce if isinstance(state.policy.reduce, Format) else None  # normalized by Policy
     plain = not slots and (state.execution == "native" or all(f == F32 for f in storage.values()))
     if plain and (reduce is None or all(f == reduce for f in storage.values())):
         setattr(ddp, _HOOK_ATTR, True)
@@ -158,7 +158,8 @@ def _reduce_bucket(state: _Reduction, bucket: dist.GradBucket) -> torch.futures.
             buffer[a:b] = part if state.execution == "native" else _round(part, storage)
         return buffer
 
-    return fut.then(finish)
+    reduced: torch.futures.Future[torch.Tensor] = fut.then(finish)
+    return reduced
 
 
 # DDP checks the hook's annotations as objects; this module's are strings (postponed evaluation).

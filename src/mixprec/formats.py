@@ -80,7 +80,7 @@ class Format:
     @property
     def max_exponent(self) -> int:
         """Unbiased exponent of the largest finite number (``emax``)."""
-        top = 2**self.exponent_bits - 1  # all-ones exponent field
+        top: int = 2**self.exponent_bits - 1  # all-ones exponent field
         if self.has_inf:
             return top - 1 - self.bias
         # fn: the all-ones exponent holds values unless its only non-NaN pattern would be the NaN one.

@@ -109,13 +109,15 @@ class GradSlot:
     def write_back_hook(self, param: torch.Tensor) -> None:
         # After autograd's accumulation: param.grad holds this backward's gradient alone (zeroed above).
         # The first one needs no FP32 copy (a 16-bit gradient has no more bits); a later one is summed in FP32.
+        grad = param.grad
+        assert grad is not None  # autograd calls this hook right after accumulating into it
         with torch.no_grad():
             if self.master.grad is None:
                 if self.emulated:
-                    param.grad.copy_(quantize(param.grad, self.fmt))
+                    grad.copy_(quantize(grad, self.fmt))
             else:
-                self.master.grad.add_(quantize(param.grad, self.fmt) if self.emulated else param.grad)
-                param.grad.copy_(self.round(self.master.grad))
+                self.master.grad.add_(quantize(grad, self.fmt) if self.emulated else grad)
+                grad.copy_(self.round(self.master.grad))
 
 
 _BITS = {2: torch.int16, 4: torch.int32}

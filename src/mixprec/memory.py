@@ -25,12 +25,12 @@ Example:
     (80, 40, 80)
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
 
-from .state import prepared_state, unwrap
+from .state import PreparedState, prepared_state, unwrap
 
 CATEGORIES = ("parameters", "masters", "gradients", "optimizer_state", "activations")
 #: autograd nodes whose output holds its input's data again (a cast, a view, mixprec's rounding): in
@@ -99,57 +99,94 @@ def memory(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = Non
                         f"or None; got {type(model).__name__}, {type(optimizer).__name__}, {type(run).__name__}")
     model, state = unwrap(model), prepared_state(model)
     opt = optimizer if optimizer is not None or state is None else state.master_weights  # may be None
+    counter = _Counter(model.buffers())
+    for category, t, width in _tensors(model, state, opt):
+        counter.add(category, t, width)
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    execution = state.execution if state is not None else None
+    cuda = run is not None and device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    if run is not None:
+        compute_bits = state.policy.compute.bits if state is not None and execution == "emulated" else None
+        _count_activations(counter, run, compute_bits)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    return MemoryReport(counter.held, counter.formats, peak, execution)
+
+
+class _Counter:
+    """Bytes per category, ``held`` and in the policy's formats; each storage once, in the first category
+    it is found in (buffers are not counted: they are seen from the start)."""
+
+    def __init__(self, buffers: Iterable[torch.Tensor]) -> None:
+        self.held = dict.fromkeys(CATEGORIES, 0)
+        self.formats = dict.fromkeys(CATEGORIES, 0)
+        self.seen = {_key(b) for b in buffers}
+
+    def add(self, category: str, t: torch.Tensor | None, width: int | None = None) -> None:
+        """Count `t` (width: its format's bits per element; None: as held)."""
+        if t is None:
+            return
+        if t.is_sparse:  # a sparse COO gradient has no storage: its indices' and values' storages count
+            self.add(category, t._indices())
+            self.add(category, t._values(), width)
+            return
+        if _key(t) in self.seen:
+            return
+        self.seen.add(_key(t))
+        held = t.untyped_storage().nbytes()
+        self.held[category] += held
+        self.formats[category] += held if width is None else held * width // (8 * t.element_size())
+
+
+def _tensors(model: torch.nn.Module, state: PreparedState | None,
+             opt: torch.optim.Optimizer | None) -> list[tuple[str, torch.Tensor | None, int | None]]:
+    """(category, tensor, its format's bits or None) for every tensor the model and optimizer hold."""
     # The masters: the given MasterWeights', else (a plain or the inner optimizer given) the prepared model's.
     slots = getattr(opt, "grad_slots", None) or getattr(getattr(state, "master_weights", None), "grad_slots", [])
-    named = state.param_formats if state else {}
+    named = state.param_formats if state is not None else {}
     bits = {id(p): named[n].bits for n, p in model.named_parameters() if n in named}  # each one's storage format
-    held, formats, seen = dict.fromkeys(CATEGORIES, 0), dict.fromkeys(CATEGORIES, 0), set(map(_key, model.buffers()))
-
-    def add(category: str, t: torch.Tensor | None, width: int | None = None) -> None:  # width: bits per element
-        if t is not None and t.is_sparse:  # a sparse COO gradient has no storage: its indices' and values'
-            return add(category, t._indices()), add(category, t._values(), width)
-        if t is not None and _key(t) not in seen:  # each storage once, in the first category it is found in
-            seen.add(_key(t))
-            held[category] += (n := t.untyped_storage().nbytes())
-            formats[category] += n if width is None else n * width // (8 * t.element_size())
-
     params = list(model.parameters())
-    found = [("parameters", p, bits.get(id(p))) for p in params] + [("masters", s.master, None) for s in slots]
+    found: list[tuple[str, torch.Tensor | None, int | None]] = [("parameters", p, bits.get(id(p))) for p in params]
+    found += [("masters", s.master, None) for s in slots]
     found += [("gradients", p.grad, bits.get(id(p))) for p in params]  # 16-bit (emulated: on its format's grid)
     found += [("gradients", s.master.grad, None) for s in slots]  # the FP32 gradient on the master
     state_items = opt.state.items() if opt is not None else ()  # moments shaped like a 16-bit parameter: its format
     found += [("optimizer_state", t, bits.get(id(key)) if t.shape == key.shape else None)
               for key, values in state_items for t in values.values() if torch.is_tensor(t)]
-    for category, t, width in found:
-        add(category, t, width)
-    device, execution = params[0].device if params else torch.device("cpu"), state.execution if state else None
-    width, before, sources, kept = state.policy.compute.bits if execution == "emulated" else None, set(seen), set(), []
+    return found
+
+
+def _count_activations(counter: _Counter, run: Callable[[], object], compute_bits: int | None) -> None:
+    """Count the tensors one forward (`run`) saves for backward; emulated (`compute_bits` given): each
+    source once, every floating one at the compute format's width (see _SAME_DATA)."""
+    before: set = set(counter.seen)
+    sources: set = set()
+    kept: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         kept.append(t)  # alive until counted: no storage address is reused meanwhile
-        counted = formats["activations"]
-        add("activations", t)
-        if width is not None:  # emulated: each source once, at the compute width (see _SAME_DATA)
+        counted = counter.formats["activations"]
+        counter.add("activations", t)
+        if compute_bits is not None:
             node, nr = t.grad_fn, t.output_nr
             while node is not None and type(node).__name__.rstrip("0123456789").endswith(_SAME_DATA):
                 node, nr = node.next_functions[0]
             key = (node, nr) if node is not None else _key(t)  # a parameter's copy leads to its AccumulateGrad
             new = key not in sources and key not in before and not hasattr(node, "variable")
             sources.add(key)
-            element_bits = min(8 * t.element_size(), width if t.is_floating_point() else 64)  # integers as they are
+            element_bits = min(8 * t.element_size(), compute_bits if t.is_floating_point() else 64)  # integers as is
             elements = t.untyped_storage().nbytes() // t.element_size()
-            formats["activations"] = counted + new * elements * element_bits // 8
+            counter.formats["activations"] = counted + new * elements * element_bits // 8
         return t.detach()  # not t: a saved output holding its own grad_fn would never be freed (a cycle)
 
-    cuda = run is not None and device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         try:
-            _ = run() if run is not None else None  # the result, and with it the graph, is dropped on return
+            _ = run()  # the result, and with it the graph, is dropped on return
         finally:  # each saved tensor's hooks hold pack, which holds these: clear them, or nothing is freed
-            kept.clear(), sources.clear()
-    return MemoryReport(held, formats, torch.cuda.max_memory_allocated(device) if cuda else None, execution)
+            kept.clear()
+            sources.clear()
 
 
 def _key(t: torch.Tensor) -> tuple[torch.device, int]:

@@ -14,6 +14,8 @@ Two paths give the same values:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .formats import F32, Format
@@ -83,22 +85,24 @@ def quantize(
         )
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-    return _StraightThrough.apply(x, fmt, rounding, generator)
+    rounded: torch.Tensor = _StraightThrough.apply(x, fmt, rounding, generator)
+    return rounded
 
 
 class _StraightThrough(torch.autograd.Function):
     """Forward: round. Backward: identity (the straight-through estimator)."""
 
     @staticmethod
-    def forward(ctx, x, fmt, rounding, generator):  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, fmt: Format, rounding: str,
+                generator: torch.Generator | None) -> torch.Tensor:
         return _quantize_values(x, fmt, rounding, generator)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         return grad, None, None, None
 
 
-def _quantize_values(x: torch.Tensor, fmt: Format, rounding: str, generator) -> torch.Tensor:
+def _quantize_values(x: torch.Tensor, fmt: Format, rounding: str, generator: torch.Generator | None) -> torch.Tensor:
     if fmt == F32 and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return x.clone()  # every value of these dtypes is already an FP32 value
     native = fmt.torch_dtype
