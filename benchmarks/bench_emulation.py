@@ -12,7 +12,7 @@ backward, mp.step, zero_grad), on the recipe's model and batches, one CPU thread
 
 The sides are interleaved step by step (round robin), so drift in the machine hits all alike; the
 median step after the warm-up is reported, and each ratio is a median over the FP32 median of the same
-run. The goal (issue 9): per-op emulated f16-master <= 2x FP32 on both recipes.
+run. The goal: per-op emulated f16-master <= 2x FP32 on both recipes.
 
 Usage:
     python benchmarks/bench_emulation.py [--steps 30] [--warmup 5] [--out benchmarks/results/emulation.json]

@@ -7,7 +7,7 @@ timed side by side in one run (best of N, after a warm-up):
 * general:  ``mixprec.quantize.quantize_bits`` (integer/float arithmetic, no native cast: any format),
 * quantize: ``mp.quantize`` with nearest rounding (uses the native cast as a fast path when it exists).
 
-Goal (issue 2): general >= 0.5x native throughput; quantize == native.
+Goal: general >= 0.5x native throughput; quantize == native.
 Writes benchmarks/results/quantize.json with device, torch version, commit and date.
 
     python benchmarks/bench_quantize.py [--elements 16777216] [--repeats 7]

@@ -1,8 +1,8 @@
 """Training speed and memory under mixprec policies and torch's own baselines, side by side, recorded.
 
-The code of `mixprec bench` (mixprec/benchmark.py), with defaults for a recorded run: the results JSON
+The code of `mixprec bench` (mixprec/harness/benchmark.py), with defaults for a recorded run: the results JSON
 (device, torch version, commit, date, and per policy the forward/backward/step medians, throughput,
-peak memory, MFU on CUDA, ratios and issue 13's goals) goes to benchmarks/results/ unless --out says
+peak memory, MFU on CUDA, ratios and the GPU goals) goes to benchmarks/results/ unless --out says
 otherwise, and the table is printed. Every option of `mixprec bench` works here.
 
 Usage:
