@@ -394,7 +394,7 @@ def unscale_(optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
     _publish(optimizers, settled=False)  # the step settles them again: they may be edited in between
 
 
-def step(
+def step(  # noqa: C901, PLR0915
     optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
     scaler: LossScaler,
     max_grad_norm: float | None = None,

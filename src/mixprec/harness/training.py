@@ -97,7 +97,7 @@ class RunResult:
         return asdict(self)
 
 
-def train(
+def train(  # noqa: C901, PLR0915
     recipe: Recipe | str,
     policy: mp.Policy | str,
     *,
