@@ -1,7 +1,7 @@
 """Real model code nobody here wrote, unchanged, under f16-master (emulated on CPU) vs FP32.
 
 transformers' GPT-2 and BERT from tiny configs (no download), a CNN with BatchNorm on scikit-learn's
-bundled digits, and nn.LSTM; each trained for a few steps with the loop from DESIGN.md.
+bundled digits, and nn.LSTM; each trained for a few steps with the README's training loop.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ MODELS = {"gpt2": gpt2, "bert": bert, "cnn": cnn, "lstm": lstm}
 
 
 def train(make: Callable[[], Task], policy: str) -> tuple[list[float], nn.Module, torch.optim.Optimizer]:
-    """The training loop of DESIGN.md, unchanged for every model and policy."""
+    """The README's training loop, unchanged for every model and policy."""
     model, loss_fn = make()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model, optimizer, scaler = mp.prepare(model, optimizer, policy)

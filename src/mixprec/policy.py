@@ -113,7 +113,7 @@ class Rule:
 
 @dataclass(frozen=True)
 class ModulePrecision:
-    """What a policy assigns to one module: read by explain(), casting, and (later) memory reports."""
+    """What a policy assigns to one module: read by explain(), mp.prepare and the reports."""
 
     name: str
     type_name: str

@@ -10,7 +10,7 @@ gradient destroys the weights, and stepping an LR scheduler on a skipped step sh
 2. unscale them in place and check for inf/NaN, in one fused pass (``scaler.unscale_and_check_``);
 3. clip, on the unscaled gradients, only if they are finite (a masked clip coefficient, no sync);
 4. read the found-inf flag, the gradient norm, the loss scale and the skipped-step count to the host
-   in ONE transfer: the step's only host sync (later, the cross-rank agreement on found-inf goes
+   in ONE transfer: the step's only host sync (with several ranks, the agreement on found-inf goes
    right before it);
 5. step the optimizer if the gradients were finite; otherwise leave every parameter, master and
    optimizer state tensor untouched;

@@ -1,6 +1,6 @@
 """The reference training loop: one recipe under one policy and seed, and `compare` for many.
 
-It uses only the public API, in the order DESIGN.md promises users:
+It uses only the public API, in the order the README's example shows users:
 
     model, optimizer, scaler = mp.prepare(model, optimizer, policy)
     with mp.autocast(model):
