@@ -219,7 +219,8 @@ def test_cli_policies_lists_presets(capsys):
 
 
 def test_scaling_left_out_is_dynamic_for_narrow_range_formats_and_none_otherwise():
-    # The API contract's spelling of the paper's recipe (a policy string with no scaling key) means the paper's recipe, loss scaling included.
+    # The API contract's spelling of the paper's recipe (a policy string with no scaling key) means the paper's
+    # recipe, loss scaling included.
     assert mp.Policy.parse("params=f16,compute=f16,output=f32,master=f32") == mp.Policy.parse("f16-master")
     assert mp.Policy.parse("params=bf16,compute=bf16,master=f32") == mp.Policy.parse("bf16-master")
     assert mp.Policy.parse("compute=e4m3").scaling == "dynamic"
