@@ -92,10 +92,10 @@ def prepare(
     if isinstance(optimizer, torch.optim.SparseAdam):
         raise ValueError("SparseAdam steps sparse gradients only, and mixprec's models make dense ones (sparse "
                          "embeddings are refused): use torch.optim.Adam or AdamW")
-    if prepared_state(model) is not None:
+    if (already := prepared_state(model)) is not None:
         raise RuntimeError(
-            f"this {type(model).__name__} is already prepared (policy {prepared_state(model).policy}); "
-            f"prepare a model once, or call mp.casting.unprepare(model) first to prepare it again")
+            f"this {type(model).__name__} is already prepared (policy {already.policy}); "
+            f"prepare a model once, or call mp.unprepare(model) first to prepare it again")
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     device = torch.device(device)

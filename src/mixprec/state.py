@@ -114,7 +114,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
             model = model.module
         elif _is_compiled(model):
-            model = model._orig_mod
+            model = model._orig_mod  # type: ignore[assignment]  # a Module: torch.compile wraps one
         else:
             return model
 

@@ -158,8 +158,13 @@ class OpEmulation(TorchFunctionMode):
 
     def _arithmetic_dtype(self, args: tuple, kwargs: dict) -> torch.dtype | None:
         """The 16-bit dtype native execution would compute this call in, or None (leave it as it is)."""
-        dtypes = set()
-        map_floats((args, kwargs), lambda x: dtypes.add(x.dtype) or x)
+        dtypes: set[torch.dtype] = set()
+
+        def note(x: torch.Tensor) -> torch.Tensor:
+            dtypes.add(x.dtype)
+            return x
+
+        map_floats((args, kwargs), note)
         if not dtypes or torch.float64 in dtypes:
             return None
         if torch.is_autocast_enabled(self.device_type):
@@ -169,8 +174,13 @@ class OpEmulation(TorchFunctionMode):
     def _round(self, func: Callable, out: Any, args: tuple, kwargs: dict) -> Any:
         """Round every floating output in a sub-carrier dtype onto its format: new tensors with the
         gradient rounded too; an in-place result in place; a view (values already rounded) not at all."""
-        inputs = set()
-        map_floats(args, lambda x: inputs.add(x.untyped_storage().data_ptr()) or x)
+        inputs: set[int] = set()
+
+        def note(x: torch.Tensor) -> torch.Tensor:
+            inputs.add(x.untyped_storage().data_ptr())
+            return x
+
+        map_floats(args, note)
 
         def round_one(y: torch.Tensor) -> torch.Tensor:
             fmt = self.rounding.get(y.dtype)

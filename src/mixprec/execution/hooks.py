@@ -27,7 +27,8 @@ from ..quantize import quantize
 def eager(hook: Callable) -> Callable:
     """Run `hook` outside torch.compile's tracing: it rounds with Format objects and swaps module
     parameters, which dynamo cannot trace; a compiled model breaks its graph around each such hook."""
-    return torch.compiler.disable(hook, recursive=True)
+    disabled: Callable = torch.compiler.disable(hook, recursive=True)
+    return disabled
 
 
 def gated(hook: Callable, gate: Callable[[], bool] | None) -> Callable:
@@ -78,7 +79,7 @@ class _Round(torch.autograd.Function):
         return round_chain(grad, ctx.backward_formats), None, None
 
 
-def cast(x: torch.Tensor, forward_formats: tuple[Format, ...], backward_formats: tuple[Format, ...]):
+def cast(x: torch.Tensor, forward_formats: tuple[Format, ...], backward_formats: tuple[Format, ...]) -> torch.Tensor:
     """An emulated cast: values rounded in forward, the gradient rounded in backward."""
     forward_formats = tuple(f for f in forward_formats if f != F32)
     backward_formats = tuple(f for f in backward_formats if f != F32)
