@@ -146,9 +146,6 @@ def test_invalid_scaler_arguments(call, error, needles):
 
 # ----- mismatched or foreign state dicts --------------------------------------------------------------------
 
-SCALING_GAP = "scaling.py (helper B) does not check this yet"
-
-
 def _changed(state: dict, **changes: object) -> dict:
     return {**state, **changes}
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mixprec as mp
-from mixprec import scaling
+from mixprec import nonfinite, scaling
 from mixprec.scaling import SMALLEST_SCALE as TINY
 from mixprec.scaling import LossScaleFloorError, find_nonfinite, unscale_and_check_
 
@@ -147,7 +147,7 @@ def _grads():
 @pytest.mark.parametrize("bad", [None, INF, -INF, math.nan])
 def test_unscale_and_check_fused_and_fallback(monkeypatch, fused, bad):
     if not fused:
-        monkeypatch.setattr(scaling, "_FUSED_DEVICE_TYPES", set())
+        monkeypatch.setattr(nonfinite, "_FUSED_DEVICE_TYPES", set())
     grads = _grads()
     if bad is not None:
         grads[1][0] = bad
@@ -404,7 +404,7 @@ def test_a_gradient_that_overflows_when_unscaled_is_an_overflow(monkeypatch, fus
     # S = 2^-100: a finite scaled gradient of 2^40 is 2^140 once unscaled, beyond float32. The check used to
     # run before the 1/S multiply only, so the step applied inf.
     if not fused:
-        monkeypatch.setattr(scaling, "_FUSED_DEVICE_TYPES", set())
+        monkeypatch.setattr(nonfinite, "_FUSED_DEVICE_TYPES", set())
     grads = [torch.tensor([2.0**40, 1.0]), torch.tensor([1.0], dtype=torch.float16)]
     found = mp.StaticScaler(2.0**-100).unscale_and_check_(grads)
     assert float(found) == 1.0 and math.isinf(grads[0][0])
@@ -528,3 +528,40 @@ def test_a_sparse_gradient_is_clipped_by_the_norm_of_its_dense_form():
     assert info.applied and info.grad_norm == pytest.approx(52**0.5)
     assert torch.allclose(p.detach(), -torch.tensor([[0, 0, 6.0], [4.0, 0, 0]]) / (52**0.5 + 1e-6))
     assert torch.allclose(dense, torch.tensor([[0, 0, 6.0], [4.0, 0, 0]]) / (52**0.5 + 1e-6))
+
+
+# ----- checkpoints written before the skip record moved out of the scaler --------------------------
+
+#: What the scalers' state_dict() gave (version 1) when the skip counters lived in the scaler itself
+#: (mixprec at e71ef5a), for the same sequence of updates as `_replay` below.
+OLD_STATE_DICTS = [
+    {"version": 1, "kind": "StaticScaler", "scale": 1024.0, "skipped_steps": 4, "skipped_in_a_row": 2},
+    {"version": 1, "kind": "DynamicScaler", "scale": 1024.0, "skipped_steps": 3, "skipped_in_a_row": 0,
+     "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000, "hysteresis": 2, "min_scale": 1.0,
+     "max_scale": 16777216.0, "raise_at_min_scale": False, "growth_tracker": 3, "hysteresis_tracker": 0,
+     "warned_at_floor": False},
+    {"version": 1, "kind": "NoScaler", "scale": 1.0, "skipped_steps": 1, "skipped_in_a_row": 1},
+]
+
+
+def _replay(kind: str) -> mp.LossScaler:
+    scaler, flags = {"StaticScaler": (mp.StaticScaler(1024.0), (1, 1, 0, 1, 1)),
+                     "DynamicScaler": (mp.DynamicScaler(init_scale=2.0**12), (1, 0, 0, 1, 1, 0, 0, 0)),
+                     "NoScaler": (mp.NoScaler(), (1,))}[kind]
+    for flag in flags:
+        scaler.update(torch.tensor(float(flag)))
+    return scaler
+
+
+@pytest.mark.parametrize("old", OLD_STATE_DICTS, ids=lambda d: d["kind"])
+def test_old_scaler_checkpoints_load_and_the_keys_stay_the_same(old):
+    replayed = _replay(old["kind"])
+    assert replayed.state_dict() == old and list(replayed.state_dict()) == list(old)  # same keys, same order
+    fresh = type(replayed)(**({"scale": 8.0} if old["kind"] == "StaticScaler" else {}))
+    fresh.load_state_dict(dict(old))
+    assert fresh.state_dict() == old
+    assert (fresh.skipped_in_a_row, int(fresh.skipped_steps)) == (old["skipped_in_a_row"], old["skipped_steps"])
+    # The restored record carries on counting as the replayed one does.
+    for scaler in (fresh, replayed):
+        scaler.update(torch.tensor(1.0))
+    assert fresh.state_dict() == replayed.state_dict()

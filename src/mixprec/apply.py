@@ -38,6 +38,7 @@ from .master import MasterWeights
 from .policy import Policy
 from .scaling import LossScaler
 from .state import _STATE_ATTR, PreparedState, is_dtensor, is_sharded, prepared_state, unwrap
+from .step import refuse_unscaled_step
 
 __all__ = ["prepare", "autocast", "unprepare"]
 
@@ -125,7 +126,7 @@ def prepare(
     setattr(model, _STATE_ATTR, state)
     scaler = policy.make_scaler(device)
     if optimizer is not None:  # optimizer.step() by hand on scaled gradients: refused
-        state.handles.append(optimizer.register_step_pre_hook(scaler.refuse_unscaled_step))
+        state.handles.append(optimizer.register_step_pre_hook(refuse_unscaled_step(scaler)))
     return given, optimizer, scaler
 
 

@@ -36,145 +36,20 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .master import MasterWeights, managed
-from .scaling import LossScaler, find_nonfinite, group_by_device_and_dtype
-from .state import is_dtensor
+from . import stepped
+from .master import MasterWeights
+from .nonfinite import find_nonfinite, group_by_device_and_dtype
+from .outcome import NaNStormError, StepInfo, label
+from .scaling import LossScaler, NoScaler
 
-__all__ = ["StepInfo", "step", "unscale_", "NaNStormError"]
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What one `step` did.
-
-    Attributes:
-        applied: the optimizer stepped (gradients were finite). Step LR schedulers, EMAs and counters
-            only when True.
-        loss_scale: the loss scale this step's gradients were scaled by.
-        grad_norm: total L2 norm of the unscaled gradients (inf/NaN on an overflow), or None when no
-            clipping was asked for (pass ``max_grad_norm=float("inf")`` to measure without clipping).
-        skipped_steps: steps skipped so far by this scaler, this one included.
-        nonfinite: on a skipped step, the parameters whose gradients held inf/NaN on this rank, as
-            ``{"#i (shape 64x32)": "inf" | "nan" | "inf, nan"}`` (i: position among the optimizer's
-            parameters; `named` gives model names); ``{}`` when none did (the norm overflowed, or another
-            rank's gradients did); None on an applied step (nothing is read for it).
-
-    After ``mp.step(..., sync=False)``, ``applied``, ``loss_scale``, ``grad_norm`` and ``skipped_steps``
-    are 0-dim tensors on the device (``bool(info.applied)`` reads one, and syncs), ``nonfinite`` is None.
-    """
-
-    applied: bool | torch.Tensor
-    loss_scale: float | torch.Tensor
-    grad_norm: float | torch.Tensor | None
-    skipped_steps: int | torch.Tensor = 0
-    nonfinite: dict[str, str] | None = None
-    _params: tuple = field(default=(), repr=False, compare=False)
-
-    def named(self, model: torch.nn.Module) -> dict[str, str] | None:
-        """`nonfinite` with the parameters named as in `model`.
-
-        Example:
-            >>> import torch, mixprec as mp
-            >>> model = torch.nn.Linear(2, 1)
-            >>> model.weight.grad, model.bias.grad = torch.ones(1, 2), torch.tensor([float("inf")])
-            >>> info = mp.step(torch.optim.SGD(model.parameters(), lr=0.1), mp.NoScaler())
-            >>> info.applied, info.nonfinite, info.named(model)
-            (False, {'#1 (shape 1)': 'inf'}, {'bias': 'inf'})
-        """
-        if self.nonfinite is None:
-            return None
-        names = {id(p): name for name, p in model.named_parameters()}
-        return {names.get(id(p), label): kinds for (label, kinds), p in zip(self.nonfinite.items(), self._params,
-                                                                            strict=True)}
-
-
-class NaNStormError(RuntimeError):
-    """`step` stopped a run whose steps keep being skipped, where skipping cannot end it.
-
-    Raised when ``max_skips_in_a_row`` steps in a row had inf/NaN gradients (``reason="storm"``), or as
-    soon as the weights themselves hold inf/NaN (``reason="weights"``; every later gradient would too).
-    The step that raises was not applied: parameters, masters and optimizer state are those of the last
-    applied step, the last good state.
-
-    Attributes:
-        reason: ``"storm"`` or ``"weights"``.
-        skipped_in_a_row: consecutive skipped steps, the one that raised included.
-        skipped_steps: steps the scaler skipped in all.
-        loss_scale: the scale the last step's gradients were scaled by.
-        gradients: ``{parameter: "inf" | "nan" | "inf, nan"}`` for the gradients that held them.
-        weights: the same for the weights (FP32 masters, where a parameter has one).
-        step: the training step, where the caller told it (`named`).
-        checkpoint: where the caller saved the last good state, if it did (`named`).
-
-    Parameters are labelled ``"#i (shape 64x32)"`` (i: position among the optimizer's parameters) until
-    `named` gives them their names in a model.
-
-    Example:
-        >>> import mixprec as mp
-        >>> p = torch.nn.Parameter(torch.ones(2))
-        >>> p.grad = torch.tensor([float("nan"), 1.0])
-        >>> try:
-        ...     step(torch.optim.SGD([p], lr=0.1), mp.NoScaler(), max_skips_in_a_row=1)
-        ... except NaNStormError as error:
-        ...     print(error.gradients, error.loss_scale)
-        {'#0 (shape 2)': 'nan'} 1.0
-    """
-
-    def __init__(self, reason: str, skipped_in_a_row: int, skipped_steps: int, loss_scale: float,
-                 found: list[tuple[str, int, torch.Tensor, str]], names: dict[int, str] | None = None,
-                 step: int | None = None, checkpoint: str | None = None) -> None:
-        self._args = (reason, skipped_in_a_row, skipped_steps, loss_scale, found)
-        self.reason, self.skipped_in_a_row, self.skipped_steps = reason, skipped_in_a_row, skipped_steps
-        self.loss_scale, self.step, self.checkpoint = loss_scale, step, checkpoint
-        labels = [(names or {}).get(id(p)) or _label(i, p) for _, i, p, _ in found]
-        self.gradients, self.weights = ({label: kinds for (w, _, _, kinds), label in zip(found, labels, strict=True)
-                                         if w == where} for where in ("gradients", "weights"))
-        super().__init__(self._message())
-
-    def named(self, model: torch.nn.Module, step: int | None = None, checkpoint: str | None = None) -> NaNStormError:
-        """The same error, with the parameters named as in ``model`` (and the step and checkpoint, if given).
-
-        Example:
-            >>> model = torch.nn.Linear(2, 1)
-            >>> error = NaNStormError("storm", 50, 50, 1.0, [("gradients", 1, model.bias, "nan")])
-            >>> error.gradients, error.named(model, step=120).gradients
-            ({'#1 (shape 1)': 'nan'}, {'bias': 'nan'})
-        """
-        names = {id(p): name for name, p in model.named_parameters()}
-        return NaNStormError(*self._args, names, self.step if step is None else step, checkpoint or self.checkpoint)
-
-    def _message(self) -> str:
-        at = f" at step {self.step}" if self.step is not None else ""
-        if self.reason == "weights":
-            text = (f"the weights of {_listed(self.weights)} hold inf/NaN{at}: every later step would be skipped "
-                    f"(their gradients are inf/NaN too). Something other than a step wrote them (a NaN written "
-                    f"into a master weight, say), or the optimizer made them from finite gradients (e.g. Adam "
-                    f"with eps=0): restore the last good checkpoint")
-        else:
-            grads = _listed(self.gradients) or "none on the parameters (the unscaled values or their norm overflowed)"
-            weights = f"; weights with inf/NaN: {_listed(self.weights)}" if self.weights else "; the weights are finite"
-            text = (f"NaN storm{at}: {self.skipped_in_a_row} steps in a row were skipped (loss scale "
-                    f"{self.loss_scale:g}, {self.skipped_steps} skipped in all); inf/NaN gradients in {grads}"
-                    f"{weights}. A loss scale does not fix this: look for a NaN loss, an inf activation or bad "
-                    f"data in these steps (or pass max_skips_in_a_row=None to mp.step to keep skipping)")
-        return text + (f". The last good state is saved in {self.checkpoint}" if self.checkpoint else "")
-
-
-def _label(i: int, p: torch.Tensor) -> str:
-    return f"#{i} (shape {'x'.join(map(str, p.shape)) or '()'})"
-
-
-def _listed(found: dict[str, str], most: int = 6) -> str:
-    items = [f"{label}: {kinds}" for label, kinds in found.items()]
-    more = f" and {len(items) - most} more" if len(items) > most else ""
-    return ", ".join(items[:most]) + more
+__all__ = ["StepInfo", "step", "unscale_", "NaNStormError", "refuse_unscaled_step"]
 
 
 def _group_size(group: Any) -> int:
@@ -182,43 +57,6 @@ def _group_size(group: Any) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
-
-
-def _optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
-    optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
-    if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
-        raise TypeError(f"mp.step takes an optimizer or a list of optimizers (those mp.prepare returned), "
-                        f"got {optimizer!r}")
-    return optimizers
-
-
-def _gather_grads(optimizers: list[torch.optim.Optimizer], ranks: int) -> tuple[list[torch.Tensor], list[bool]]:
-    """The gradients the optimizers step on, as local tensors, and whether each is a shard (FSDP2)."""
-    local: list[torch.Tensor] = []
-    sharded: list[bool] = []
-    for optimizer in optimizers:
-        if isinstance(optimizer, MasterWeights):
-            # Across ranks, an FP32 gradient is used only where mixprec's DDP hook reduced it (equal on
-            # every rank); anything else (a reduction mixprec did not see) is read from param.grad.
-            grads = optimizer.collect_grads_(trust_fp32=ranks == 1)
-            local += grads
-            sharded += [False] * len(grads)  # FP32 masters are plain tensors (FSDP2 keeps its own)
-            continue
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        refused = managed(params)
-        if refused:
-            p = params[refused[0]]
-            raise RuntimeError(
-                f"mp.step got a plain {type(optimizer).__name__} over parameter #{refused[0]} (shape "
-                f"{tuple(p.shape)}) and {len(refused) - 1} more that mp.prepare stored in 16 bits: it would "
-                f"train them without FP32 masters (or off their format's grid). Build one optimizer over "
-                f"every parameter before prepare (param groups can differ in lr and weight decay) and step "
-                f"the one prepare returns: model, optimizer, scaler = mp.prepare(model, optimizer, policy)")
-        for g in (p.grad for p in params if p.grad is not None):
-            shard = is_dtensor(g)
-            local.append(g.to_local() if shard else g)
-            sharded.append(shard and any(p.is_shard() for p in g.placements))
-    return local, sharded
 
 
 def _read_together(values: list[torch.Tensor]) -> list[float]:
@@ -251,28 +89,14 @@ def _agree(found_inf: torch.Tensor, shard_sq: torch.Tensor | None, bad_weights: 
     return torch.clamp(packed[0], max=1.0), packed[1], packed[2]
 
 
-def _weights(optimizers: list[torch.optim.Optimizer]) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(position, model parameter, tensor the optimizer steps: its master or itself) for each parameter."""
-    found: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-    for opt in optimizers:
-        stepped = [t for group in opt.param_groups for t in group["params"]]
-        models = opt.model_params if isinstance(opt, MasterWeights) else stepped
-        found += [(len(found) + i, p, t) for i, (p, t) in enumerate(zip(models, stepped, strict=True))]
-    return found
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if is_dtensor(t) else t
-
-
 def _diagnose(optimizers: list[torch.optim.Optimizer], grads: list[torch.Tensor],
               weights_too: bool = True) -> list[tuple[str, int, Any, str]]:
     """Which gradients (and weights) hold inf/NaN, by parameter (cold path: it reads values to the host).
     Run before the step releases the FP32 gradients: `grads` line up with the stepped tensors that have one."""
-    weights = _weights(optimizers)
+    weights = stepped.weights(optimizers)
     checks = [("gradients", [(i, p) for i, p, t in weights if t.grad is not None], grads)]
     if weights_too:
-        checks.append(("weights", [(i, p) for i, p, _ in weights], [_local(t) for _, _, t in weights]))
+        checks.append(("weights", [(i, p) for i, p, _ in weights], [stepped.local(t) for _, _, t in weights]))
     found = []
     for where, owners, tensors in checks:
         flags = find_nonfinite(tensors).tolist() if tensors else []
@@ -305,48 +129,11 @@ def _clip_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float, found
         torch._foreach_mul_(group, coef.to(device))
 
 
-def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    return optimizer.optimizer if isinstance(optimizer, MasterWeights) else optimizer
-
-
-def _check_skips_on_device(optimizers: list[torch.optim.Optimizer]) -> None:
-    for opt in optimizers:
-        # torch sets this on optimizers whose step reads `found_inf` (its fused=True Adam, AdamW, SGD, Adagrad).
-        if not getattr(_inner(opt), "_step_supports_amp_scaling", False):
-            raise ValueError(
-                f"mp.step(..., sync=False) needs optimizers that skip an overflowing step on the device, "
-                f"got {type(_inner(opt)).__name__} without that: build it with fused=True (torch's Adam, "
-                f"AdamW, SGD and Adagrad have it), or leave sync=True (one host read per step)")
-
-
-def _skips_on_device(optimizers: list[torch.optim.Optimizer]) -> bool:
-    """Whether every parameter with a gradient already has its optimizer state: a first step is synced.
-
-    A skipped first step must leave no state behind, and torch's fused SGD, skipping its first step on
-    the device, leaves its momentum buffers uninitialised (garbage in every later step).
-    """
-    unsure = [opt for opt in map(_inner, optimizers)  # every parameter with state: no need to look one by one
-              if len(opt.state) < sum(len(group["params"]) for group in opt.param_groups)]
-    return all(p.grad is None or p in opt.state for opt in unsure for group in opt.param_groups
-               if not (isinstance(opt, torch.optim.SGD) and group["momentum"] == 0)  # SGD without momentum: no state
-               for p in group["params"])
-
-
-def _step_on_device(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
-    """Step `optimizer`, which updates nothing (parameters, state, step counts) where found_inf != 0."""
-    inner = _inner(optimizer)
-    inner.found_inf, inner.grad_scale = found_inf, None  # how torch.amp.GradScaler hands them over
-    try:
-        optimizer.step()
-    finally:
-        del inner.found_inf, inner.grad_scale
-
-
 def _grads_to_step(optimizers: list[torch.optim.Optimizer], scaler: LossScaler,
-                    ranks: int) -> tuple[list[torch.Tensor], list[bool]]:
+                   ranks: int) -> tuple[list[torch.Tensor], list[bool]]:
     """The gradients `_gather_grads` finds, refusing a step with none (and a second step on the same ones)."""
-    scaler.check_not_stepped()
-    found = _gather_grads(optimizers, ranks)
+    scaler.skips.check_not_stepped()
+    found = stepped.gather_grads(optimizers, ranks)
     if not found[0]:
         raise RuntimeError(
             "mp.step found no gradients: call scaler.scale(loss).backward() before mp.step "
@@ -354,10 +141,16 @@ def _grads_to_step(optimizers: list[torch.optim.Optimizer], scaler: LossScaler,
     return found
 
 
-def _publish(optimizers: list[torch.optim.Optimizer], settled: bool = True) -> None:
-    for opt in optimizers:
-        if isinstance(opt, MasterWeights):
-            opt.publish_grads_(settled)
+def refuse_unscaled_step(scaler: LossScaler) -> Callable[..., None]:
+    """An optimizer step pre-hook (`mp.prepare` registers it) refusing ``optimizer.step()`` on gradients
+    `scaler` scaled that no `mp.step` has unscaled and checked (a NoScaler's are as they were)."""
+    def refuse(optimizer: torch.optim.Optimizer, args: Any = (), kwargs: Any = None) -> None:
+        if scaler.skips.unstepped and not isinstance(scaler, NoScaler):
+            raise RuntimeError(
+                f"optimizer.step() after scaler.scale(loss).backward(): the gradients are still multiplied by "
+                f"the loss scale ({scaler.loss_scale:g}) and unchecked for inf/NaN. Step with "
+                f"mp.step(optimizer, scaler), which unscales, checks, clips and skips overflowing steps")
+    return refuse
 
 
 def unscale_(optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], scaler: LossScaler) -> None:
@@ -386,15 +179,145 @@ def unscale_(optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
         >>> mp.step(opt, scaler).applied, [round(g, 4) for g in model.weight.grad[0].tolist()]
         (True, [0.7071, 0.7071])
     """
-    optimizers = _optimizers(optimizer)
-    if scaler.take_unscaled(optimizers, peek=True) is not None:
+    optimizers = stepped.as_optimizers(optimizer)
+    if scaler.skips.take_unscaled(optimizers, peek=True) is not None:
         raise RuntimeError("mp.unscale_ was already called for this backward: call mp.step next")
     grads, _ = _grads_to_step(optimizers, scaler, _group_size(None))
-    scaler.keep_unscaled(optimizers, scaler.unscale_and_check_(grads))
-    _publish(optimizers, settled=False)  # the step settles them again: they may be edited in between
+    scaler.skips.keep_unscaled(optimizers, scaler.unscale_and_check_(grads))
+    stepped.publish(optimizers, settled=False)  # the step settles them again: they may be edited in between
 
 
-def step(  # noqa: C901, PLR0915
+@dataclass
+class _Checked:
+    """What the first phases found: the gradients to step on, and the flags the apply phases read."""
+
+    grads: list[torch.Tensor]
+    found_inf: torch.Tensor  # 0-dim float32, agreed across ranks: nonzero skips the step
+    norm: torch.Tensor | None  # the total L2 norm of the unscaled gradients, when clipping was asked for
+    bad_weights: torch.Tensor | None  # the weights hold inf/NaN (checked on the step after a skipped one)
+
+
+def _check_arguments(optimizer: Any, scaler: Any, max_grad_norm: Any, sync: Any) -> list[torch.optim.Optimizer]:
+    """The optimizers to step, or a TypeError/ValueError saying which argument is wrong and how."""
+    if not isinstance(scaler, LossScaler):
+        raise TypeError(f"mp.step takes the LossScaler mp.prepare returned (or mp.NoScaler()), got "
+                        f"{type(scaler).__name__} {scaler!r}")
+    if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))):
+        raise TypeError(f"max_grad_norm must be a number > 0 or None, got {type(max_grad_norm).__name__} "
+                        f"{max_grad_norm!r}")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm!r}")
+    if not isinstance(sync, bool):
+        raise TypeError(f"sync must be True or False, got {type(sync).__name__} {sync!r}")
+    optimizers = stepped.as_optimizers(optimizer)
+    if not sync:
+        stepped.check_skips_on_device(optimizers)
+    return optimizers
+
+
+def _unscale_check_agree(optimizers: list[torch.optim.Optimizer], scaler: LossScaler, clip: bool, sync: bool,
+                         ranks: int, group: Any) -> _Checked:
+    """Phase 1: unscale and check the gradients (one fused pass), measure their norm, agree across ranks.
+
+    The gradients are the FP32 masters' where `MasterWeights` is used. After `mp.unscale_` they are
+    unscaled already (and maybe clipped by hand): gathered again, not unscaled twice. After a skipped
+    step the weights are checked too (a NaN weight makes every later step skip), read with the step's
+    one sync, so clean steps pay nothing. One collective agrees on all three across ranks.
+    """
+    unscaled = scaler.skips.take_unscaled(optimizers)  # found-inf of an mp.unscale_ for this backward, or None
+    grads, sharded = _grads_to_step(optimizers, scaler, ranks)
+    found_inf = scaler.unscale_and_check_(grads) if unscaled is None else unscaled
+    scaler.skips.mark_stepped()  # unscaled in place: this step has consumed them (optimizer.step() may now run)
+    device = found_inf.device
+    bad_weights = None
+    if scaler.known_skipped_in_a_row != 0 and sync:  # None: steps with sync=False ran since the last read
+        local = [stepped.local(t) for _, _, t in stepped.weights(optimizers)]
+        bad_weights = find_nonfinite(local).any().float().to(device) if local else None
+    shard_sq = replica_norm = None
+    if clip:
+        # In FP32: a 16-bit norm overflows long before the gradients do (a plain optimizer over
+        # 16-bit parameters steps 16-bit grads). Shards' squared norms are summed over the ranks.
+        shards = [_summed(g).float() for g, s in zip(grads, sharded, strict=True) if s]
+        replicas = [_summed(g).float() for g, s in zip(grads, sharded, strict=True) if not s]
+        shard_sq = _norm(shards, device) ** 2 if shards else None
+        replica_norm = _norm(replicas, device)
+    if ranks > 1:
+        found_inf, shard_sq_total, bad_total = _agree(found_inf, shard_sq, bad_weights, group)
+        bad_weights = None if bad_weights is None else bad_total
+        shard_sq = None if shard_sq is None else shard_sq_total
+    norm = replica_norm
+    if replica_norm is not None and shard_sq is not None:
+        norm = torch.sqrt(shard_sq + replica_norm**2)
+    return _Checked(grads, found_inf, norm, bad_weights)
+
+
+def _clip_phase(checked: _Checked, max_grad_norm: float) -> None:
+    """Phase 2: clip the unscaled gradients to ``max_grad_norm`` if they are finite (no sync).
+
+    A norm that overflows FP32 while every gradient is finite cannot clip (its coefficient is 0): the
+    step is skipped as for an overflow instead of zeroing the gradients and stepping on.
+    """
+    assert checked.norm is not None
+    found_inf = checked.found_inf
+    checked.found_inf = torch.maximum(found_inf, (~torch.isfinite(checked.norm)).to(found_inf.device, found_inf.dtype))
+    _clip_(checked.grads, checked.norm, max_grad_norm, checked.found_inf)
+
+
+def _apply_on_device(optimizers: list[torch.optim.Optimizer], scaler: LossScaler, checked: _Checked) -> StepInfo:
+    """Phase 3 with ``sync=False``: no host read; the optimizers skip an overflowing step themselves."""
+    loss_scale_now = scaler.scale_tensor  # update() replaces the tensor: this stays the step's scale
+    for opt in optimizers:
+        stepped.step_on_device(opt, checked.found_inf)
+    scaler.update(checked.found_inf)
+    return StepInfo(applied=checked.found_inf == 0, loss_scale=loss_scale_now, grad_norm=checked.norm,
+                    skipped_steps=scaler.skipped_steps.clone())
+
+
+def _apply_synced(optimizers: list[torch.optim.Optimizer], scaler: LossScaler, checked: _Checked,
+                  limit: int | None) -> StepInfo:
+    """Phase 3: the one host sync, the guards, the update if the gradients were finite, the scale's update."""
+    found_inf, norm, bad_weights = checked.found_inf, checked.norm, checked.bad_weights
+    values = [found_inf, scaler.scale_tensor, scaler.skipped_steps, scaler.skipped_in_a_row_tensor]
+    if norm is not None:
+        values.append(norm.to(found_inf.device))
+    if bad_weights is not None:
+        values.append(bad_weights)
+    read = _read_together(values)
+    overflow, loss_scale, skipped_before, in_a_row = read[0] != 0, read[1], int(read[2]), int(read[3]) + 1
+    weights_broken = bad_weights is not None and read[-1] != 0
+    storm = overflow and limit is not None and in_a_row >= limit
+    if weights_broken or storm:  # the run ends here: say why, while the FP32 gradients are still held
+        error = NaNStormError("weights" if weights_broken else "storm", in_a_row,
+                              skipped_before + 1, loss_scale, _diagnose(optimizers, checked.grads))
+        if weights_broken:  # not applied; the scale has nothing to do with it and stays as it is
+            for opt in optimizers:
+                if isinstance(opt, MasterWeights):
+                    opt.release_grads_()
+            raise error
+
+    # Provenance of a skipped step (a cold path, as rare as skips): which parameters' gradients overflowed.
+    found = _diagnose(optimizers, checked.grads, weights_too=False) if overflow else []
+    for opt in optimizers:  # update only with finite gradients
+        if not overflow:
+            opt.step()
+        elif isinstance(opt, MasterWeights):
+            opt.release_grads_()  # the step consumed them, applied or not
+
+    # The scale's update (tensor ops), then host-side bookkeeping with the values already read.
+    scaler.update(found_inf)
+    scaler.observe(overflow, loss_scale, in_a_row if overflow else 0)
+    if storm:
+        raise error
+    return StepInfo(
+        applied=not overflow,
+        loss_scale=loss_scale,
+        grad_norm=read[4] if norm is not None else None,
+        skipped_steps=skipped_before + int(overflow),
+        nonfinite={label(i, p): kinds for _, i, p, kinds in found} if overflow else None,
+        _params=tuple(p for _, _, p, _ in found))
+
+
+def step(
     optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
     scaler: LossScaler,
     max_grad_norm: float | None = None,
@@ -455,107 +378,12 @@ def step(  # noqa: C901, PLR0915
         >>> info.applied, q.tolist()  # a device tensor: read when wanted
         (tensor(True), [0.75, 0.5])
     """
-    if not isinstance(scaler, LossScaler):
-        raise TypeError(f"mp.step takes the LossScaler mp.prepare returned (or mp.NoScaler()), got "
-                        f"{type(scaler).__name__} {scaler!r}")
-    if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))):
-        raise TypeError(f"max_grad_norm must be a number > 0 or None, got {type(max_grad_norm).__name__} "
-                        f"{max_grad_norm!r}")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm!r}")
-    if not isinstance(sync, bool):
-        raise TypeError(f"sync must be True or False, got {type(sync).__name__} {sync!r}")
-    optimizers = _optimizers(optimizer)
-    if not sync:
-        _check_skips_on_device(optimizers)
+    optimizers = _check_arguments(optimizer, scaler, max_grad_norm, sync)
     limit = _skip_limit(max_skips_in_a_row, scaler)
-    ranks = _group_size(group)
-    # 1. Unscale + check, fused; grads are FP32 masters' grads when MasterWeights is used. After
-    # mp.unscale_ they are unscaled already (and maybe clipped by hand): gathered again, not unscaled twice.
-    unscaled = scaler.take_unscaled(optimizers)  # found-inf of an mp.unscale_ for this backward, or None
-    grads, sharded = _grads_to_step(optimizers, scaler, ranks)
-    found_inf = scaler.unscale_and_check_(grads) if unscaled is None else unscaled
-    scaler.mark_stepped()  # unscaled in place: this step has consumed them (optimizer.step() may now run)
-
-    # 2. Agree across ranks (one collective), then clip the unscaled gradients if they are finite.
-    device = found_inf.device
-    # After a skipped step, also check that the weights are finite (a NaN weight makes every later step
-    # skip); read with the one sync below, so clean steps pay nothing.
-    bad_weights = None
-    if scaler.known_skipped_in_a_row != 0 and sync:  # None: steps with sync=False ran since the last read
-        local = [_local(t) for _, _, t in _weights(optimizers)]
-        bad_weights = find_nonfinite(local).any().float().to(device) if local else None
-    norm = None
+    checked = _unscale_check_agree(optimizers, scaler, max_grad_norm is not None, sync, _group_size(group), group)
     if max_grad_norm is not None:
-        # In FP32: a 16-bit norm overflows long before the gradients do (a plain optimizer over
-        # 16-bit parameters steps 16-bit grads).
-        shards = [_summed(g).float() for g, s in zip(grads, sharded, strict=True) if s]
-        replicas = [_summed(g).float() for g, s in zip(grads, sharded, strict=True) if not s]
-        shard_sq = _norm(shards, device) ** 2 if shards else None
-        replica_norm = _norm(replicas, device)
-    if ranks > 1:
-        found_inf, shard_sq_total, bad_total = _agree(
-            found_inf, shard_sq if max_grad_norm is not None else None, bad_weights, group)
-        bad_weights = None if bad_weights is None else bad_total
-    if max_grad_norm is not None:
-        if any(sharded):
-            total_sq = shard_sq_total if ranks > 1 else shard_sq
-            norm = torch.sqrt(total_sq + replica_norm**2)
-        else:
-            norm = replica_norm
-        # A norm that overflows FP32 while every gradient is finite cannot clip (its coefficient is 0):
-        # skip the step as for an overflow instead of zeroing the gradients and stepping on.
-        found_inf = torch.maximum(found_inf, (~torch.isfinite(norm)).to(found_inf.device, found_inf.dtype))
-        _clip_(grads, norm, max_grad_norm, found_inf)
-    _publish(optimizers)  # param.grad unscaled (and clipped) too, as torch.amp leaves it
-
-    if not sync and _skips_on_device(optimizers):
-        # No host read: the optimizers skip an overflowing step themselves, on the device.
-        loss_scale_now = scaler.scale_tensor  # update() replaces the tensor: this stays the step's scale
-        for opt in optimizers:
-            _step_on_device(opt, found_inf)
-        scaler.update(found_inf)
-        return StepInfo(applied=found_inf == 0, loss_scale=loss_scale_now, grad_norm=norm,
-                        skipped_steps=scaler.skipped_steps.clone())
-
-    # 3. The one host sync.
-    values = [found_inf, scaler.scale_tensor, scaler.skipped_steps, scaler.skipped_in_a_row_tensor]
-    if norm is not None:
-        values.append(norm.to(found_inf.device))
-    if bad_weights is not None:
-        values.append(bad_weights)
-    read = _read_together(values)
-    overflow, loss_scale, skipped_before, in_a_row = read[0] != 0, read[1], int(read[2]), int(read[3]) + 1
-    weights_broken = bad_weights is not None and read[-1] != 0
-    storm = overflow and limit is not None and in_a_row >= limit
-    if weights_broken or storm:  # the run ends here: say why, while the FP32 gradients are still held
-        error = NaNStormError("weights" if weights_broken else "storm", in_a_row,
-                              skipped_before + 1, loss_scale, _diagnose(optimizers, grads))
-        if weights_broken:  # not applied; the scale has nothing to do with it and stays as it is
-            for opt in optimizers:
-                if isinstance(opt, MasterWeights):
-                    opt.release_grads_()
-            raise error
-
-    # Provenance of a skipped step (a cold path, as rare as skips): which parameters' gradients overflowed.
-    found = _diagnose(optimizers, grads, weights_too=False) if overflow else []
-
-    # 4. Update only with finite gradients.
-    for opt in optimizers:
-        if not overflow:
-            opt.step()
-        elif isinstance(opt, MasterWeights):
-            opt.release_grads_()  # the step consumed them, applied or not
-
-    # 5. Scale update (tensor ops), then host-side bookkeeping with the values already read.
-    scaler.update(found_inf)
-    scaler.observe(overflow, loss_scale, in_a_row if overflow else 0)
-    if storm:
-        raise error
-    return StepInfo(
-        applied=not overflow,
-        loss_scale=loss_scale,
-        grad_norm=read[4] if norm is not None else None,
-        skipped_steps=skipped_before + int(overflow),
-        nonfinite={_label(i, p): kinds for _, i, p, kinds in found} if overflow else None,
-        _params=tuple(p for _, _, p, _ in found))
+        _clip_phase(checked, max_grad_norm)
+    stepped.publish(optimizers)  # param.grad unscaled (and clipped) too, as torch.amp leaves it
+    if not sync and stepped.skips_on_device(optimizers):
+        return _apply_on_device(optimizers, scaler, checked)
+    return _apply_synced(optimizers, scaler, checked, limit)
