@@ -21,6 +21,7 @@ from .quantize import quantize
 from .scaling import DynamicScaler, LossScaleFloorError, LossScaler, NoScaler, StaticScaler
 from .state import PreparedState, prepared_state
 from .step import NaNStormError, StepInfo, step, unscale_
+from .wrapper import OptimizerWrapper
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,7 @@ __all__ = [
     "watch",
     "NaNStormError",
     "NoScaler",
+    "OptimizerWrapper",
     "Policy",
     "Rule",
     "StaticScaler",

@@ -142,9 +142,10 @@ def accumulates(param: torch.Tensor) -> bool:
         return False
 
 
-def put_first(hooks: OrderedDict, handle: torch.utils.hooks.RemovableHandle) -> None:
+def put_first(hooks: dict | None, handle: torch.utils.hooks.RemovableHandle) -> None:
     """Move the hook of `handle` to the front of a tensor's hook dict, so that it runs before any other
     (hooks registered earlier by users included)."""
+    assert isinstance(hooks, OrderedDict), "torch keeps a tensor's hooks in an OrderedDict"
     hooks.move_to_end(handle.id, last=False)
 
 

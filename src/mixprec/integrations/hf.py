@@ -97,15 +97,15 @@ def prepare_accelerated(
     check_accelerator(accelerator)
     if accelerator.device_placement:
         model.to(accelerator.device)  # before mp.prepare: the masters and the scaler go where the model is
-    model, optimizer, scaler = mp.prepare(model, optimizer, policy)
-    model, wrapped, *objects = accelerator.prepare(model, optimizer, *objects)
+    model, prepared, scaler = mp.prepare(model, optimizer, policy)
+    model, wrapped, *objects = accelerator.prepare(model, prepared, *objects)
     accelerator.register_for_checkpointing(scaler)
     # Accelerate's AcceleratedOptimizer.step would step without unscaling or checking: hand back the
     # optimizer inside it, the one mp.step takes.
     return (model, getattr(wrapped, "optimizer", wrapped), scaler, *objects)
 
 
-class _StepOptimizer(torch.optim.Optimizer):
+class _StepOptimizer(mp.OptimizerWrapper):
     """The optimizer a framework steps: ``step()`` is ``mp.step(optimizer, scaler, max_grad_norm)``.
 
     It stands where the Trainer keeps its optimizer. It tells Accelerate that it is prepared already, so
@@ -117,26 +117,17 @@ class _StepOptimizer(torch.optim.Optimizer):
     _is_accelerate_prepared = True
 
     def __init__(self, optimizer: torch.optim.Optimizer, scaler: mp.LossScaler, max_grad_norm: float | None) -> None:
-        # torch.optim.Optimizer.__init__ is not called: param groups and state belong to `optimizer`.
-        self.optimizer, self.scaler, self.max_grad_norm = optimizer, scaler, max_grad_norm
-        self.defaults = optimizer.defaults
+        super().__init__(optimizer)
+        self.scaler, self.max_grad_norm = scaler, max_grad_norm
         self.last_info: mp.StepInfo | None = None
         self.loss_was_scaled = False  # set by the Trainer's hook on the loss, checked and cleared by step()
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        return self.optimizer.state
 
     @property
     def step_was_skipped(self) -> bool:
         """Whether the latest step was skipped on an overflow (Accelerate's name for it)."""
         return self.last_info is not None and not self.last_info.applied
 
-    def step(self, closure: None = None) -> None:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         if closure is not None:
             raise ValueError("mixprec's optimizer step takes no closure")
         if not self.loss_was_scaled:
@@ -148,17 +139,11 @@ class _StepOptimizer(torch.optim.Optimizer):
         self.loss_was_scaled = False
         self.last_info = mp.step(self.optimizer, self.scaler, max_grad_norm=self.max_grad_norm)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.optimizer.add_param_group(param_group)
-
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         # The scaler travels with the optimizer: Trainer checkpoints (and resumes) it without knowing.
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.scaler.load_state_dict(state_dict["scaler"])
 
@@ -171,131 +156,151 @@ class _StepOptimizer(torch.optim.Optimizer):
 _PRIVATE_HOOKS = ("_clip_grad_norm", "_get_grad_norm")
 
 
+def _check_trainer_arguments(args: Any, policy: mp.Policy) -> None:
+    """Refuse TrainingArguments that ask the Trainer for mixed precision of its own, and a transformers
+    without the private Trainer methods the mixprec Trainer overrides."""
+    import transformers  # imported already: the Trainer class subclasses it
+
+    flags = [f for f in ("fp16", "bf16", "fp16_full_eval", "bf16_full_eval") if getattr(args, f, False)]
+    if flags:
+        raise ValueError(
+            f"TrainingArguments({', '.join(f + '=True' for f in flags)}) asks the Trainer to do mixed "
+            f"precision itself, and mixprec's policy {policy} does it already: drop "
+            f"{' and '.join(flags)} from the TrainingArguments")
+    missing = [name for name in _PRIVATE_HOOKS if not hasattr(transformers.Trainer, name)]
+    if missing:
+        raise RuntimeError(
+            f"this transformers ({transformers.__version__}) has no Trainer.{missing[0]}, which "
+            f"mixprec.integrations.hf.Trainer overrides to keep the Trainer from clipping scaled "
+            f"gradients; use a transformers version where it exists (tested: 5.24)")
+
+
+# For the type checker the base is anything (transformers.Trainer comes after it in the MRO at run time).
+_TrainerBase: Any = object
+
+
+# The mixprec Trainer is `class Trainer(_TrainerMethods, transformers.Trainer)`, built by `_trainer_class` on
+# first use; its docstring is this one.
+class _TrainerMethods(_TrainerBase):
+    """A ``transformers.Trainer`` that trains under a mixprec policy: master weights, loss scaling, `mp.step`.
+
+    Args:
+        policy: a `mixprec.Policy` or its string (``"f16-master"``), keyword only; every other
+            argument is ``transformers.Trainer``'s. Pass the bare model (not yet ``mp.prepare``-d).
+
+    Attributes:
+        policy: the parsed policy.
+        scaler: the loss scaler (None until training sets the optimizer up).
+        last_step_info: the `mixprec.StepInfo` of the latest optimizer step (None before the first).
+
+    What it changes in the Trainer's loop:
+
+    * ``create_optimizer`` builds the Trainer's optimizer as usual, then ``mp.prepare(model, optimizer,
+      policy)`` wraps it (FP32 masters); the LR scheduler is built over the result.
+    * The forward and loss run inside ``mp.autocast`` (also in evaluation, once the model is prepared);
+      the gradient of the loss is multiplied by the loss scale in backward (the logged loss is unscaled).
+    * The optimizer step is ``mp.step``: unscale and check, clip to ``args.max_grad_norm`` (on the
+      unscaled gradients; the Trainer's own clipping is off), step or skip, update the scale. The LR
+      scheduler does not advance on a skipped step; ``state.global_step`` counts every step.
+    * Training logs gain ``loss_scale`` and ``skipped_steps``; ``grad_norm`` is the unscaled norm.
+    * The scaler's state is saved and restored with the optimizer's in Trainer checkpoints.
+
+    Raises:
+        ValueError: ``args.fp16`` / ``args.bf16`` (or their ``*_full_eval``) are set, or the Trainer's
+            Accelerator does mixed precision or DeepSpeed / FSDP (see `check_accelerator`).
+
+    Example (``model`` a ``transformers`` model whose forward returns a loss, ``ds`` a dataset)::
+
+        args = TrainingArguments("out", max_steps=1000, max_grad_norm=1.0, logging_steps=10)
+        trainer = mixprec.integrations.hf.Trainer(policy="f16-master", model=model, args=args,
+                                                  train_dataset=ds)
+        trainer.train()
+        trainer.state.log_history[-2]    # {"loss": ..., "loss_scale": 65536.0, "skipped_steps": 2, ...}
+    """
+
+    optimizer: Any  # the Trainer's; a _StepOptimizer once create_optimizer ran
+
+    def __init__(self, model: Any = None, args: Any = None, *more: Any, policy: mp.Policy | str,
+                 **kwargs: Any) -> None:
+        self.policy = mp.Policy.parse(policy)  # an invalid string raises here, before any set-up
+        self.scaler: mp.LossScaler | None = None
+        _check_trainer_arguments(args, self.policy)
+        super().__init__(model, args, *more, **kwargs)
+        check_accelerator(self.accelerator)  # e.g. ACCELERATE_MIXED_PRECISION=fp16 in the environment
+
+    @property
+    def last_step_info(self) -> mp.StepInfo | None:
+        return self.optimizer.last_info if isinstance(self.optimizer, _StepOptimizer) else None
+
+    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        if isinstance(self.optimizer, _StepOptimizer):  # a second train(): already prepared
+            return self.optimizer
+        # Before accelerator.prepare (which may wrap the model in DDP): mp.prepare takes the bare model.
+        _, optimizer, self.scaler = mp.prepare(self.model, super().create_optimizer(model), self.policy)
+        assert optimizer is not None  # an optimizer in, an optimizer out
+        # No clipping asked for: measure the norm anyway (for the logs), as the Trainer does.
+        clip = (self.args.max_grad_norm or 0) > 0
+        self.optimizer = _StepOptimizer(optimizer, self.scaler, self.args.max_grad_norm if clip else float("inf"))
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self.optimizer is not None and not isinstance(self.optimizer, _StepOptimizer):
+            # accelerate wrapped our optimizer after all: its step would skip mp.step's unscaling.
+            raise RuntimeError(
+                f"the Trainer's optimizer is a {type(self.optimizer).__name__}, not mixprec's: this "
+                f"accelerate version wraps already-prepared optimizers; mixprec's Trainer cannot run on it")
+        return scheduler
+
+    def compute_loss_context_manager(self) -> Any:
+        stack = super().compute_loss_context_manager()
+        if mp.prepared_state(self.model) is not None:  # before the first train(): FP32, as built
+            ddp = isinstance(self.model_wrapped, torch.nn.parallel.DistributedDataParallel)
+            # The DDP wrapper, so that mp.autocast installs mixprec's gradient reduction hook on it.
+            stack.enter_context(mp.autocast(self.model_wrapped if ddp else self.model))
+        return stack
+
+    def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        if isinstance(self.optimizer, _StepOptimizer) and loss.requires_grad:
+            # scaler.scale(loss).backward(), with the loss the Trainer logs left unscaled: the gradient
+            # flowing into the loss is multiplied by S (the same product, 1.0 * S, as d(loss * S)).
+            loss.register_hook(self._scale_gradient)
+        return result
+
+    def _scale_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        self.optimizer.loss_was_scaled = True
+        return self.optimizer.scaler.scale(grad)  # self.scaler, typed
+
+    # The Trainer clips and measures the gradients before optimizer.step(), where they are still
+    # scaled (clipping by a norm S times too large, and a 16-bit norm may overflow): mp.step does both.
+    def _clip_grad_norm(self, model: Any) -> None:
+        return None
+
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> None:
+        return None
+
+    def log(self, logs: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        info = self.last_step_info
+        if info is not None and "loss" in logs:  # a training log (evaluation logs have eval_loss)
+            logs = {**logs, "loss_scale": info.loss_scale, "skipped_steps": info.skipped_steps}
+            if info.grad_norm is not None:
+                logs["grad_norm"] = info.grad_norm
+        super().log(logs, *args, **kwargs)
+
+
 @functools.cache
-def _trainer_class() -> type:  # noqa: C901 (to split: docs/architecture.md, Limits)
+def _trainer_class() -> type:
     try:
         import transformers
     except ImportError as error:
         raise ImportError(f"mixprec.integrations.hf.Trainer needs transformers: {_INSTALL}") from error
 
-    class Trainer(transformers.Trainer):
-        """A ``transformers.Trainer`` that trains under a mixprec policy: master weights, loss scaling, `mp.step`.
-
-        Args:
-            policy: a `mixprec.Policy` or its string (``"f16-master"``), keyword only; every other
-                argument is ``transformers.Trainer``'s. Pass the bare model (not yet ``mp.prepare``-d).
-
-        Attributes:
-            policy: the parsed policy.
-            scaler: the loss scaler (None until training sets the optimizer up).
-            last_step_info: the `mixprec.StepInfo` of the latest optimizer step (None before the first).
-
-        What it changes in the Trainer's loop:
-
-        * ``create_optimizer`` builds the Trainer's optimizer as usual, then ``mp.prepare(model, optimizer,
-          policy)`` wraps it (FP32 masters); the LR scheduler is built over the result.
-        * The forward and loss run inside ``mp.autocast`` (also in evaluation, once the model is prepared);
-          the gradient of the loss is multiplied by the loss scale in backward (the logged loss is unscaled).
-        * The optimizer step is ``mp.step``: unscale and check, clip to ``args.max_grad_norm`` (on the
-          unscaled gradients; the Trainer's own clipping is off), step or skip, update the scale. The LR
-          scheduler does not advance on a skipped step; ``state.global_step`` counts every step.
-        * Training logs gain ``loss_scale`` and ``skipped_steps``; ``grad_norm`` is the unscaled norm.
-        * The scaler's state is saved and restored with the optimizer's in Trainer checkpoints.
-
-        Raises:
-            ValueError: ``args.fp16`` / ``args.bf16`` (or their ``*_full_eval``) are set, or the Trainer's
-                Accelerator does mixed precision or DeepSpeed / FSDP (see `check_accelerator`).
-
-        Example (``model`` a ``transformers`` model whose forward returns a loss, ``ds`` a dataset)::
-
-            args = TrainingArguments("out", max_steps=1000, max_grad_norm=1.0, logging_steps=10)
-            trainer = mixprec.integrations.hf.Trainer(policy="f16-master", model=model, args=args,
-                                                      train_dataset=ds)
-            trainer.train()
-            trainer.state.log_history[-2]    # {"loss": ..., "loss_scale": 65536.0, "skipped_steps": 2, ...}
-        """
-
-        def __init__(self, model: Any = None, args: Any = None, *more: Any, policy: mp.Policy | str,
-                     **kwargs: Any) -> None:
-            self.policy = mp.Policy.parse(policy)  # an invalid string raises here, before any set-up
-            self.scaler: mp.LossScaler | None = None
-            flags = [f for f in ("fp16", "bf16", "fp16_full_eval", "bf16_full_eval") if getattr(args, f, False)]
-            if flags:
-                raise ValueError(
-                    f"TrainingArguments({', '.join(f + '=True' for f in flags)}) asks the Trainer to do mixed "
-                    f"precision itself, and mixprec's policy {self.policy} does it already: drop "
-                    f"{' and '.join(flags)} from the TrainingArguments")
-            missing = [name for name in _PRIVATE_HOOKS if not hasattr(transformers.Trainer, name)]
-            if missing:
-                raise RuntimeError(
-                    f"this transformers ({transformers.__version__}) has no Trainer.{missing[0]}, which "
-                    f"mixprec.integrations.hf.Trainer overrides to keep the Trainer from clipping scaled "
-                    f"gradients; use a transformers version where it exists (tested: 5.24)")
-            super().__init__(model, args, *more, **kwargs)
-            check_accelerator(self.accelerator)  # e.g. ACCELERATE_MIXED_PRECISION=fp16 in the environment
-
-        @property
-        def last_step_info(self) -> mp.StepInfo | None:
-            return self.optimizer.last_info if isinstance(self.optimizer, _StepOptimizer) else None
-
-        def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
-            if isinstance(self.optimizer, _StepOptimizer):  # a second train(): already prepared
-                return self.optimizer
-            optimizer = super().create_optimizer(model)
-            # Before accelerator.prepare (which may wrap the model in DDP): mp.prepare takes the bare model.
-            _, optimizer, self.scaler = mp.prepare(self.model, optimizer, self.policy)
-            # No clipping asked for: measure the norm anyway (for the logs), as the Trainer does.
-            clip = (self.args.max_grad_norm or 0) > 0
-            self.optimizer = _StepOptimizer(optimizer, self.scaler, self.args.max_grad_norm if clip else float("inf"))
-            return self.optimizer
-
-        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
-            scheduler = super().create_scheduler(num_training_steps, optimizer)
-            if self.optimizer is not None and not isinstance(self.optimizer, _StepOptimizer):
-                # accelerate wrapped our optimizer after all: its step would skip mp.step's unscaling.
-                raise RuntimeError(
-                    f"the Trainer's optimizer is a {type(self.optimizer).__name__}, not mixprec's: this "
-                    f"accelerate version wraps already-prepared optimizers; mixprec's Trainer cannot run on it")
-            return scheduler
-
-        def compute_loss_context_manager(self) -> Any:
-            stack = super().compute_loss_context_manager()
-            if mp.prepared_state(self.model) is not None:  # before the first train(): FP32, as built
-                ddp = isinstance(self.model_wrapped, torch.nn.parallel.DistributedDataParallel)
-                # The DDP wrapper, so that mp.autocast installs mixprec's gradient reduction hook on it.
-                stack.enter_context(mp.autocast(self.model_wrapped if ddp else self.model))
-            return stack
-
-        def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
-            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                          num_items_in_batch=num_items_in_batch)
-            loss = result[0] if return_outputs else result
-            if isinstance(self.optimizer, _StepOptimizer) and loss.requires_grad:
-                # scaler.scale(loss).backward(), with the loss the Trainer logs left unscaled: the gradient
-                # flowing into the loss is multiplied by S (the same product, 1.0 * S, as d(loss * S)).
-                loss.register_hook(self._scale_gradient)
-            return result
-
-        def _scale_gradient(self, grad: torch.Tensor) -> torch.Tensor:
-            self.optimizer.loss_was_scaled = True
-            return self.scaler.scale(grad)
-
-        # The Trainer clips and measures the gradients before optimizer.step(), where they are still
-        # scaled (clipping by a norm S times too large, and a 16-bit norm may overflow): mp.step does both.
-        def _clip_grad_norm(self, model: Any) -> None:
-            return None
-
-        def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> None:
-            return None
-
-        def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-            info = self.last_step_info
-            if info is not None and "loss" in logs:  # a training log (evaluation logs have eval_loss)
-                logs = {**logs, "loss_scale": info.loss_scale, "skipped_steps": info.skipped_steps}
-                if info.grad_norm is not None:
-                    logs["grad_norm"] = info.grad_norm
-            super().log(logs, *args, **kwargs)
+    class Trainer(_TrainerMethods, transformers.Trainer):
+        __doc__ = _TrainerMethods.__doc__
 
     Trainer.__module__, Trainer.__qualname__ = __name__, "Trainer"  # pickles as mixprec.integrations.hf.Trainer
     return Trainer

@@ -27,7 +27,7 @@ try:
     import lightning.pytorch as pl
 except ImportError:  # the standalone package: same classes under another name
     try:
-        import pytorch_lightning as pl
+        import pytorch_lightning as pl  # type: ignore[no-redef]
     except ImportError as error:
         raise ImportError('mixprec.integrations.lightning needs Lightning: pip install "mixprec[lightning]"') from error
 
@@ -113,7 +113,7 @@ class Precision(pl.plugins.Precision):
                 "this LightningModule is already prepared (mp.prepare was called on it): the plugin prepares it "
                 "itself; pass the plain module, or call mp.unprepare(module) first")
         optimizer = optimizers[0] if optimizers else None
-        model, optimizer, self.scaler = mp.prepare(model, optimizer, self.policy)
+        _, optimizer, self.scaler = mp.prepare(model, optimizer, self.policy)  # in place: `model` is prepared
         self._module = model
         if self._saved_scaler_state is not None:
             self.scaler.load_state_dict(self._saved_scaler_state)

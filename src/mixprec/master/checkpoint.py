@@ -1,0 +1,48 @@
+"""What a `MasterWeights` state dict holds (version 1), and the checks before one is loaded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["STATE_VERSION", "KEYS", "check_state_dict"]
+
+STATE_VERSION = 1
+KEYS = {"version", "mode", "param_format", "shapes", "has_master", "masters", "optimizer"}  # + "optimizer_type"
+
+
+def check_state_dict(state_dict: Any, mode: str, shapes: list[list[int]], has_master: list[bool],
+                     optimizer: torch.optim.Optimizer) -> None:
+    """Raise a ValueError saying what differs unless `state_dict` was saved by a MasterWeights like this one
+    (same version and mode, the same parameters by count and shape, masters on the same ones, the same
+    optimizer type)."""
+    if not isinstance(state_dict, dict) or set(state_dict) - {"optimizer_type"} != KEYS:
+        got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+        raise ValueError(f"not a MasterWeights state dict: expected keys {sorted(KEYS)}, got {got}")
+    if state_dict["version"] != STATE_VERSION:
+        raise ValueError(
+            f"MasterWeights state dict version {state_dict['version']!r} is not supported; "
+            f"this mixprec reads version {STATE_VERSION}")
+    if state_dict["mode"] != mode:
+        raise ValueError(
+            f"the state dict was saved with mode={state_dict['mode']!r}, this MasterWeights has "
+            f"mode={mode!r}: create it with the same mode")
+    saved = state_dict["shapes"]
+    if len(saved) != len(shapes):
+        raise ValueError(
+            f"the state dict holds {len(saved)} parameters, this MasterWeights has {len(shapes)}: "
+            f"it was saved for a different model or param groups")
+    for i, (a, b) in enumerate(zip(saved, shapes, strict=True)):
+        if a != b:
+            raise ValueError(
+                f"parameter {i}: saved shape {tuple(a)}, this MasterWeights has {tuple(b)}: "
+                f"the state dict was saved for a different model")
+    if state_dict["has_master"] != has_master:
+        raise ValueError(
+            "the state dict's masters belong to different parameters (their dtypes or the param_format "
+            "differ): create the model and MasterWeights as when it was saved")
+    ours, theirs = type(optimizer).__name__, state_dict.get("optimizer_type", type(optimizer).__name__)
+    if theirs != ours:  # its state would load silently and fail at the first step (or step wrongly)
+        raise ValueError(f"the state dict was saved over a {theirs}, this MasterWeights wraps a {ours}: "
+                         f"build the same optimizer as when it was saved")
