@@ -97,6 +97,8 @@ def _load_file(path: str) -> ModuleType:
         raise ImportError(f"{file} is a folder, not a Python file" if file.is_dir() else f"no such file: {file}")
     name = f"mixprec_recipe_{file.stem}_{abs(hash(str(file)))}"
     spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:  # a name not ending in .py: no loader knows the file
+        raise ImportError(f"{file} is not a Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and pickling look modules up by name
     try:

@@ -27,12 +27,17 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import Data, Recipe
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 from .corpus import next_byte_loss
 from .lm import GPT, GPTConfig
 
@@ -111,8 +116,22 @@ def bits_per_token(model: nn.Module, data: Data) -> float:
     return total / count / math.log(2)
 
 
+class RecipeDefaults(TypedDict, total=False):
+    """The Recipe fields a GPT recipe may set (the others `make_recipe` sets itself)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    momentum: float
+    eps: float
+    warmup_steps: int
+    eval_every: int
+    make_optimizer: Callable[[Iterable[nn.Parameter], Recipe], torch.optim.Optimizer] | None
+
+
 def make_recipe(config: GPTConfig, name: str, description: str, *, train_rows: int, test_rows: int,
-                **defaults: object) -> Recipe:
+                **defaults: Unpack[RecipeDefaults]) -> Recipe:
     """A Recipe for ``GPT2(config)`` on the synthetic chain; ``defaults`` override Recipe fields."""
     return Recipe(
         name=name,

@@ -71,9 +71,9 @@ def plot_comparison(comparison: Comparison, folder: Path) -> list[Path]:
     for policy in comparison.policies:
         run = comparison.runs_of(policy)[0]  # the scale trajectory of the first seed
         records = [r for r in run.history if r["kind"] == "step"]
-        steps = [r["step"] for r in records]
+        record_steps = [r["step"] for r in records]
         scaled = any(r["loss_scale"] != 1.0 for r in records)
-        ax.step(steps, [r["loss_scale"] for r in records], where="post", color=colors[policy],
+        ax.step(record_steps, [r["loss_scale"] for r in records], where="post", color=colors[policy],
                 label=policy + ("" if scaled else " (no scaling)"), **_style(policy == reference))
         skipped = [r for r in records if not r["applied"]]
         if skipped:

@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from .summary import format_scale
 
@@ -31,18 +31,20 @@ class TrainingProgress:
         self._metric: dict[int, str] = {}  # task -> " metric 0.97"
 
     def add(self, description: str, total: int, completed: int = 0) -> int:
+        """A new bar; the number `update` takes for it."""
         return self._progress.add_task(description, total=total, completed=completed, status="")
 
     def update(self, task: int, record: dict[str, Any]) -> None:
         """Show one record of `mixprec.harness.training.train`'s log: a step's loss and scale, or an evaluation."""
+        bar = TaskID(task)  # rich's name for the number `add` returned
         if record["kind"] == "eval":
             self._metric[task] = f" metric {record['metric']:.3g}"
         else:
             loss = record["loss"]
             self._loss[task] = (f"loss {loss:.3g}" if math.isfinite(loss) else "loss nan") + \
                 f" scale {format_scale(record['loss_scale'])}"
-            self._progress.update(task, completed=record["step"])
-        self._progress.update(task, status=self._loss.get(task, "") + self._metric.get(task, ""))
+            self._progress.update(bar, completed=record["step"])
+        self._progress.update(bar, status=self._loss.get(task, "") + self._metric.get(task, ""))
 
     def __enter__(self) -> TrainingProgress:
         self._progress.start()
