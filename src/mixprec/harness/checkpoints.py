@@ -145,7 +145,7 @@ def save_checkpoint(folder: Path, state: dict[str, Any], keep: int = DEFAULT_KEE
     return path
 
 
-def load_checkpoint(path: Path, required: Iterable[str] = CHECKPOINT_KEYS) -> dict[str, Any]:  # noqa: C901 (to split: docs/architecture.md, Limits)
+def load_checkpoint(path: Path, required: Iterable[str] = CHECKPOINT_KEYS) -> dict[str, Any]:
     """Read a checkpoint written by `save_checkpoint`: header, length and sha256 checked, then the
     payload unpickled with ``torch.load(weights_only=True)`` (tensors and plain data only).
 
@@ -154,56 +154,79 @@ def load_checkpoint(path: Path, required: Iterable[str] = CHECKPOINT_KEYS) -> di
     objects weights_only refuses, or lacking one of the ``required`` keys.
     """
     path = Path(path)
+    state = _unpickle(path, _checked_payload(path, _read_bytes(path)))
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise _bad(path, f"lacks {', '.join(missing)}: it is not a checkpoint of mixprec's training loop")
+    return state
 
-    def bad(problem: str) -> ValueError:
-        return ValueError(f"checkpoint {str(path)!r} {problem}")
 
+def _bad(path: Path, problem: str) -> ValueError:
+    """The one-line error `load_checkpoint` raises: the file, and what is wrong with it."""
+    return ValueError(f"checkpoint {str(path)!r} {problem}")
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The bytes of the checkpoint file ``path``; `_bad` if it is missing, unreadable or empty."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise bad("does not exist") from None
+        raise _bad(path, "does not exist") from None
     except OSError as error:
-        raise bad(f"cannot be read: {error.strerror or error}") from None
+        raise _bad(path, f"cannot be read: {error.strerror or error}") from None
     if not data:
-        raise bad("is empty (0 bytes)")
+        raise _bad(path, "is empty (0 bytes)")
+    return data
+
+
+def _check_magic(path: Path, data: bytes) -> None:
+    """`_bad` unless ``data`` begins with the checkpoint header's first word, saying what it is instead."""
     magic = CHECKPOINT_FORMAT.encode()
-    if not data.startswith(magic):
-        if magic.startswith(data):
-            raise bad(f"is truncated: it ends inside its header, after {len(data)} bytes")
-        if data.startswith(b"PK\x03\x04") or data.startswith(b"\x80"):
-            raise bad(f"is a plain torch.save/pickle file, not a mixprec checkpoint (no {CHECKPOINT_FORMAT} "
-                      f"header): written by another program, or by a mixprec older than format "
-                      f"{CHECKPOINT_VERSION}")
-        raise bad(f"is not a mixprec checkpoint: it does not begin with {CHECKPOINT_FORMAT!r} "
-                  f"(random or overwritten bytes?)")
+    if data.startswith(magic):
+        return
+    if magic.startswith(data):
+        raise _bad(path, f"is truncated: it ends inside its header, after {len(data)} bytes")
+    if data.startswith(b"PK\x03\x04") or data.startswith(b"\x80"):
+        raise _bad(path, f"is a plain torch.save/pickle file, not a mixprec checkpoint (no {CHECKPOINT_FORMAT} "
+                         f"header): written by another program, or by a mixprec older than format "
+                         f"{CHECKPOINT_VERSION}")
+    raise _bad(path, f"is not a mixprec checkpoint: it does not begin with {CHECKPOINT_FORMAT!r} "
+                     f"(random or overwritten bytes?)")
+
+
+def _checked_payload(path: Path, data: bytes) -> bytes:
+    """The payload of the checkpoint file's bytes ``data``, after its header: format and version, then
+    the payload's length and sha256 checked against the header's; `_bad` for the first that is wrong."""
+    _check_magic(path, data)
     lines = data.split(b"\n", 2)
     if len(lines) < 3:
-        raise bad(f"is truncated: it ends inside its header, after {len(data)} bytes")
+        raise _bad(path, f"is truncated: it ends inside its header, after {len(data)} bytes")
     first, second, payload = lines
-    version = first[len(magic):].strip().decode("ascii", "replace")
+    version = first[len(CHECKPOINT_FORMAT):].strip().decode("ascii", "replace")
     if version != str(CHECKPOINT_VERSION):
-        raise bad(f"has format version {version!r}; this mixprec reads version {CHECKPOINT_VERSION}")
+        raise _bad(path, f"has format version {version!r}; this mixprec reads version {CHECKPOINT_VERSION}")
     match = re.fullmatch(rb"sha256 ([0-9a-f]{64}) bytes (\d+)", second)
     if match is None:
-        raise bad("has a damaged header: its second line should read 'sha256 <64 hex digits> bytes <n>'")
+        raise _bad(path, "has a damaged header: its second line should read 'sha256 <64 hex digits> bytes <n>'")
     digest, size = match.group(1).decode(), int(match.group(2))
     if len(payload) < size:
-        raise bad(f"is truncated: {len(payload)} of its {size} payload bytes (the file was cut short)")
+        raise _bad(path, f"is truncated: {len(payload)} of its {size} payload bytes (the file was cut short)")
     if len(payload) > size:
-        raise bad(f"is corrupted: {len(payload) - size} bytes more than the {size} its header declares")
+        raise _bad(path, f"is corrupted: {len(payload) - size} bytes more than the {size} its header declares")
     if hashlib.sha256(payload).hexdigest() != digest:
-        raise bad("is corrupted: its payload's sha256 differs from the one in its header")
+        raise _bad(path, "is corrupted: its payload's sha256 differs from the one in its header")
+    return payload
+
+
+def _unpickle(path: Path, payload: bytes) -> Any:
+    """``torch.load(weights_only=True)`` of a checked payload; `_bad` if it refuses or cannot unpack it."""
     try:
-        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise bad(f"holds objects other than tensors and plain data; refused to unpickle them "
-                  f"(weights_only): {_reason(error)}") from None
+        raise _bad(path, f"holds objects other than tensors and plain data; refused to unpickle them "
+                         f"(weights_only): {_reason(error)}") from None
     except Exception as error:  # torch's reader raises RuntimeError and others for a bad archive
-        raise bad(f"cannot be unpacked by torch.load: {_reason(error)}") from None
-    missing = [k for k in required if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise bad(f"lacks {', '.join(missing)}: it is not a checkpoint of mixprec's training loop")
-    return state
+        raise _bad(path, f"cannot be unpacked by torch.load: {_reason(error)}") from None
 
 
 def find_checkpoint(folder: Path) -> tuple[Path, dict[str, Any], list[str]]:
@@ -216,7 +239,7 @@ def find_checkpoint(folder: Path) -> tuple[Path, dict[str, Any], list[str]]:
     candidates = [p for _, p in reversed(list_checkpoints(folder))]
     if (folder / LEGACY_CHECKPOINT_NAME).exists():
         candidates.append(folder / LEGACY_CHECKPOINT_NAME)  # only to say why it cannot be resumed
-    skipped = []
+    skipped: list[str] = []
     for path in candidates:
         try:
             return path, load_checkpoint(path), skipped

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -23,7 +23,9 @@ import torch
 
 def rng_state() -> dict[str, Any]:
     """torch (CPU and CUDA), Python and NumPy RNG states, as tensors and plain data (weights_only)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # The global generator's state, in its legacy tuple form (numpy's hints allow a dict too).
+    legacy = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
+    kind, keys, pos, has_gauss, cached = legacy
     version, internal, gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),

@@ -247,7 +247,7 @@ class FaultInjector:
                 handle.remove()
 
     def _activation_hook(self, step: int, fault: Fault, name: str, rng: random.Random) -> Callable:
-        done = []
+        done: list[bool] = []
 
         def hook(module: torch.nn.Module, args: object, output: object) -> object:
             if done:
@@ -284,7 +284,7 @@ class FaultInjector:
             with_grad = sorted(name for name, p in self._params.items() if p.grad is not None)
             name = fault.target if fault.target is not None else (rng.choice(with_grad) if with_grad else None)
             grad = None if name is None else self._params[name].grad
-            if grad is None or not grad.numel():
+            if name is None or grad is None or not grad.numel():
                 continue
             flat_index = torch.tensor(rng.randrange(grad.numel()))
             grad[tuple(int(i) for i in torch.unravel_index(flat_index, grad.shape))] = VALUES[fault.value]

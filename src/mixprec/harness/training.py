@@ -19,6 +19,9 @@ Under torchrun (``WORLD_SIZE`` > 1) the same loop runs data-parallel: each proce
 DistributedDataParallel replica on its contiguous slice of the same global batch k, so the global
 batch, and with it the run, does not depend on the number of processes (up to reduction order).
 
+`train` checks its arguments, opens the run folder and makes the result; the run's phases in between
+(set-up and resume, the steps, evaluation and logging, checkpoints) are `mixprec.harness.run_state`'s.
+
 Example:
     >>> from mixprec.recipes import get_recipe
     >>> result = train(get_recipe("tiny-updates"), "f16-master", steps=20)
@@ -28,11 +31,9 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import statistics
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 import mixprec as mp
 from mixprec.harness.checkpoints import (
@@ -50,17 +50,15 @@ from mixprec.harness.checkpoints import (
     find_checkpoint,
     load_checkpoint,
     prepare_run_folder,
-    save_checkpoint,
 )
-from mixprec.harness.determinism import isolated_rng, rng_state, set_rng_state, torch_threads
-from mixprec.harness.faults import FaultInjector, FaultPlan
-from mixprec.harness.processes import check_one_process, process_group, rank_and_world_size, rows_per_process, shard
+from mixprec.harness.determinism import isolated_rng, torch_threads
+from mixprec.harness.faults import FaultPlan
+from mixprec.harness.processes import check_one_process, process_group, rank_and_world_size, rows_per_process
+from mixprec.harness.run_state import LOG_EVERY, Log, Record, RunSettings, RunState
 from mixprec.recipes import Data, Recipe, get_recipe
 
-LOG_EVERY = 10  # steps between reading losses back from the device (one extra sync per LOG_EVERY steps)
-
-Record = dict[str, Any]
-Log = Callable[[Record], None]
+#: the names other modules import from here (LOG_EVERY, Record and Log live in `run_state`)
+__all__ = ["LOG_EVERY", "Comparison", "Log", "Record", "RunResult", "compare", "split_policies", "train"]
 
 
 @dataclass
@@ -97,7 +95,7 @@ class RunResult:
         return asdict(self)
 
 
-def train(  # noqa: C901, PLR0915
+def train(
     recipe: Recipe | str,
     policy: mp.Policy | str,
     *,
@@ -161,6 +159,36 @@ def train(  # noqa: C901, PLR0915
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     policy = mp.Policy.parse(policy)
     steps = recipe.steps if steps is None else steps
+    _check_arguments(steps, stop_at, checkpoint_every, keep)
+    plan = FaultPlan.parse(faults) if faults is not None else None
+    rank, world_size = rank_and_world_size()
+    rows_per_process(recipe, world_size)  # before anything starts: raises if the batch does not split
+    device = _process_device(torch.device(device), world_size)
+    out = Path(out) if out is not None else None
+    checkpoint = _open_run_folder(out, resume, overwrite, rank)
+    if checkpoint is not None:
+        check_same_run(checkpoint, recipe, policy, seed, steps)
+    data = _on_device(recipe.make_data() if data is None else data, device)
+    settings = RunSettings(recipe=recipe, policy=policy, seed=seed, steps=steps,
+                           end=steps if stop_at is None else stop_at, device=device, rank=rank,
+                           world_size=world_size, out=out, checkpoint_every=checkpoint_every, keep=keep,
+                           max_skips_in_a_row=max_skips_in_a_row)
+
+    with process_group(device, world_size), isolated_rng(seed), torch_threads(threads):
+        # Every rank draws the same initial weights and, step by step, the same random numbers, so the
+        # RNG state rank 0 checkpoints is every rank's.
+        run = RunState(settings, data, plan, log if log is not None and rank == 0 else _no_log)  # rank 0 logs
+        run.begin(checkpoint)
+        run.train()
+        memory, memory_source, memory_held = run.measure_memory()
+    return _result(run, memory, memory_source, memory_held)
+
+
+# ----- the run's set-up and its result ----------------------------------------------------------------
+
+
+def _check_arguments(steps: int, stop_at: int | None, checkpoint_every: int | None, keep: int) -> None:
+    """ValueError for a number of steps, a stop, a checkpoint interval or a count kept out of range."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if stop_at is not None and not 0 < stop_at <= steps:
@@ -169,185 +197,61 @@ def train(  # noqa: C901, PLR0915
         raise ValueError(f"checkpoint_every must be >= 0 (0 or None: only at the end), got {checkpoint_every}")
     if keep < 1:
         raise ValueError(f"keep must be >= 1 (checkpoints kept in out), got {keep}")
-    plan = FaultPlan.parse(faults) if faults is not None else None
-    rank, world_size = rank_and_world_size()
-    rows_per_process(recipe, world_size)  # before anything starts: raises if the batch does not split
-    device = torch.device(device)
+
+
+def _process_device(device: torch.device, world_size: int) -> torch.device:
+    """This process's device: under torchrun, a CUDA device without an index is ``cuda:LOCAL_RANK``."""
     if world_size > 1 and device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per process
-    out = Path(out) if out is not None else None
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per process
+    return device
+
+
+def _open_run_folder(out: Path | None, resume: bool | str | Path, overwrite: bool, rank: int) -> dict[str, Any] | None:
+    """Check ``out`` can be written and holds no other run (rank 0 prepares it); the checkpoint to resume
+    from, or None for a fresh run. Warns (on rank 0) about the newer damaged checkpoints it skipped."""
     if (resume is not False or overwrite) and out is None:
         raise ValueError("resume and overwrite need the run's folder (out=...)")
-    if out is not None:
-        check_writable(out)
-        if rank == 0:  # one process decides: the others start after it (the process group waits)
-            prepare_run_folder(out, resume=resume is not False, overwrite=overwrite)
-    checkpoint = None
+    if out is None:
+        return None
+    check_writable(out)
+    if rank == 0:  # one process decides: the others start after it (the process group waits)
+        prepare_run_folder(out, resume=resume is not False, overwrite=overwrite)
+    if resume is False:
+        return None
     if resume is True:
         _, checkpoint, skipped = find_checkpoint(out)
         for reason in skipped if rank == 0 else ():
-            warnings.warn(f"{reason}; skipped it, resuming from an older checkpoint", stacklevel=2)
-    elif resume is not False:
-        checkpoint = load_checkpoint(Path(resume))
-    if checkpoint is not None:
-        check_same_run(checkpoint, recipe, policy, seed, steps)
-
-    data = recipe.make_data() if data is None else data
-    data = Data(tuple(t.to(device) for t in data.train), tuple(t.to(device) for t in data.test), data.info)
-    if log is None or rank != 0:
-        log = _no_log  # under torchrun only rank 0 logs
-
-    with process_group(device, world_size), isolated_rng(seed), torch_threads(threads):
-        # Every rank draws the same initial weights and, step by step, the same random numbers, so the
-        # RNG state rank 0 checkpoints is every rank's.
-        model = recipe.make_model().to(device)  # under the seed: the initial weights
-        optimizer = recipe.build_optimizer(model.parameters())
-        model, optimizer, scaler = mp.prepare(model, optimizer, policy)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: recipe.lr_factor(s, steps))
-        execution = policy.resolve_execution(device)
-        injector = FaultInjector(plan, model) if plan is not None else None
-
-        history: list[Record] = []
-        start, train_seconds = 0, 0.0
-        if checkpoint is not None:
-            model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scaler.load_state_dict(checkpoint["scaler"])
-            scheduler.load_state_dict(checkpoint["scheduler"])
-            set_rng_state(checkpoint["rng"])
-            start, history = checkpoint["step"], checkpoint["history"]
-            train_seconds = checkpoint["train_seconds"]
-        else:
-            record = {"kind": "eval", "step": 0, "metric": _evaluate(recipe, model, data)}
-            history.append(record)
-            log(record)
-        # Several processes: the forward and backward run through DDP, which averages the gradients over
-        # the ranks in backward. Everything else (evaluation, checkpoints) uses the inner model.
-        net = model
-        if world_size > 1:
-            net = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
-
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        end = steps if stop_at is None else stop_at
-        pending: list[tuple[Record, torch.Tensor]] = []  # step records waiting for their loss value
-
-        def write_checkpoint(done: int) -> Path | None:
-            """Checkpoint the run after step ``done`` into ``out``; its path (on rank 0, else None)."""
-            path = None
-            if rank == 0:  # replicas are equal: one writer, the inner (unwrapped) model's state
-                path = save_checkpoint(out, {
-                    "recipe": recipe.name, "policy": str(policy),
-                    "seed": seed, "steps": steps, "step": done, "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": rng_state(), "history": history,
-                    "train_seconds": train_seconds,
-                }, keep=keep)
-            if world_size > 1:
-                dist.barrier()  # no rank goes on (and no resume reads) before the checkpoint is whole
-            return path
-
-        for step in range(start, end):
-            tick = time.perf_counter()
-            batch = shard(data.batch(step, recipe.batch_size, seed), rank, world_size)
-            net.train()
-            # On the DDP wrapper, mp.autocast also registers mixprec's gradient communication hook (once).
-            with mp.autocast(net), injector.forward(step + 1) if injector else contextlib.nullcontext():
-                loss = recipe.loss(net, batch)
-            if injector:
-                loss = injector.loss(step + 1, loss)
-            scaler.scale(loss).backward()
-            if injector:
-                injector.grads(step + 1)
-            lr = optimizer.param_groups[0]["lr"]
-            try:
-                info = mp.step(optimizer, scaler, max_grad_norm=recipe.max_grad_norm,
-                               max_skips_in_a_row=max_skips_in_a_row)
-            except mp.NaNStormError as error:
-                # Not applied, like the skipped steps before it: the weights, masters and optimizer state
-                # are the last applied step's. Log the step, checkpoint that state, stop naming parameters.
-                record = {"kind": "step", "step": step + 1, "loss": math.nan, "loss_scale": error.loss_scale,
-                          "applied": False, "grad_norm": None, "lr": lr, "skipped_steps": error.skipped_steps}
-                pending.append((record, loss.detach()))
-                _flush(pending, history, log, world_size)
-                path = write_checkpoint(step + 1) if out is not None else None
-                raise error.named(model, step=step + 1, checkpoint=str(path) if path else None) from None
-            if info.applied:
-                scheduler.step()  # a skipped step must not advance the schedule
-            optimizer.zero_grad()
-            train_seconds += time.perf_counter() - tick
-
-            record = {"kind": "step", "step": step + 1, "loss": math.nan, "loss_scale": info.loss_scale,
-                      "applied": info.applied, "grad_norm": info.grad_norm, "lr": lr,
-                      "skipped_steps": info.skipped_steps}
-            pending.append((record, loss.detach()))
-            done = step + 1
-            evaluate_now = done % recipe.eval_every == 0 or done == steps
-            periodic = bool(checkpoint_every) and done % checkpoint_every == 0
-            checkpoint_now = out is not None and (done == end or periodic)
-            # Before a checkpoint every pending record is flushed: its history holds every record to its step.
-            if len(pending) >= LOG_EVERY or evaluate_now or checkpoint_now or done == end:
-                _flush(pending, history, log, world_size)
-            if evaluate_now:
-                # Every rank evaluates the full test data (cheap, no collective); rank 0's value is logged.
-                # (Replicas are equal but for BatchNorm running statistics, which each rank updates from
-                # its own slice; DDP overwrites them with rank 0's before every forward.)
-                record = {"kind": "eval", "step": done, "metric": _evaluate(recipe, model, data)}
-                history.append(record)
-                log(record)
-            if checkpoint_now:
-                write_checkpoint(done)
-
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None  # the whole run's
-        counted = _count_memory(recipe, net, model, optimizer, shard(data.batch(end - 1, recipe.batch_size, seed),
-                                                                     rank, world_size))
-        memory = dict(counted.formats)
-        memory_source = "counted" if execution == "native" else "counted; emulated: policy's formats"
-        if peak is not None:
-            memory["peak (measured)"] = peak
-            memory_source += "; CUDA peak measured"
-
-    step_records = [r for r in history if r["kind"] == "step"]
-    evals = [r for r in history if r["kind"] == "eval"]
-    last = step_records[-1] if step_records else {"loss": math.nan, "loss_scale": math.nan, "skipped_steps": 0}
-    return RunResult(
-        recipe=recipe.name, policy=str(policy), seed=seed, steps=len(step_records), execution=execution,
-        emulation=None if execution == "native" else policy.emulation,
-        device=str(device), metric=recipe.metric, higher_is_better=recipe.higher_is_better,
-        initial_metric=evals[0]["metric"], final_metric=evals[-1]["metric"], final_loss=last["loss"],
-        skipped_steps=int(last["skipped_steps"]), final_loss_scale=last["loss_scale"],
-        seconds_per_step=train_seconds / max(1, len(step_records)), memory=memory,
-        memory_source=memory_source, data_info=dict(data.info), world_size=world_size, history=history,
-        memory_held=dict(counted.held),
-    )
+            # stacklevel 3: the warning names the line that called train()
+            warnings.warn(f"{reason}; skipped it, resuming from an older checkpoint", stacklevel=3)
+        return checkpoint
+    return load_checkpoint(Path(resume))
 
 
-def _evaluate(recipe: Recipe, model: torch.nn.Module, data: Data) -> float:
-    """The recipe's metric, in eval mode, under the policy (what a deployed 16-bit model computes)."""
-    model.eval()
-    with torch.no_grad(), mp.autocast(model):
-        value = float(recipe.evaluate(model, data))
-    model.train()
-    return value
+def _on_device(data: Data, device: torch.device) -> Data:
+    """The recipe's data, every tensor moved to ``device``."""
+    return Data(tuple(t.to(device) for t in data.train), tuple(t.to(device) for t in data.test), data.info)
 
 
 def _no_log(record: Record) -> None:
     pass
 
 
-def _flush(pending: list[tuple[Record, torch.Tensor]], history: list[Record], log: Log, world_size: int) -> None:
-    losses = torch.stack([loss.float() for _, loss in pending])  # one read for many steps
-    if world_size > 1:
-        # Each rank's loss is the mean over its equal slice, so the mean over ranks is the global batch's
-        # mean loss: the number a 1-process run logs. One collective per flush, for all its steps.
-        dist.all_reduce(losses)
-        losses /= world_size
-    for (record, _), value in zip(pending, losses.tolist(), strict=True):
-        record["loss"] = value
-        history.append(record)
-        log(record)
-    pending.clear()
+def _result(run: RunState, memory: dict[str, int], memory_source: str, memory_held: dict[str, int]) -> RunResult:
+    """The `RunResult` of a run that trained to its end (its history, settings and memory)."""
+    settings, recipe, history = run.settings, run.settings.recipe, run.history
+    step_records = [r for r in history if r["kind"] == "step"]
+    evals = [r for r in history if r["kind"] == "eval"]
+    last = step_records[-1] if step_records else {"loss": math.nan, "loss_scale": math.nan, "skipped_steps": 0}
+    return RunResult(
+        recipe=recipe.name, policy=str(settings.policy), seed=settings.seed, steps=len(step_records),
+        execution=run.execution, emulation=None if run.execution == "native" else settings.policy.emulation,
+        device=str(settings.device), metric=recipe.metric, higher_is_better=recipe.higher_is_better,
+        initial_metric=evals[0]["metric"], final_metric=evals[-1]["metric"], final_loss=last["loss"],
+        skipped_steps=int(last["skipped_steps"]), final_loss_scale=last["loss_scale"],
+        seconds_per_step=run.train_seconds / max(1, len(step_records)), memory=memory,
+        memory_source=memory_source, data_info=dict(run.data.info), world_size=settings.world_size,
+        history=history, memory_held=memory_held,
+    )
 
 
 # ----- comparing policies ---------------------------------------------------------------------------
@@ -459,28 +363,3 @@ def compare(
                               threads=threads, log=run_log))
     return Comparison(recipe.name, recipe.metric, recipe.higher_is_better, names, seed_list, runs,
                       recipe.description)
-
-
-# ----- memory by category -----------------------------------------------------------------------------
-
-
-def _count_memory(recipe: Recipe, net: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  batch: tuple[torch.Tensor, ...]) -> mp.MemoryReport:
-    """`mp.memory` in the state a training step has between backward and update: one more batch's
-    gradients (16-bit on the model and, with masters, FP32 on them) beside the parameters, masters and
-    optimizer state, and the tensors one forward in train mode saves for backward (per process: its
-    slice of a batch). Run after the last step, so the extra backward (through ``net``: under DDP every
-    rank runs it) and forward change nothing the run reports; the gradients are cleared afterwards.
-    """
-    with mp.autocast(net):
-        loss = recipe.loss(net, batch)
-    loss.backward()  # unscaled: only the gradients' sizes are read
-    del loss
-
-    def forward() -> torch.Tensor:
-        with mp.autocast(model):
-            return recipe.loss(model, batch)
-
-    counted = mp.memory(model, optimizer, run=forward)
-    optimizer.zero_grad()
-    return counted
