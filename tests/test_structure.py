@@ -16,7 +16,7 @@ SRC = Path(mp.__file__).parent
 # to "__init__"; above it are its first users, which import it only as `import mixprec as mp`.
 LAYERS = [
     ["formats"],
-    ["quantize", "nonfinite", "skips"],
+    ["quantize", "nonfinite", "skips", "wrapper"],
     ["gradients", "scaling"],  # scaling is scaling/*: the scalers carry the step's skip record (skips)
     ["policy", "master"],  # policy names its scaler through scaling (make_scaler)
     ["execution.hooks", "state", "outcome", "stepped"],
@@ -172,8 +172,7 @@ def test_no_mixprec_imports_inside_functions():
 
 #: Files still over the limit, and their size when the limit came in: each may only shrink, and leaves this
 #: list once it is split (the restructure's remaining work; see docs/architecture.md, "Limits").
-OVER_THE_LIMIT = {"master.py": 577, "numerics/trace.py": 536,
-                  "harness/benchmark.py": 523, "harness/training.py": 486, "policy.py": 447}
+OVER_THE_LIMIT = {"policy.py": 447}
 
 
 def test_every_file_is_small():
