@@ -1,0 +1,200 @@
+"""What a policy gives each module of a model: the walk over the model, per-module rules, the explain table.
+
+`Policy` (in `mixprec.policy`) is the value; this module reads a model with it: `module_precisions`
+(what each module computes in and stores its parameters in, and why), `parameter_formats` (each
+parameter's storage format, tied weights included) and `precision_table` (the rows of ``explain()``).
+
+Example:
+    >>> import mixprec as mp
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    >>> [(m.name, m.compute.name, m.reason) for m in module_precisions(mp.Policy.parse("f16-master"), model)]
+    [('', 'fp16', 'policy default'), ('0', 'fp16', 'policy default'), ('1', 'fp32', 'default fp32 island (LayerNorm)')]
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .formats import F32, Format
+
+__all__ = ["Rule", "ModulePrecision", "DEFAULT_FP32_TYPES", "module_precisions", "parameter_formats",
+           "precision_table"]
+
+#: Module type-name globs that run in FP32 by default (the paper: large reductions stay in FP32).
+DEFAULT_FP32_TYPES: tuple[str, ...] = (
+    "*BatchNorm*", "*LayerNorm", "*GroupNorm", "*RMSNorm", "*InstanceNorm*", "LocalResponseNorm",
+    "Softmax", "LogSoftmax", "Softmin", "*Loss",
+)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Per-module precision: modules matching `match` compute in `compute` (first matching rule wins).
+
+    `match` is a glob tried against the module's qualified name and its class names (the class and its
+    bases): ``"lm_head"``, ``"encoder.layer.0.*"``, ``"*Norm"``. Prefix ``"name:"`` or ``"type:"`` to try
+    only one of them. `params` is the storage format of the matched modules' own parameters; None means
+    FP32 when `compute` is FP32 (an FP32 island) and the policy's params format otherwise. A rule that
+    names a module also applies to its children, unless they are default FP32 islands or match a rule.
+
+    Example:
+        >>> Rule.parse("type:Embedding:fp32") == Rule("type:Embedding", F32)
+        True
+        >>> str(Rule("lm_head", "bf16", "fp32"))
+        'lm_head:bf16/fp32'
+    """
+
+    match: str
+    compute: Format = F32
+    params: Format | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.match, str) or not self.match.strip() or any(c in self.match for c in ",="):
+            raise ValueError(
+                f"a rule's match must be a non-empty glob without ',' or '=', got {self.match!r}")
+        if self.match != self.match.strip():  # a policy string strips it: str(policy) would not parse back
+            raise ValueError(f"a rule's match must not start or end with whitespace, got {self.match!r}: "
+                             f"use {self.match.strip()!r}")
+        object.__setattr__(self, "compute", Format.parse(self.compute))
+        if self.params is not None:
+            object.__setattr__(self, "params", Format.parse(self.params))
+
+    def matches(self, name: str, module: torch.nn.Module) -> bool:
+        """Whether this rule selects `module` (qualified name `name`)."""
+        kind, _, pattern = self.match.partition(":") if self.match.startswith(("name:", "type:")) else (
+            "", "", self.match)
+        if kind in ("", "name") and fnmatch.fnmatchcase(name, pattern):
+            return True
+        return kind in ("", "type") and any(
+            fnmatch.fnmatchcase(cls.__name__, pattern) for cls in type(module).__mro__)
+
+    @classmethod
+    def parse(cls, text: str) -> Rule:
+        """``"MATCH:COMPUTE"`` or ``"MATCH:COMPUTE/PARAMS"``, e.g. ``"lm_head:fp32"``."""
+        match, sep, formats = text.rpartition(":")
+        if not sep or not match:
+            raise ValueError(
+                f"a rule is written MATCH:COMPUTE or MATCH:COMPUTE/PARAMS (e.g. 'lm_head:fp32' or "
+                f"'type:Embedding:bf16/fp32'), got {text!r}")
+        compute, _, params = formats.partition("/")
+        return cls(match, Format.parse(compute), Format.parse(params) if params else None)
+
+    def __str__(self) -> str:
+        return f"{self.match}:{self.compute.spec}" + (f"/{self.params.spec}" if self.params else "")
+
+
+@dataclass(frozen=True)
+class ModulePrecision:
+    """What a policy assigns to one module: read by explain(), mp.prepare and the reports."""
+
+    name: str
+    type_name: str
+    params: Format  # storage format of the module's own parameters
+    compute: Format  # format the module computes in (FP32 for islands)
+    has_params: bool
+    reason: str  # "policy default" | "default fp32 island (LayerNorm)" | "rule 1 (lm_head:fp32)" | ...
+
+
+class PolicyFormats(Protocol):
+    """The fields of a `Policy` the walk reads."""
+
+    @property
+    def params(self) -> Format: ...
+    @property
+    def compute(self) -> Format: ...
+    @property
+    def master(self) -> Format | None: ...
+    @property
+    def rules(self) -> tuple[Rule, ...]: ...
+
+
+def module_precisions(policy: PolicyFormats, model: torch.nn.Module, *, warn: bool = True) -> list[ModulePrecision]:
+    """What every module of `model` gets under `policy`, in `named_modules` order, and why.
+
+    Precedence: a rule matching the module itself, then the default FP32 islands, then a rule that
+    matched an ancestor, then the policy's formats. Warns about user rules that match nothing.
+    """
+    rule_hits = [0] * len(policy.rules)
+    inherited: dict[str, tuple[Format, Format, str]] = {}
+    result = []
+    for name, module in model.named_modules():
+        own = next((i for i, r in enumerate(policy.rules) if r.matches(name, module)), None)
+        island = next((p for p in DEFAULT_FP32_TYPES if any(
+            fnmatch.fnmatchcase(c.__name__, p) for c in type(module).__mro__)), None)
+        parent = inherited.get(name.rpartition(".")[0]) if name else None
+        if own is not None:
+            rule_hits[own] += 1
+            rule = policy.rules[own]
+            params = rule.params or (F32 if rule.compute == F32 else policy.params)
+            chosen = (params, rule.compute, f"rule {own + 1} ({rule})")
+            inherited[name] = chosen
+        elif island is not None:
+            chosen = (F32, F32, f"default fp32 island ({type(module).__name__})")
+        elif parent is not None:
+            chosen = (parent[0], parent[1], f"{parent[2]} via parent")
+            inherited[name] = parent
+        else:
+            chosen = (policy.params, policy.compute, "policy default")
+        has_params = any(p is not None for p in module._parameters.values())
+        result.append(ModulePrecision(name, type(module).__name__, chosen[0], chosen[1], has_params,
+                                      chosen[2]))
+    if warn:
+        for rule, hits in zip(policy.rules, rule_hits, strict=True):
+            if hits == 0:
+                warnings.warn(f"policy rule {str(rule)!r} matched no module of {type(model).__name__}; "
+                              f"check the name/type glob (see policy.explain(model))", stacklevel=4)
+    return result
+
+
+def parameter_formats(model: torch.nn.Module, precisions: list[ModulePrecision]
+                      ) -> dict[str, tuple[torch.nn.Parameter, Format]]:
+    """Each parameter's storage format, by its first qualified name (as in named_parameters).
+
+    A parameter owned by several modules (tied embeddings) is stored in the widest of their formats
+    (the first one when neither is wider), so that a rule asking for more precision is honoured;
+    each module still rounds it onto its own compute format at use.
+    """
+    by_name = dict(model.named_modules())
+    found: dict[int, tuple[str, torch.nn.Parameter, Format]] = {}
+    for mp in precisions:
+        for pname, p in by_name[mp.name]._parameters.items():
+            if p is None:
+                continue
+            if id(p) not in found:
+                found[id(p)] = (f"{mp.name}.{pname}" if mp.name else pname, p, mp.params)
+                continue
+            name, _, fmt = found[id(p)]
+            wider = mp.params.exponent_bits >= fmt.exponent_bits and mp.params.mantissa_bits >= fmt.mantissa_bits
+            if wider:
+                found[id(p)] = (name, p, mp.params)
+    return {name: (p, fmt) for name, p, fmt in found.values()}
+
+
+def precision_table(policy: PolicyFormats, model: torch.nn.Module, execution: str) -> list[str]:
+    """The lines of ``Policy.explain``'s table: per module, parameter format and stored dtype, compute
+    format, master, and why; `execution` is how the policy runs ("native" or "emulated")."""
+    rows = [("module", "type", "params", "stored as", "compute", "master", "why")]
+    precisions = module_precisions(policy, model, warn=True)
+    storage = {id(p): fmt for p, fmt in parameter_formats(model, precisions).values()}
+    by_name = dict(model.named_modules())
+    for mp in precisions:
+        selected = mp.reason != "policy default" and not mp.reason.endswith("via parent")
+        if not (mp.has_params or selected):
+            continue
+        own = {storage[id(p)] for p in by_name[mp.name]._parameters.values() if p is not None}
+        params, reason = (own.pop() if len(own) == 1 else mp.params), mp.reason
+        if own or params != mp.params:  # a weight shared with another module (tied embeddings)
+            reason += f"; shared weight stored in {'/'.join(sorted(f.name for f in {params, *own}))}"
+        stored = "float32" if execution == "emulated" or params == F32 else str(
+            params.torch_dtype).replace("torch.", "")
+        master = "-" if not mp.has_params or policy.master is None or params == F32 else policy.master.name
+        rows.append((mp.name or "(root)", mp.type_name, params.name if mp.has_params else "-",
+                     stored if mp.has_params else "-", mp.compute.name, master, reason))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return lines
