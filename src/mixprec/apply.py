@@ -111,9 +111,8 @@ def prepare(
     named = policy.parameter_formats(model, precisions)
     formats = list(named.values())
 
-    if sharded:  # FSDP2 keeps FP32 shards (the masters) and casts them for compute itself
-        optimizer, handles = optimizer, []
-    else:
+    handles: list[Any] = []
+    if not sharded:  # FSDP2 keeps FP32 shards (the masters) and casts them for compute itself
         optimizer, handles = _apply(model, policy, execution, formats, optimizer)
     state = PreparedState(policy, execution, device, precisions,
                           {name: fmt for name, (_, fmt) in named.items()}, handles=handles,

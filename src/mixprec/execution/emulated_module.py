@@ -50,8 +50,7 @@ def add_forward_rounding(model: torch.nn.Module, precisions: list[ModulePrecisio
                 gated(_input_hook(activation, compute), gate), with_kwargs=True))
             stored = {storage[id(p)] for p in module._parameters.values() if p is not None}
             if compute != F32 and stored - {compute}:  # some weight is wider than the compute format
-                handles += add_parameter_swap(module, lambda p, compute=compute: cast(p, (compute,), (compute,)),
-                                              storage, gate)
+                handles += add_parameter_swap(module, _cast_onto(compute), storage, gate)
         handles.append(module.register_forward_hook(gated(_output_hook((compute, activation)), gate)))
     # The model's outputs: what the loss sees. Natively a cast to `output`, whose backward casts back.
     handles.append(model.register_forward_hook(gated(_output_hook((output,)), gate)))
@@ -75,3 +74,6 @@ def _output_hook(formats: tuple[Format, ...]) -> Callable:
     return eager(hook)
 
 
+def _cast_onto(fmt: Format) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A parameter swap's `make`: the parameter rounded onto `fmt` at use (and its gradient on the way back)."""
+    return lambda p: cast(p, (fmt,), (fmt,))

@@ -87,7 +87,8 @@ def cast(x: torch.Tensor, forward_formats: tuple[Format, ...], backward_formats:
         return round_chain(x, forward_formats) if forward_formats else x
     if not forward_formats and not backward_formats:
         return x
-    return _Round.apply(x, forward_formats, backward_formats)
+    rounded: torch.Tensor = _Round.apply(x, forward_formats, backward_formats)
+    return rounded
 
 
 def map_floats(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -140,9 +141,10 @@ def add_parameter_swap(module: torch.nn.Module, make: Callable[[torch.Tensor], t
     def swap(module: torch.nn.Module, args: tuple) -> None:
         done, flat = [], []
         for owner in owners:
+            params: dict[str, Any] = owner._parameters  # a plain tensor stands in for the Parameter here
             for name, p in owner._parameters.items():
                 if isinstance(p, torch.nn.Parameter) and (new := make(p)) is not p:
-                    owner._parameters[name] = new
+                    params[name] = new
                     done.append((owner, name, p, new, None if new.is_inference() else new._version))
             if isinstance(owner, torch.nn.RNNBase):
                 # RNNs read a cached list of their weights (refreshed by their own setattr, which we bypass).

@@ -74,9 +74,14 @@ def add_forward_casts(model: torch.nn.Module, precisions: list[ModulePrecision],
             gated(_enter_hook(dtype_of(mp.compute), device_type, contexts), gate), with_kwargs=True))
         # Left by the same calls it entered (checked here: the gate may read differently inside the module).
         handles.append(module.register_forward_hook(
-            gated(_exit_hook(dtype_of(activation), contexts), gate and (lambda c=contexts: bool(c))), always_call=True))
+            gated(_exit_hook(dtype_of(activation), contexts), gate and _entered(contexts)), always_call=True))
     handles.append(model.register_forward_hook(gated(_cast_outputs_hook(dtype_of(output)), gate)))
     return handles
+
+
+def _entered(contexts: list[torch.autocast]) -> Callable[[], bool]:
+    """A gate that is open while `contexts` holds an autocast the enter hook opened."""
+    return lambda: bool(contexts)
 
 
 def _enter_hook(dtype: torch.dtype, device_type: str, contexts: list[torch.autocast]) -> Callable:
@@ -86,7 +91,8 @@ def _enter_hook(dtype: torch.dtype, device_type: str, contexts: list[torch.autoc
         context = torch.autocast(device_type, dtype=dtype if lower else None, enabled=lower)
         context.__enter__()
         contexts.append(context)
-        return _inputs_to_hook(dtype)(module, args, kwargs)
+        inputs: tuple[tuple, dict] = _inputs_to_hook(dtype)(module, args, kwargs)
+        return inputs
 
     return eager(hook)
 
