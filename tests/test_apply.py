@@ -503,3 +503,18 @@ def test_a_deep_copy_of_a_prepared_model_is_its_weights_only(policy):
     saved.seek(0)
     loaded = torch.load(saved, weights_only=False)
     assert mp.prepared_state(loaded).master_weights is None and mp.memory(loaded).held == held
+
+
+@pytest.mark.parametrize(("policy", "mode", "emulation"), [
+    ("f16-master,execution=native", "native", None),
+    ("f16-master", "emulated", "per op"),  # auto on a CPU: emulated, per op
+    ("f16-master,execution=emulated", "emulated", "per op"),
+    ("f16-master,execution=emulated-module", "emulated-module", "module boundaries"),
+    ("f32", "native", None),
+])
+def test_the_prepared_mode_is_spelled_as_in_policy_strings(policy, mode, emulation):
+    model = torch.nn.Linear(2, 2)
+    mp.prepare(model, None, policy)
+    state = mp.prepared_state(model)
+    assert (state.mode, state.emulation) == (mode, emulation)
+    assert state.summary()["mode"] == mode and state.execution == ("native" if mode == "native" else "emulated")

@@ -8,8 +8,10 @@
 
 Execution is **native** where the device has every format of the policy (CUDA: fp16, bf16; CPU when
 asked for with ``execution=native``) and **emulated** elsewhere: per op by default (torch.autocast's
-rules, 16-bit values, FP32 arithmetic: `mixprec._op_emulation`), or at module boundaries with
-``execution=emulated-module`` (`mixprec._emulation`); `mixprec._native` has the native model.
+rules, 16-bit values, FP32 arithmetic: `mixprec.execution.emulated`), or at module boundaries with
+``execution=emulated-module`` (`mixprec.execution.emulated_module`, the fallback for formats no 16-bit
+dtype carries); `mixprec.execution.native` has the native model. The code names each mode by its policy
+spelling (`PreparedState.mode`: native, emulated, emulated-module).
 
 What `prepare` does (kept until `unprepare`): stores parameters in their format (native: cast in place,
 same Parameter objects; emulated: rounded in place), rounds weight gradients onto it after each
@@ -104,7 +106,7 @@ def prepare(
     execution = _sharded_execution(policy, device) if sharded else policy.resolve_execution(device)
     precisions = policy.module_precisions(model, warn=True)
     rounding = {}  # per-op emulation: worked out (and formats it cannot carry refused) once, here
-    if execution == "emulated" and policy.emulation == "per op":  # ops produce values in these formats:
+    if execution == "emulated" and policy.execution != "emulated-module":  # ops produce values in these formats:
         rounding = emulated.sub_carrier_formats([policy.output, *(mp.compute for mp in precisions)])
 
     # Each parameter's storage format is its module's (the widest of them, for tied weights).
@@ -118,7 +120,7 @@ def prepare(
                           {name: fmt for name, (_, fmt) in named.items()}, handles=handles,
                           master_weights=optimizer if isinstance(optimizer, MasterWeights) else None,
                           sharded=sharded, rounding=rounding)
-    if policy.compute != F32 and state.emulation != "module boundaries":
+    if policy.compute != F32 and state.mode != "emulated-module":
         state.autocast_dtype = (native.dtype_of if execution == "native" else emulated.carrier_of)(policy.compute)
     state.handles += _recompute_hooks(model, state)
     state.handles.append(model.register_load_state_dict_pre_hook(_refuse_assign))
@@ -157,7 +159,7 @@ def _forward_hooks(model: torch.nn.Module, state: PreparedState, storage: dict[i
                    gate: Any = None) -> list[RemovableHandle]:
     """The module hooks a forward inside `autocast` runs with; with `gate`, acting only while it says so."""
     p = state.policy
-    if state.emulation == "module boundaries":
+    if state.mode == "emulated-module":
         return emulated_module.add_forward_rounding(model, state.precisions, storage, p.compute, p.output, gate)
     # Native, or per-op emulation: the native module hooks, in carrier dtypes.
     dtype_of = native.dtype_of if state.execution == "native" else emulated.carrier_of
@@ -177,7 +179,7 @@ def _recompute_hooks(model: torch.nn.Module, state: PreparedState) -> list[Remov
     """
     gate = functools.partial(_recomputing, state)
     handles = _forward_hooks(model, state, _storage_formats(model, state), gate)
-    if state.emulation != "per op":
+    if state.mode != "emulated":
         return handles
 
     def enter(module: torch.nn.Module, args: Any) -> None:
@@ -347,6 +349,6 @@ def autocast(model: torch.nn.Module, policy: Policy | str | None = None) -> Iter
             stack.enter_context(torch.autocast(state.device.type, dtype=state.autocast_dtype))
         for handle in _forward_hooks(model, state, storage):
             stack.callback(handle.remove)
-        if state.emulation == "per op":
+        if state.mode == "emulated":
             stack.enter_context(emulated.OpEmulation(state.device.type, state.rounding))
         yield

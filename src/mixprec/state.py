@@ -31,7 +31,10 @@ class PreparedState:
     Attributes:
         policy: the policy applied.
         execution: ``"native"`` or ``"emulated"``: what runs.
-        emulation: ``"per op"`` or ``"module boundaries"`` when emulated (see `Policy.emulation`), else None.
+        mode: the execution mode, spelled as in policy strings: ``"native"``, ``"emulated"`` (per op) or
+            ``"emulated-module"`` (at module boundaries). The code branches on this one spelling.
+        emulation: the description reports and ``explain()`` print for an emulated mode, ``"per op"`` or
+            ``"module boundaries"`` (see `Policy.emulation`), else None.
         device: the model's device at prepare.
         precisions: per module (named_modules order): params/compute format and why.
         param_formats: qualified parameter name -> storage format of its values (emulated: the grid
@@ -65,6 +68,12 @@ class PreparedState:
         return {**self.__dict__, "master_weights": None, "handles": [], "recomputing_in": None, "in_autocast": False}
 
     @property
+    def mode(self) -> str:
+        if self.execution == "native":
+            return "native"
+        return "emulated-module" if self.policy.execution == "emulated-module" else "emulated"
+
+    @property
     def emulation(self) -> str | None:
         return None if self.execution == "native" else self.policy.emulation
 
@@ -75,7 +84,8 @@ class PreparedState:
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready summary: policy string, execution, device, and parameter counts per format."""
-        return {"policy": str(self.policy), "execution": self.execution, "emulation": self.emulation,
+        return {"policy": str(self.policy), "execution": self.execution, "mode": self.mode,
+                "emulation": self.emulation,
                 "device": str(self.device),
                 "master": None if self.policy.master is None else self.policy.master.name,
                 "param_formats": {f.name: n for f, n in _count(self.param_formats.values()).items()}}

@@ -7,7 +7,7 @@ the gradient of a 16-bit tensor is 16-bit. So it *is* native execution, with thr
 * Rules: the real ``torch.autocast`` for the device runs, with each format's *carrier* dtype
   (`carrier_of`: float16 or bfloat16, whichever holds every value of the format). Which ops run in
   16 bits, which are forced to FP32 and which promote are torch's decisions, not a copy of its lists.
-  FP32 islands and rules are the native module hooks (`mixprec._native`), with carrier dtypes.
+  FP32 islands and rules are the native module hooks (`mixprec.execution.native`), with carrier dtypes.
 * Arithmetic: the ops a CPU runs slowly in 16 bits (`FP32_ARITHMETIC`: matmuls, convolutions,
   attention; all in torch.autocast's lower-precision lists) get their inputs rounded onto the carrier
   (as autocast would cast them), computed in FP32 (FP32 accumulation, as tensor cores do), and their

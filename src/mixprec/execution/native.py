@@ -55,7 +55,7 @@ def add_forward_casts(model: torch.nn.Module, precisions: list[ModulePrecision],
     """Hooks for the modules whose compute format differs from their parent's, and for the outputs.
 
     `dtype_of` maps a format to the dtype that holds it (per-op emulation passes its carriers); the
-    hooks act only while `gate` returns True (see `mixprec._emulation.gated`)."""
+    hooks act only while `gate` returns True (see `mixprec.execution.hooks.gated`)."""
     handles: list[RemovableHandle] = []
     by_name = dict(model.named_modules())
     compute_of = {mp.name: mp.compute for mp in precisions}
