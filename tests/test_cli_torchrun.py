@@ -6,50 +6,49 @@ Each torchrun launch starts three Python processes that import torch: about 10 s
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from helpers import run_command, torchrun_command
 from mixprec.cli import main
 from mixprec.harness.training import train
 
 STEPS = 30
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--standalone"]  # --standalone: a local rendezvous on a free port, so parallel runs never collide
+TIMEOUT_S = 120  # one torchrun launch (its three Python processes), or one plain `python -m mixprec`
 
 
-def _run(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
+def _train_two(out: Path, recipe: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return run_command(torchrun_command("-m", "mixprec", "train", "--recipe", recipe, "--policy", "f32",
+                                        "--steps", str(STEPS), "--no-progress", "--out", str(out), *extra),
+                       timeout=TIMEOUT_S)
 
 
-def _train_two(out: Path, recipe: str, *extra: str) -> subprocess.CompletedProcess:
-    return _run([*TORCHRUN, "-m", "mixprec", "train", "--recipe", recipe, "--policy", "f32",
-                 "--steps", str(STEPS), "--no-progress", "--out", str(out), *extra])
-
-
-def _result(out: Path) -> dict:
+def _result(out: Path) -> dict[str, Any]:
     return json.loads((out / "result.json").read_text())
 
 
-def _losses(history: list[dict]) -> list[float]:
+def _losses(history: list[dict[str, Any]]) -> list[float]:
     return [r["loss"] for r in history if r["kind"] == "step"]
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory) -> tuple[Path, str]:
+def two_processes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """An uninterrupted 2-process digits run (shared: it is the slow part)."""
     out = tmp_path_factory.mktemp("torchrun") / "whole"
     return out, _train_two(out, "digits").stdout
 
 
 def test_python_m_mixprec_runs_the_cli():
-    top = _run([sys.executable, "-m", "mixprec", "--help"], timeout=60)
+    top = run_command([sys.executable, "-m", "mixprec", "--help"], timeout=60)
     assert "train" in top.stdout and "compare" in top.stdout
-    train_help = _run([sys.executable, "-m", "mixprec", "train", "--help"], timeout=60)
+    train_help = run_command([sys.executable, "-m", "mixprec", "train", "--help"], timeout=60)
     assert "--resume" in train_help.stdout and "--stop-at" in train_help.stdout
 
 
@@ -124,25 +123,21 @@ def test_master_weights_under_torchrun_killed_mid_run_and_resumed_match_an_unint
     # f16-master (FP32 masters reduced through mixprec's DDP hook), the whole process group SIGKILLed once
     # the first checkpoint is on disk, then --resume: it finishes, and its history (from the checkpoint) is
     # bitwise the uninterrupted run's.
-    import os
-    import signal
-    import time
-
     args = ["-m", "mixprec", "train", "--recipe", "digits", "--policy", "f16-master", "--steps", str(STEPS),
             "--no-progress", "--checkpoint-every", "5"]
     whole, part = tmp_path / "whole", tmp_path / "part"
-    _run([*TORCHRUN, *args, "--out", str(whole)])
-    proc = subprocess.Popen([*TORCHRUN, *args, "--out", str(part)], stdout=subprocess.DEVNULL,
+    run_command(torchrun_command(*args, "--out", str(whole)), timeout=TIMEOUT_S)
+    proc = subprocess.Popen(torchrun_command(*args, "--out", str(part)), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + TIMEOUT_S
         while not list(part.glob("checkpoint-*.pt")) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be killed: raise STEPS"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    resumed = _run([*TORCHRUN, *args, "--out", str(part), "--resume"])
+    resumed = run_command(torchrun_command(*args, "--out", str(part), "--resume"), timeout=TIMEOUT_S)
     assert "resuming at step" in resumed.stdout
     a, b = _result(whole), _result(part)
     assert b["steps"] == STEPS and b["world_size"] == 2
@@ -153,8 +148,9 @@ def test_injected_faults_under_torchrun_skip_the_same_steps_as_one_process(tmp_p
     # Every rank draws the same faults (a pure function of seed, clause and step) and the ranks agree on
     # found-inf: the 2-process run skips exactly where the 1-process run does, and trains on after.
     faults = "grad:inf@4,8;loss:nan@10;act:inf@rate=0.1;seed=2"
-    _run([*TORCHRUN, "-m", "mixprec", "train", "--recipe", "tiny-updates", "--policy", "f16-master",
-          "--steps", "16", "--no-progress", "--out", str(tmp_path / "two"), "--inject-faults", faults])
+    run_command(torchrun_command("-m", "mixprec", "train", "--recipe", "tiny-updates", "--policy", "f16-master",
+                                 "--steps", "16", "--no-progress", "--out", str(tmp_path / "two"),
+                                 "--inject-faults", faults), timeout=TIMEOUT_S)
     two = _result(tmp_path / "two")
     one = train("tiny-updates", "f16-master", steps=16, threads=1, faults=faults)
     skipped = [[r["step"] for r in history if r["kind"] == "step" and not r["applied"]]

@@ -12,27 +12,21 @@ The loop under test (the public API only):
     info = mp.step(opt, scaler, max_grad_norm=1.0)
     opt.zero_grad()
 
-How the harness works: the test starts this file as a script in 2 subprocesses (``--worker CONFIG RANK``),
-each with one torch thread, joined in one gloo process group (rendezvous through a file in the test's tmp
-dir: no port to pick, none to collide). A group of scenarios (several presets) runs inside ONE pair of
-processes, with a barrier between scenarios. Each rank writes, per scenario, its final state (``torch.save``)
-or the traceback of its exception; a rank that raised exits, its peer's collective fails at once, and the
-parent starts a new pair for the scenarios not yet attempted, so one failure never leaks into the next
-scenario. Collectives time out after COLLECTIVE_TIMEOUT_S and the parent kills a pair after PAIR_TIMEOUT_S:
-a hang fails the test, it never blocks. The parent computes the 1-process references itself and asserts;
-children never assert.
+How the harness works: the test starts 2 worker processes through ``helpers.run_workers`` (each with one
+torch thread, joined in one gloo process group through a rendezvous file in the test's tmp dir: no port to
+pick, none to collide). A group of scenarios (several presets) runs inside ONE pair of processes, with a
+barrier between scenarios. Each rank writes, per scenario, its final state (``torch.save``) or the traceback
+of its exception; a rank that raised exits, its peer's collective fails at once, and the parent starts a new
+pair for the scenarios not yet attempted, so one failure never leaks into the next scenario. Collectives time
+out after COLLECTIVE_TIMEOUT_S and the parent stops a pair after PAIR_TIMEOUT_S: a hang fails the test, it
+never blocks. The parent computes the 1-process references itself and asserts; children never assert.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
-import json
 import math
 import os
-import subprocess
-import sys
-import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,8 +34,10 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import mixprec as mp
+from helpers import Checkpointed, run_workers, step_float, typed_prepare
 
 WORLD = 2
 ROWS = 16  # rows per rank per micro-batch
@@ -69,9 +65,9 @@ Result = dict[str, Any]
 
 def scenario(name: str, preset: str | None, **options: Any) -> Spec:
     """A JSON-ready description of one training run. preset None: plain PyTorch, no mixprec."""
-    spec = {"name": name, "preset": preset, "ddp": True, "optimizer": "sgd", "steps": STEPS, "micro": 1,
-            "fault": None, "seeds": "same", "autocast_on": "ddp", "ddp_options": {}, "sync": True,
-            "checkpointed": False}
+    spec: Spec = {"name": name, "preset": preset, "ddp": True, "optimizer": "sgd", "steps": STEPS, "micro": 1,
+                  "fault": None, "seeds": "same", "autocast_on": "ddp", "ddp_options": {}, "sync": True,
+                  "checkpointed": False}
     unknown = set(options) - set(spec)
     if unknown:
         raise TypeError(f"unknown scenario options {sorted(unknown)}")
@@ -79,13 +75,13 @@ def scenario(name: str, preset: str | None, **options: Any) -> Spec:
     return spec
 
 
-def make_model(seed: int) -> torch.nn.Module:
+def make_model(seed: int) -> torch.nn.Sequential:
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 1))
+    first, norm, head = torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 1)
     with torch.no_grad():  # small outputs, small targets: see micro_batch
-        model[2].weight.mul_(0.1)
-        model[2].bias.mul_(0.1)
-    return model
+        head.weight.mul_(0.1)
+        head.bias.mul_(0.1)
+    return torch.nn.Sequential(first, norm, head)
 
 
 def micro_batch(step: int, micro: int, ranks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,17 +102,6 @@ def micro_batch(step: int, micro: int, ranks: list[int]) -> tuple[torch.Tensor, 
     return torch.cat(xs), torch.cat(ys)
 
 
-class Checkpointed(torch.nn.Module):
-    """Activation checkpointing of one module: backward recomputes its forward (non-reentrant)."""
-
-    def __init__(self, inner: torch.nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False)
-
-
 def make_optimizer(kind: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     if kind == "sgd":
         return torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
@@ -125,6 +110,12 @@ def make_optimizer(kind: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     if kind == "adam-fused":  # skips on the device: mp.step(..., sync=False) can use it
         return torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
     raise ValueError(kind)
+
+
+def _prepare(model: torch.nn.Sequential, opt: torch.optim.Optimizer, preset: str | None,
+             ) -> tuple[torch.nn.Sequential, torch.optim.Optimizer, mp.LossScaler | None]:
+    """``mp.prepare`` under the preset; preset None: plain PyTorch, nothing prepared and no scaler."""
+    return (model, opt, None) if preset is None else typed_prepare(model, opt, preset)
 
 
 def _stepped_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -162,10 +153,7 @@ def train(spec: Spec, rank: int | None) -> Result:
     model = make_model(seed)
     if spec["checkpointed"]:  # the first Linear and the LayerNorm (an FP32 island) recomputed in backward
         model[0], model[1] = Checkpointed(model[0]), Checkpointed(model[1])
-    opt = make_optimizer(spec["optimizer"], model)
-    scaler = None
-    if preset is not None:
-        model, opt, scaler = mp.prepare(model, opt, preset)
+    model, opt, scaler = _prepare(model, make_optimizer(spec["optimizer"], model), preset)
 
     armed = {"inf": False}  # fault "activation": inf into the activation gradient on this backward
 
@@ -181,25 +169,27 @@ def train(spec: Spec, rank: int | None) -> Result:
     if spec["fault"] == "activation":
         model[0].register_forward_hook(poison_activation_gradient)  # its output is the LayerNorm's input
 
-    net: torch.nn.Module = model
-    if distributed:
-        net = torch.nn.parallel.DistributedDataParallel(model, **spec["ddp_options"])
-        if spec["autocast_on"] == "inner+hook":
-            mp.distributed.register_comm_hook(net)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, **spec["ddp_options"]) if distributed else None
+    if ddp is not None and spec["autocast_on"] == "inner+hook":
+        mp.distributed.register_comm_hook(ddp)
+    net: torch.nn.Module = model if ddp is None else ddp
     # "inner": no mixprec hook at all; DDP reduces the 16-bit .grad itself, mp.step must then use only those
     autocast_target = model if spec["autocast_on"] in ("inner+hook", "inner") else net
     ranks = list(range(WORLD)) if rank is None else [rank]  # without DDP: each rank its own rows
 
-    applied, loss_scales, grad_norms, fault_targets = [], [], [], []
+    applied: list[bool] = []
+    loss_scales: list[float] = []
+    grad_norms: list[float] = []
+    fault_targets: list[str] = []
     n = spec["micro"]
     for step in range(spec["steps"]):
         faulty_step = rank == 1 and step in FAULT_STEPS  # the reference (rank None) never faults
         for k in range(n):
             x, y = micro_batch(step, k, ranks)
-            no_sync = net.no_sync() if distributed and k < n - 1 else contextlib.nullcontext()
+            no_sync = ddp.no_sync() if ddp is not None and k < n - 1 else contextlib.nullcontext()
             with no_sync:
                 armed["inf"] = spec["fault"] == "activation" and faulty_step
-                if preset is None:
+                if scaler is None:  # plain PyTorch
                     loss = torch.nn.functional.mse_loss(net(x), y) / n
                     loss.backward()
                 else:
@@ -209,7 +199,7 @@ def train(spec: Spec, rank: int | None) -> Result:
         armed["inf"] = False
         if spec["fault"] == "grad" and faulty_step:
             fault_targets.append(_corrupt_gradient_after_backward(model, opt))
-        if preset is None:
+        if scaler is None:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             applied.append(True)
@@ -218,7 +208,7 @@ def train(spec: Spec, rank: int | None) -> Result:
             info = mp.step(opt, scaler, max_grad_norm=1.0, sync=spec["sync"])
             applied.append(bool(info.applied))  # sync=False: 0-dim tensors, read here only to compare
             loss_scales.append(float(info.loss_scale))
-            grad_norms.append(float(info.grad_norm))
+            grad_norms.append(step_float(info.grad_norm))
         opt.zero_grad()
 
     stepped = _stepped_params(opt)
@@ -238,26 +228,17 @@ def _file_stem(index: int, rank: int) -> str:
     return f"scenario{index}.rank{rank}"
 
 
-def _worker(config_path: str, rank: int) -> None:
-    """A child process: the config's scenarios in order, in ONE process group, until one fails.
+def _pair_worker(rank: int, out: str, scenarios: list[tuple[int, Spec]]) -> None:
+    """One rank of a pair (started by helpers.run_workers, its gloo group up): the scenarios in order, each
+    result into its own file, until one fails.
 
     A scenario that raises on this rank ends the process (after writing the traceback): its peer's pending
     or next collective then fails at once (connection reset) instead of pairing with a collective of another
     scenario, and the parent starts a new pair for the scenarios not yet attempted. (One group per process,
     not one per scenario: creating gloo groups again after destroying one aborts now and then, in torch.)
     """
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    config = json.loads(Path(config_path).read_text())
-    out = Path(config["out"])
-    timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
-    # Rendezvous through a file in the test's tmp dir: no port to pick, none to collide with another program.
-    store = dist.FileStore(config["rendezvous"], WORLD)
-    store.set_timeout(timeout)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=timeout)
-    for index, spec in config["scenarios"]:
-        stem = out / _file_stem(index, rank)
+    for index, spec in scenarios:
+        stem = Path(out) / _file_stem(index, rank)
         try:
             result = train(spec, rank)
             torch.save(result, f"{stem}.tmp")
@@ -266,10 +247,7 @@ def _worker(config_path: str, rank: int) -> None:
         except Exception:
             if not Path(f"{stem}.pt").exists():  # a failed barrier after a saved result: the peer failed
                 Path(f"{stem}.err").write_text(traceback.format_exc())
-            sys.stdout.flush()
-            os._exit(1)  # no teardown of a group that may be mid-collective
-    sys.stdout.flush()
-    os._exit(0)
+            raise  # run_workers ends the process at once: no teardown of a group that may be mid-collective
 
 
 # ====================================================================================================
@@ -277,51 +255,14 @@ def _worker(config_path: str, rank: int) -> None:
 # ====================================================================================================
 
 
-def _tail(path: Path, chars: int = 3000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
-
-
 def _start_pair(todo: list[int], scenarios: list[Spec], workdir: Path, attempt: int,
                 timeout_s: float) -> Callable[[int], str]:
     """Run one pair of workers on the scenarios ``todo`` until both exit (or are stopped); return a function
     that explains, per rank, why a scenario of this attempt has no file from that rank."""
-    config = workdir / f"config{attempt}.json"
-    config.write_text(json.dumps({"out": str(workdir), "rendezvous": str(workdir / f"rendezvous{attempt}"),
-                                  "scenarios": [[i, scenarios[i]] for i in todo]}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    logs = [workdir / f"log{attempt}.rank{r}.txt" for r in range(WORLD)]
-    procs = []
-    for rank in range(WORLD):
-        with open(logs[rank], "w") as log:
-            # -X faulthandler: a crash in native code (segfault, abort) still leaves a Python stack in the log.
-            procs.append(subprocess.Popen([sys.executable, "-X", "faulthandler", __file__, "--worker", str(config),
-                                           str(rank)], stdout=log, stderr=subprocess.STDOUT, env=env))
-    start = time.monotonic()
-    deadline, first_exit = start + timeout_s, None
-    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-        if first_exit is None and any(p.poll() not in (None, 0) for p in procs):
-            first_exit = time.monotonic()  # the survivor should follow at once; stop it if it does not
-        if first_exit is not None and time.monotonic() > first_exit + 10:
-            break
-        time.sleep(0.05)
-    exit_codes = [p.poll() for p in procs]  # None: still running, stopped below
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
-    elapsed = time.monotonic() - start
-
-    def why(rank: int) -> str:
-        code = exit_codes[rank]
-        if code is not None:
-            state = f"its process exited with code {code}" + (" (killed by a signal)" if code < 0 else "")
-        elif first_exit is not None:
-            state = f"stopped by the test 10 s after the other process exited with code {exit_codes[1 - rank]}"
-        else:
-            state = f"stopped by the test at its {timeout_s} s timeout (a hang?)"
-        return f"{state}, after {elapsed:.0f} s; log tail:\n{_tail(logs[rank])}"
-
-    return why
+    outcomes = run_workers(_pair_worker, (str(workdir), [(i, scenarios[i]) for i in todo]),
+                           workdir=workdir / f"attempt{attempt}", world_size=WORLD, timeout_s=timeout_s,
+                           collective_timeout_s=COLLECTIVE_TIMEOUT_S)
+    return lambda rank: outcomes[rank].describe()
 
 
 def run_pair(scenarios: list[Spec], workdir: Path, timeout_s: float = PAIR_TIMEOUT_S) -> dict[str, Any]:
@@ -498,7 +439,7 @@ def _seeds_group() -> list[Spec]:
 
 
 #: DDP's own options, and DDP without mixprec's hook (mp.autocast on the inner module): (name, options).
-DDP_VARIANTS = {
+DDP_VARIANTS: dict[str, dict[str, Any]] = {
     "gradient_as_bucket_view": dict(ddp_options={"gradient_as_bucket_view": True}, micro=2),
     "find_unused_parameters": dict(ddp_options={"find_unused_parameters": True}, micro=2),
     "static_graph": dict(ddp_options={"static_graph": True}),  # torch's static_graph refuses no_sync at first
@@ -647,6 +588,3 @@ def test_ddp_options_and_ddp_without_the_hook_keep_replicas_equal(pairs, variant
     assert_replicas_equal(r0, r1)
     assert_close_to_reference(r0, reference(_spec("ddp options", name)), preset)
 
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
-    _worker(sys.argv[2], int(sys.argv[3]))

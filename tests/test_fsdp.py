@@ -7,120 +7,108 @@ reference is the same preset under DDP (mixprec's masters, FP32 reduction) in th
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import mixprec as mp
-
-WORKER = r'''
-import os, sys, torch, torch.distributed as dist
-import mixprec as mp
-
-from torch.utils.checkpoint import checkpoint
-
-class Checkpointed(torch.nn.Module):  # activation checkpointing of one module, as checkpoint wrappers do
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-    def forward(self, x):
-        return checkpoint(self.inner, x, use_reentrant=False)
-
-rank, world, out = int(sys.argv[1]), 2, sys.argv[2]
-torch.set_num_threads(1)
-dist.init_process_group("gloo", rank=rank, world_size=world)
-results = {}
-for policy in sys.argv[3:]:
-    for kind in ("fsdp", "ddp", "fsdp-fault", "fsdp-fault-fused", "fsdp-fault-sync-free", "fsdp-checkpointed"):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 1))
-        if kind == "fsdp-checkpointed":  # the Linear and the LayerNorm island recomputed in backward
-            model[0], model[1] = Checkpointed(model[0]), Checkpointed(model[1])
-        if kind.startswith("fsdp"):
-            model = mp.distributed.fully_shard(model, policy)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=kind != "ddp" and kind.endswith(("fused", "free")))
-        model, opt, scaler = mp.prepare(model, opt, policy)
-        net = model if kind.startswith("fsdp") else torch.nn.parallel.DistributedDataParallel(model)
-        g = torch.Generator().manual_seed(100 + rank)  # different data on each rank
-        applied, norms, read_later = [], [], []
-        for step in range(6):
-            x, y = torch.randn(8, 8, generator=g), torch.randn(8, 1, generator=g)
-            with mp.autocast(net):
-                loss = torch.nn.functional.mse_loss(net(x).float(), y)
-            scaler.scale(loss).backward()
-            if kind.startswith("fsdp-fault") and rank == 1 and step in (2, 4):
-                model[0].weight.grad.to_local().view(-1)[0] = float("inf")  # this rank's shard only
-            info = mp.step(opt, scaler, max_grad_norm=1.0, sync=kind != "fsdp-fault-sync-free")
-            read_later.append(isinstance(info.applied, torch.Tensor))
-            applied.append(bool(info.applied))  # sync=False: device tensors, read here to compare
-            norms.append(float(info.grad_norm))
-            opt.zero_grad()
-        if kind.startswith("fsdp"):
-            weights = [p.full_tensor().float() for p in model.parameters()]
-            kind_of_opt = type(opt).__name__
-        else:
-            weights = [p.detach().clone() for g in opt.param_groups for p in g["params"]]  # the masters
-            kind_of_opt = type(opt).__name__
-        results[f"{policy}|{kind}"] = {"weights": weights, "applied": applied, "norms": norms, "read_later": read_later,
-                                       "optimizer": kind_of_opt, "scaler": scaler.state_dict()}
-for bad in ("f16-pure", "f16-master,execution=emulated"):  # clear errors, nothing half-done
-    model = mp.distributed.fully_shard(torch.nn.Sequential(torch.nn.Linear(8, 16)), "f16-master")
-    try:
-        mp.prepare(model, None, bad)
-        results[bad] = "prepared"
-    except ValueError as error:
-        results[bad] = str(error)
-    results[bad + "|prepared"] = mp.prepared_state(model) is not None
-model = torch.nn.Sequential(torch.nn.Linear(8, 16))
-model, _, _ = mp.prepare(model, None, "f16-master")
-mp.distributed.fully_shard(model, "f16-master")  # in the wrong order
-try:
-    with mp.autocast(model):
-        pass
-    results["shard after prepare"] = "ran"
-except RuntimeError as error:
-    results["shard after prepare"] = str(error)
-torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-dist.barrier()  # both ranks done before the group goes: gloo aborts at exit now and then otherwise
-dist.destroy_process_group()
-'''
+from helpers import Checkpointed, results, run_workers, step_float, typed_prepare
 
 POLICIES = ["f16-master", "bf16-master"]
+KINDS = ("fsdp", "ddp", "fsdp-fault", "fsdp-fault-fused", "fsdp-fault-sync-free", "fsdp-checkpointed")
+STEPS = 6
+FAULT_STEPS = (2, 4)  # rank 1 writes inf into its own shard of a gradient on these steps
+RUN_TIMEOUT_S = 240  # both processes, every policy and kind; no collective times out before it either
 TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
 # FSDP2 on CPU processes (gloo): runs on torch 2.13, the release tested; torch 2.6's FSDP2 has no CPU streams.
 pytestmark = pytest.mark.skipif(TORCH < (2, 13), reason="FSDP2 on CPU: tested on torch >= 2.13 only")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# ----- what each of the 2 processes runs (started by helpers.run_workers; the children never assert) -----
+
+
+def _poison_own_shard(layer: torch.nn.Module) -> None:
+    """inf into this rank's shard only of the layer's (sharded, DTensor) weight gradient."""
+    grad: Any = layer.weight.grad
+    grad.to_local().view(-1)[0] = float("inf")
+
+
+def _full_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every parameter gathered whole from its FSDP shards, in FP32."""
+    sharded: list[Any] = list(model.parameters())
+    return [p.full_tensor().float() for p in sharded]
+
+
+def _train(policy: str, kind: str, rank: int) -> dict[str, Any]:
+    """One run of a kind: FSDP2 (clean, faulty, fused, sync-free, checkpointed) or the DDP reference."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 1))
+    if kind == "fsdp-checkpointed":  # the Linear and the LayerNorm island recomputed in backward
+        model[0], model[1] = Checkpointed(model[0]), Checkpointed(model[1])
+    if kind.startswith("fsdp"):
+        mp.distributed.fully_shard(model, policy)  # in place: the same Sequential, sharded
+    fused = kind != "ddp" and kind.endswith(("fused", "free"))
+    opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
+    model, opt, scaler = typed_prepare(model, opt, policy)
+    net = model if kind.startswith("fsdp") else torch.nn.parallel.DistributedDataParallel(model)
+    g = torch.Generator().manual_seed(100 + rank)  # different data on each rank
+    applied, norms, read_later = [], [], []
+    for step in range(STEPS):
+        x, y = torch.randn(8, 8, generator=g), torch.randn(8, 1, generator=g)
+        with mp.autocast(net):
+            loss = torch.nn.functional.mse_loss(net(x).float(), y)
+        scaler.scale(loss).backward()
+        if kind.startswith("fsdp-fault") and rank == 1 and step in FAULT_STEPS:
+            _poison_own_shard(model[0])
+        info = mp.step(opt, scaler, max_grad_norm=1.0, sync=kind != "fsdp-fault-sync-free")
+        read_later.append(isinstance(info.applied, torch.Tensor))
+        applied.append(bool(info.applied))  # sync=False: device tensors, read here to compare
+        norms.append(step_float(info.grad_norm))
+        opt.zero_grad()
+    if kind.startswith("fsdp"):
+        weights = _full_weights(model)
+    else:
+        weights = [p.detach().clone() for group in opt.param_groups for p in group["params"]]  # the masters
+    return {"weights": weights, "applied": applied, "norms": norms, "read_later": read_later,
+            "optimizer": type(opt).__name__, "scaler": scaler.state_dict()}
+
+
+def _refusals() -> dict[str, Any]:
+    """What prepare says to policies FSDP2 cannot run (nothing half-done), and to sharding after prepare."""
+    found: dict[str, Any] = {}
+    for bad in ("f16-pure", "f16-master,execution=emulated"):
+        model = mp.distributed.fully_shard(torch.nn.Sequential(torch.nn.Linear(8, 16)), "f16-master")
+        try:
+            mp.prepare(model, None, bad)
+            found[bad] = "prepared"
+        except ValueError as error:
+            found[bad] = str(error)
+        found[bad + "|prepared"] = mp.prepared_state(model) is not None
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16))
+    model, _, _ = mp.prepare(model, None, "f16-master")
+    mp.distributed.fully_shard(model, "f16-master")  # in the wrong order
+    try:
+        with mp.autocast(model):
+            pass
+        found["shard after prepare"] = "ran"
+    except RuntimeError as error:
+        found["shard after prepare"] = str(error)
+    return found
+
+
+def _worker(rank: int, policies: list[str]) -> dict[str, Any]:
+    """Every policy under every kind, then the refusals: what the tests below compare, by key."""
+    found = {f"{policy}|{kind}": _train(policy, kind, rank) for policy in policies for kind in KINDS}
+    found.update(_refusals())
+    return found
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("fsdp")
-    script = out / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-           "PYTHONPATH": str(Path(mp.__file__).parents[1])}
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(out), *POLICIES], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=240)[0])
-    finally:
-        for p in procs:
-            p.kill()
-    for p in procs:
-        assert p.returncode == 0, "\n".join(log[-2500:] for log in logs)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    outcomes = run_workers(_worker, (POLICIES,), workdir=tmp_path_factory.mktemp("fsdp"), timeout_s=RUN_TIMEOUT_S,
+                           collective_timeout_s=RUN_TIMEOUT_S)
+    return results(outcomes)
 
 
 @pytest.mark.parametrize("policy", POLICIES)

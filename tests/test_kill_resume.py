@@ -23,13 +23,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
+from helpers import named_tensors, run_command
+from mixprec.cli import main
 from mixprec.harness.checkpoints import find_checkpoint, list_checkpoints, load_checkpoint
-from test_training import _tensors  # every tensor in a nested state dict, by its path
 
 KILLS = 20
 STEPS = 300
@@ -72,20 +74,22 @@ class Launcher:
     def __init__(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # both are pipes
+        self.requests, self.replies = self.proc.stdin, self.proc.stdout
 
     def start(self, args: list[str], stderr: Path) -> int:
-        self.proc.stdin.write(json.dumps({"args": args, "stderr": str(stderr)}) + "\n")
-        self.proc.stdin.flush()
-        return int(self.proc.stdout.readline())
+        self.requests.write(json.dumps({"args": args, "stderr": str(stderr)}) + "\n")
+        self.requests.flush()
+        return int(self.replies.readline())
 
     def wait(self) -> int:
         """The exit code of the attempt started last (negative: killed by that signal)."""
-        line = self.proc.stdout.readline()
+        line = self.replies.readline()
         assert line, "the launcher died"
         return int(line)
 
     def close(self) -> None:
-        self.proc.stdin.close()
+        self.requests.close()
         self.proc.wait(timeout=30)
 
 
@@ -106,10 +110,10 @@ def _temp_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob(".*.tmp")) if folder.is_dir() else []
 
 
-def assert_same_checkpoint(a: dict, b: dict) -> None:
+def assert_same_checkpoint(a: dict[str, Any], b: dict[str, Any]) -> None:
     """Bitwise equal model, optimizer (FP32 masters), scaler, schedule and RNG states; equal history."""
     keys = ("model", "optimizer", "scaler", "scheduler", "rng")
-    ta, tb = dict(_tensors({k: a[k] for k in keys})), dict(_tensors({k: b[k] for k in keys}))
+    ta, tb = dict(named_tensors({k: a[k] for k in keys})), dict(named_tensors({k: b[k] for k in keys}))
     assert ta.keys() == tb.keys()
     assert [k for k in ta if not torch.equal(ta[k], tb[k])] == []
     assert a["step"] == b["step"] and a["history"] == b["history"]
@@ -123,7 +127,7 @@ def tensorboard_scalars(folder: Path) -> list[tuple[str, int, float]]:
             for v in event.summary.value]
 
 
-def result(folder: Path) -> dict:
+def result(folder: Path) -> dict[str, Any]:
     data = json.loads((folder / "result.json").read_text())
     return {k: v for k, v in data.items() if k not in TIMING_FIELDS}
 
@@ -181,9 +185,9 @@ def test_killed_20_times_at_random_moments_and_resumed_equals_an_uninterrupted_r
     finally:
         launcher.close()
 
-    finish = subprocess.run([*TRAIN, "--out", str(part), "--resume"], capture_output=True, text=True, timeout=180)
-    assert finish.returncode == 0, finish.stderr
-    assert reference.wait(timeout=180) == 0, reference.stderr.read()
+    run_command([*TRAIN, "--out", str(part), "--resume"], timeout=180)
+    _, reference_stderr = reference.communicate(timeout=180)
+    assert reference.returncode == 0, reference_stderr
     assert_same_run(whole, part)
     assert stats["kills"] == KILLS and stats["resumed"] >= KILLS - 2, stats
     print(f"kill/resume: {stats}")
@@ -200,17 +204,13 @@ SHORT = ["train", "--recipe", "tiny-updates", "--policy", "f16-master", "--steps
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    from mixprec.cli import main
-
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
     assert main([*SHORT, "--out", str(out)]) == 0
     return out
 
 
 def test_resume_rewrites_metrics_and_tensorboard_from_the_checkpoint_whatever_a_kill_left(uninterrupted, tmp_path):
-    from mixprec.cli import main
-
     part = tmp_path / "part"
     assert main([*SHORT, "--out", str(part), "--stop-at", "20"]) == 0
     # What a kill a few steps after the step-20 checkpoint leaves: records past it, a torn last line,
@@ -228,8 +228,6 @@ def test_resume_rewrites_metrics_and_tensorboard_from_the_checkpoint_whatever_a_
 
 
 def test_a_run_killed_after_its_last_checkpoint_is_made_whole_by_resume(uninterrupted, tmp_path):
-    from mixprec.cli import main
-
     part = tmp_path / "part"
     assert main([*SHORT, "--out", str(part)]) == 0
     (part / "result.json").unlink()  # killed before writing it, with its last line torn

@@ -8,23 +8,12 @@ import statistics
 import pytest
 import torch
 
+from helpers import named_tensors as _tensors  # shared with test_kill_resume
 from mixprec.harness.checkpoints import find_checkpoint
 from mixprec.harness.training import compare, train
 from mixprec.recipes import get_recipe
 
 THREADS = 1  # small models: one thread is fastest, and steadiest next to other test processes
-
-
-def _tensors(tree, prefix=""):
-    """Every tensor in a nested state dict, by its path."""
-    if torch.is_tensor(tree):
-        yield prefix, tree
-    elif isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from _tensors(value, f"{prefix}.{key}")
-    elif isinstance(tree, (list, tuple)):
-        for i, value in enumerate(tree):
-            yield from _tensors(value, f"{prefix}[{i}]")
 
 
 def test_stopped_and_resumed_run_ends_bitwise_identical_to_an_uninterrupted_one(tmp_path):
