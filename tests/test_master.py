@@ -382,3 +382,84 @@ def test_a_value_written_into_a_master_alone_gives_way_to_the_parameter():
         opt.master_params[0][3, 1] = float("nan")
     opt.sync_masters_()
     assert torch.equal(mp.quantize(opt.master_params[0], mp.BF16), before)  # emulated: FP32 storage
+
+
+# ----- add_param_group: layers unfrozen later (issue 27) ----------------------------------------------
+def _unfreeze_model(policy: str, seed: int = 0) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    dtype = torch.bfloat16 if policy.startswith("bf16") else torch.float16
+    with torch.no_grad():  # values already on the policy's grid: a master made later starts from the same bits
+        for p in model.parameters():
+            p.copy_(p.to(dtype).float())
+    return model
+
+
+def _train(model, opt, scaler, steps: range) -> list[bool]:
+    applied = []
+    for i in steps:
+        _backward(model, scaler, i)
+        applied.append(mp.step(opt, scaler, max_grad_norm=10.0).applied)
+        opt.zero_grad()
+    return applied
+
+
+@pytest.mark.parametrize("policy", [*PRESETS_WITH_MASTERS, "bf16-pure", "bf16-pure,execution=native"])
+def test_a_group_added_after_prepare_trains_as_if_it_had_been_there_from_the_start(policy):
+    ref = _unfreeze_model(policy)
+    ref_opt = torch.optim.Adam([{"params": ref[0].parameters()}, {"params": ref[2].parameters(), "lr": 0.01}], lr=0.1)
+    ref, ref_opt, ref_scaler = mp.prepare(ref, ref_opt, policy)
+    model = _unfreeze_model(policy)
+    model, opt, scaler = mp.prepare(model, torch.optim.Adam(model[0].parameters(), lr=0.1), policy)
+    opt.add_param_group({"params": model[2].parameters(), "lr": 0.01})
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.01]
+    if "master" in policy:
+        assert all(p.dtype == torch.float32 for p in opt.param_groups[1]["params"])  # masters, FP32
+    assert _train(ref, ref_opt, ref_scaler, range(6)) == _train(model, opt, scaler, range(6))
+    for a, b in zip(ref.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(ref_opt.master_params, opt.master_params, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("policy", ["f16-master,scaling=static:64", "bf16-master,execution=native"])
+def test_gradual_unfreezing_trains_the_layer_from_then_on_and_resumes(policy):
+    model = _unfreeze_model(policy)
+    model[0].requires_grad_(False)
+    model, opt, scaler = mp.prepare(model, torch.optim.Adam(model[2].parameters(), lr=0.1), policy)
+    frozen = [p.detach().clone() for p in model[0].parameters()]
+    assert all(_train(model, opt, scaler, range(3)))
+    assert all(torch.equal(a, b) for a, b in zip(frozen, model[0].parameters(), strict=True))
+    model[0].requires_grad_(True)
+    opt.add_param_group({"params": model[0].parameters(), "lr": 0.05})
+    assert all(_train(model, opt, scaler, range(3, 6)))
+    assert not any(torch.equal(a, b) for a, b in zip(frozen, model[0].parameters(), strict=True))
+    # A checkpoint after unfreezing loads into a fresh run set up the same way, and both continue alike.
+    buffer = io.BytesIO()  # through a file, as a checkpoint: state_dict() tensors are the live ones
+    torch.save((opt.state_dict(), scaler.state_dict(), model.state_dict()), buffer)
+    buffer.seek(0)
+    sd, scaler_sd, weights = torch.load(buffer, weights_only=True)
+    fresh = _unfreeze_model(policy, seed=1)
+    fresh[0].requires_grad_(False)
+    fresh, fresh_opt, fresh_scaler = mp.prepare(fresh, torch.optim.Adam(fresh[2].parameters(), lr=0.1), policy)
+    fresh[0].requires_grad_(True)
+    fresh_opt.add_param_group({"params": fresh[0].parameters(), "lr": 0.05})
+    fresh.load_state_dict(weights)
+    fresh_opt.load_state_dict(sd)
+    fresh_scaler.load_state_dict(scaler_sd)
+    assert _train(model, opt, scaler, range(6, 9)) == _train(fresh, fresh_opt, fresh_scaler, range(6, 9))
+    for a, b in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_group_with_a_parameter_already_stepped_is_refused_and_changes_nothing():
+    model, opt, scaler = _prepared("f16-master,scaling=static:64")
+    before = (len(opt.param_groups), len(opt.model_params), len(opt.master_params), dict(opt._managed))
+    with pytest.raises(ValueError, match="already in a param group"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2).half()), model[0].weight]})
+    with pytest.raises(TypeError, match="a dict with 'params'"):
+        opt.add_param_group([model[0].weight])
+    with pytest.raises(ValueError, match="master_mode"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2).half())], "master_mode": "fp64"})
+    assert (len(opt.param_groups), len(opt.model_params), len(opt.master_params), dict(opt._managed)) == before
+    assert all(_train(model, opt, scaler, range(2)))

@@ -17,10 +17,12 @@ from ..formats import Format
 from ..gradients import rounding_hook
 from ..quantize import quantize
 
-__all__ = ["DirectSteps", "STEPPED_IN_16_BITS", "state_in"]
+__all__ = ["DirectSteps", "Rounded", "STEPPED_IN_16_BITS", "state_in"]
 
 STEPPED_IN_16_BITS = (torch.float16, torch.bfloat16)  # the dtypes optimizers step emulated parameters in
 
+#: (parameter, the format its values are on) for each emulated parameter stepped without a master
+Rounded = list[tuple[torch.Tensor, Format]]
 #: (the param group's list, the position in it, the FP32 parameter, its 16-bit stand-in for the update)
 Carried = list[tuple[list[torch.Tensor], int, torch.Tensor, torch.Tensor]]
 
@@ -38,13 +40,14 @@ class DirectSteps:
         rounded: (parameter, the format its values are on) for each emulated parameter in mode "none".
     """
 
-    def __init__(self, rounded: list[tuple[torch.Tensor, Format]]) -> None:
-        self.rounded = rounded
+    def __init__(self, rounded: Rounded) -> None:
+        self.rounded = list(rounded)
 
-    def register_hooks(self) -> list[Any]:
-        """A hook rounding each trainable parameter's gradient onto its format; returns the handles."""
+    def register_hooks(self, rounded: Rounded) -> list[Any]:
+        """A hook rounding the gradient of each trainable parameter of `rounded` onto its format; returns
+        the handles."""
         return [param.register_post_accumulate_grad_hook(rounding_hook(fmt))
-                for param, fmt in self.rounded if param.requires_grad]
+                for param, fmt in rounded if param.requires_grad]
 
     def round_grads_(self) -> None:
         """Round the gradients onto the formats (idempotent if the hook already did)."""

@@ -25,20 +25,25 @@ class FP32Masters:
     """
 
     def __init__(self, slots: list[GradSlot]) -> None:
-        self.slots = slots
+        self.slots: list[GradSlot] = []
         # Real 16-bit parameters, grouped for one foreach copy each: (device, dtype) -> (params, masters).
         self._native: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self.add(slots)
+
+    def add(self, slots: list[GradSlot]) -> None:
+        """Take more parameters with masters (a param group added to the optimizer)."""
+        self.slots += slots
         for slot in slots:
             if not slot.emulated:
                 models, masters = self._native.setdefault((slot.param.device, slot.param.dtype), ([], []))
                 models.append(slot.param)
                 masters.append(slot.master)
 
-    def register_hooks(self) -> list[Any]:
-        """The gradient hooks on every parameter that trains, first in PyTorch's order (before hooks users
-        registered earlier); returns their handles."""
+    def register_hooks(self, slots: list[GradSlot]) -> list[Any]:
+        """The gradient hooks on every parameter of `slots` that trains, first in PyTorch's order (before
+        hooks users registered earlier); returns their handles."""
         handles: list[Any] = []
-        for slot in self.slots:
+        for slot in slots:
             if slot.param.requires_grad:
                 p = slot.param
                 handles += [p.register_hook(slot.accumulate_hook),

@@ -6,13 +6,14 @@ and ``direct.py``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from ..formats import FORMATS, Format
+from ..formats import F32, FORMATS, Format
 
-__all__ = ["MODES", "check_mode", "native_format"]
+__all__ = ["MODES", "check_mode", "native_format", "format_of", "parse_param_format"]
 
 MODES = ("fp32", "none")
 _PLANNED_MODES = ("compact", "kahan", "stochastic")
@@ -34,3 +35,34 @@ def check_mode(mode: Any, where: str) -> str:
             planned = f" ({', '.join(_PLANNED_MODES)} are planned, not built yet)"
         raise ValueError(f"{where} must be one of {list(MODES)}, got {mode!r}{planned}")
     return str(mode)
+
+
+def format_of(param: torch.Tensor, index: int, param_format: Format | None,
+              formats_by_param: dict[int, Format] | None) -> tuple[Format | None, bool]:
+    """(the format of `param`'s values, whether it is emulated in float32 storage), or a ValueError for
+    parameter `index` (MasterWeights' `param_format` and per-parameter formats, see its docstring)."""
+    native = native_format(param.dtype)
+    if param.dtype == torch.float32:
+        fmt = param_format
+        if formats_by_param is not None:
+            fmt = formats_by_param.get(id(param), F32)
+        return (fmt, True) if fmt is not None and fmt != F32 else (None, False)
+    if not param.is_floating_point():
+        raise ValueError(
+            f"parameter {index} has dtype {param.dtype}; MasterWeights needs floating-point parameters")
+    if param_format is not None and native is not None and param_format != native:
+        raise ValueError(
+            f"parameter {index} is {param.dtype} but param_format is {param_format}: "
+            f"param_format is for float32 parameters that emulate a narrower format; "
+            f"leave it out for {param.dtype} parameters")
+    return native, False
+
+
+def parse_param_format(param_format: Format | str | Mapping[torch.Tensor, Format | str] | None
+                       ) -> tuple[Format | None, dict[int, Format] | None]:
+    """MasterWeights' `param_format` as (one format for every float32 parameter, or None; per-parameter
+    formats by id, or None). A mapping gives per-parameter formats (e.g. an emulated model with FP32
+    islands): float32 parameters absent from it are FP32."""
+    if isinstance(param_format, Mapping):
+        return None, {id(p): Format.parse(f) for p, f in param_format.items()}
+    return (None if param_format is None else Format.parse(param_format)), None

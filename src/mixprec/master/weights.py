@@ -14,10 +14,10 @@ from ..formats import F32, Format
 from ..gradients import GradSlot
 from ..wrapper import OptimizerWrapper
 from .checkpoint import STATE_VERSION, check_state_dict
-from .direct import DirectSteps, state_in
+from .direct import DirectSteps, Rounded, state_in
 from .fp32 import FP32Masters
 from .live import add_live, discard_live
-from .modes import check_mode, native_format
+from .modes import check_mode, format_of, parse_param_format
 
 __all__ = ["MasterWeights"]
 
@@ -61,70 +61,51 @@ class MasterWeights(OptimizerWrapper):
                 f"got {type(optimizer).__name__}")
         super().__init__(optimizer)
         self.mode = check_mode(mode, "mode")
-        self._formats_by_param: dict[int, Format] | None = None
-        if isinstance(param_format, Mapping):
-            # Per-parameter formats (e.g. an emulated model with FP32 islands): absent params are FP32.
-            self._formats_by_param = {id(p): Format.parse(f) for p, f in param_format.items()}
-            self.param_format: Format | None = None
-        else:
-            self.param_format = None if param_format is None else Format.parse(param_format)
-
+        self.param_format, self._formats_by_param = parse_param_format(param_format)
         self._model_params: list[torch.Tensor] = []  # every parameter, in param-group order
-        self._slots: list[GradSlot] = []  # one per parameter with an FP32 master
-        self._rounded: list[tuple[torch.Tensor, Format]] = []  # mode "none", emulated: re-round after step
         self._trust_fp32 = True
         self._stepping = False  # inside step(): the inner optimizer may step
-        self._build(optimizer)
-        self._fp32, self._direct = FP32Masters(self._slots), DirectSteps(self._rounded)
+        slots, rounded = self._build(optimizer)
+        # Mode "fp32": one GradSlot per parameter with an FP32 master; mode "none", emulated: re-rounded.
+        self._fp32, self._direct = FP32Masters(slots), DirectSteps(rounded)
         # Stepping the inner optimizer directly would update the masters and never the model.
         self._hooks: list[Any] = [optimizer.register_step_pre_hook(self._refuse_direct_step)]
-        self._hooks += self._fp32.register_hooks() + self._direct.register_hooks()
-        # The parameters no plain optimizer may step while this object is in use (see `managed`).
-        self._managed = {id(p): p for p in [s.param for s in self._slots] + [p for p, _ in self._rounded]}
+        self._managed: dict[int, torch.Tensor] = {}
+        self._take(slots, rounded)
         add_live(self)
 
     # ----- construction -----------------------------------------------------------------------------
-    def _format_of(self, param: torch.Tensor, index: int) -> tuple[Format | None, bool]:
-        """(format of the param's values, whether it is emulated in float32 storage)."""
-        native = native_format(param.dtype)
-        if param.dtype == torch.float32:
-            fmt = self.param_format
-            if self._formats_by_param is not None:
-                fmt = self._formats_by_param.get(id(param), F32)
-            return (fmt, True) if fmt is not None and fmt != F32 else (None, False)
-        if not param.is_floating_point():
-            raise ValueError(
-                f"parameter {index} has dtype {param.dtype}; MasterWeights needs floating-point parameters")
-        if self.param_format is not None and native is not None and self.param_format != native:
-            raise ValueError(
-                f"parameter {index} is {param.dtype} but param_format is {self.param_format}: "
-                f"param_format is for float32 parameters that emulate a narrower format; "
-                f"leave it out for {param.dtype} parameters")
-        return native, False
+    def _plan_group(self, params: list[torch.Tensor], mode: str, first: int
+                    ) -> tuple[list[torch.Tensor], list[GradSlot], Rounded]:
+        """For one param group (its parameters numbered from `first`): the tensors the inner optimizer
+        steps, the new masters' slots, and the emulated parameters stepped without masters. Changes nothing."""
+        stepped: list[torch.Tensor] = []
+        slots: list[GradSlot] = []
+        rounded: Rounded = []
+        for index, param in enumerate(params, start=first):
+            fmt, emulated = format_of(param, index, self.param_format, self._formats_by_param)
+            if mode == "fp32" and fmt is not None and fmt != F32:
+                slots.append(GradSlot(param, param.detach().to(torch.float32, copy=True), fmt, emulated))
+                stepped.append(slots[-1].master)
+            else:
+                if mode == "none" and emulated and fmt is not None:
+                    rounded.append((param, fmt))
+                stepped.append(param)
+        return stepped, slots, rounded
 
-    def _build(self, optimizer: torch.optim.Optimizer) -> None:
-        index = 0
-        replaced: dict[torch.Tensor, torch.Tensor] = {}
+    def _build(self, optimizer: torch.optim.Optimizer) -> tuple[list[GradSlot], Rounded]:
+        slots: list[GradSlot] = []
+        rounded: Rounded = []
         new_groups: list[list[torch.Tensor]] = []
         for g, group in enumerate(optimizer.param_groups):
             mode = check_mode(group.get("master_mode", self.mode), f"param group {g}'s 'master_mode'")
-            stepped = []
-            for param in group["params"]:
-                fmt, emulated = self._format_of(param, index)
-                self._model_params.append(param)
-                if mode == "fp32" and fmt is not None and fmt != F32:
-                    master = param.detach().to(torch.float32, copy=True)
-                    self._slots.append(GradSlot(param, master, fmt, emulated))
-                    replaced[param] = master
-                    stepped.append(master)
-                else:
-                    if mode == "none" and emulated and fmt is not None:
-                        self._rounded.append((param, fmt))
-                    stepped.append(param)
-                index += 1
+            stepped, group_slots, group_rounded = self._plan_group(group["params"], mode, len(self._model_params))
+            self._model_params += group["params"]
+            slots += group_slots
+            rounded += group_rounded
             new_groups.append(stepped)
         wants_masters = any(g.get("master_mode", self.mode) == "fp32" for g in optimizer.param_groups)
-        if wants_masters and not self._slots:
+        if wants_masters and not slots:
             dtypes = sorted({str(p.dtype) for p in self._model_params})
             raise ValueError(
                 f"MasterWeights(mode='fp32') found no 16-bit parameters (dtypes: {', '.join(dtypes)}): "
@@ -138,10 +119,16 @@ class MasterWeights(OptimizerWrapper):
                 lbfgs._params = stepped
             group["params"] = stepped
         # Existing optimizer state follows its parameter to the master, in FP32 (like load_state_dict).
-        for param, master in replaced.items():
-            if param in optimizer.state:
-                state = optimizer.state.pop(param)
-                optimizer.state[master] = state_in(torch.float32, state)
+        for slot in slots:
+            if slot.param in optimizer.state:
+                state = optimizer.state.pop(slot.param)
+                optimizer.state[slot.master] = state_in(torch.float32, state)
+        return slots, rounded
+
+    def _take(self, slots: list[GradSlot], rounded: Rounded) -> None:
+        """Hooks on the parameters of `slots` and `rounded`, and count them among those `managed` reports."""
+        self._hooks += self._fp32.register_hooks(slots) + self._direct.register_hooks(rounded)
+        self._managed.update((id(p), p) for p in [s.param for s in slots] + [p for p, _ in rounded])
 
     def claim(self, params: Any) -> None:
         """Count `params` (a prepared model's other 16-bit parameters, which this optimizer does not step)
@@ -180,13 +167,44 @@ class MasterWeights(OptimizerWrapper):
     @property
     def grad_slots(self) -> list[GradSlot]:
         """One `GradSlot` per parameter with an FP32 master (used by `mixprec.distributed`)."""
-        return list(self._slots)
+        return list(self._fp32.slots)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Not supported: add every group to the inner optimizer before wrapping it."""
-        raise NotImplementedError(
-            "MasterWeights cannot add param groups after construction: add the group to the inner "
-            "optimizer first, then wrap it in MasterWeights")
+        """Add a param group of model parameters (e.g. layers unfrozen later in training).
+
+        The group's parameters get masters as the constructor's do (its ``"master_mode"``, or this
+        object's mode); the inner optimizer gets the group with the masters in it, and its options
+        (``lr``, ``weight_decay``, ...) and defaults as usual. A new master starts from the parameter's
+        value now (in 16 bits once prepared; the FP32 original of a frozen layer is not kept). Nothing
+        changes if the group is refused.
+
+        Raises:
+            ValueError: a parameter is already in a param group of this optimizer, or an unknown mode.
+
+        Example:
+            >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)).half()
+            >>> opt = MasterWeights(torch.optim.SGD(model[0].parameters(), lr=0.1))
+            >>> opt.add_param_group({"params": model[1].parameters(), "lr": 0.01})
+            >>> [g["lr"] for g in opt.param_groups], opt.param_groups[1]["params"][0].dtype
+            ([0.1, 0.01], torch.float32)
+        """
+        if not isinstance(param_group, dict) or "params" not in param_group:
+            raise TypeError(f"add_param_group takes a dict with 'params' (and options such as 'lr'), "
+                            f"got {param_group!r}")
+        given = param_group["params"]
+        params = [given] if isinstance(given, torch.Tensor) else list(given)
+        known = {id(p) for p in self._model_params}
+        twice = [i for i, p in enumerate(params) if id(p) in known]
+        if twice:
+            raise ValueError(f"parameter {twice[0]} of the new param group (shape {tuple(params[twice[0]].shape)}) "
+                             f"is already in a param group of this optimizer: a parameter belongs to one group")
+        mode = check_mode(param_group.get("master_mode", self.mode), "the new param group's 'master_mode'")
+        stepped, slots, rounded = self._plan_group(params, mode, len(self._model_params))
+        self.optimizer.add_param_group({**param_group, "params": stepped})  # may refuse: nothing is ours yet
+        self._model_params += params
+        self._fp32.add(slots)
+        self._direct.rounded += rounded
+        self._take(slots, rounded)
 
     # ----- the hot path ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -342,7 +360,7 @@ class MasterWeights(OptimizerWrapper):
             "param_format": self._format_name(),
             "shapes": [list(p.shape) for p in self._model_params],
             "has_master": self._has_master_flags(),
-            "masters": [slot.master for slot in self._slots],
+            "masters": [slot.master for slot in self._fp32.slots],
             "optimizer": self.optimizer.state_dict(),
             "optimizer_type": type(self.optimizer).__name__}
 
@@ -352,7 +370,7 @@ class MasterWeights(OptimizerWrapper):
         return None if self.param_format is None else self.param_format.name
 
     def _has_master_flags(self) -> list[bool]:
-        copied = {id(slot.param) for slot in self._slots}
+        copied = {id(slot.param) for slot in self._fp32.slots}
         return [id(p) in copied for p in self._model_params]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -372,7 +390,7 @@ class MasterWeights(OptimizerWrapper):
                          self._has_master_flags(), self.optimizer)
         self.optimizer.load_state_dict(state_dict["optimizer"])
         with torch.no_grad():
-            for slot, saved_master in zip(self._slots, state_dict["masters"], strict=True):
+            for slot, saved_master in zip(self._fp32.slots, state_dict["masters"], strict=True):
                 slot.master.copy_(saved_master)
         self.copy_to_model_()
 
