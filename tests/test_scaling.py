@@ -565,3 +565,24 @@ def test_old_scaler_checkpoints_load_and_the_keys_stay_the_same(old):
     for scaler in (fresh, replayed):
         scaler.update(torch.tensor(1.0))
     assert fresh.state_dict() == replayed.state_dict()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("hysteresis_tracker", 99, r"hysteresis_tracker \(99\) must be <= hysteresis \(2\)"),
+    ("growth_tracker", 2000, r"growth_tracker \(2000\) must be < growth_interval \(2000\)"),
+    ("warned_at_floor", "no", "warned_at_floor must be True or False, got 'no'"),
+    ("skipped_in_a_row", 3, r"skipped_in_a_row \(3\) cannot exceed skipped_steps \(0\)"),
+    ("version", "1", "version must be the integer 1, got the str '1'"),
+    ("kind", None, "has no 'kind'"),
+])
+def test_a_dynamic_state_dict_out_of_its_own_ranges_is_refused_and_changes_nothing(key, value, message):
+    # Issue 28: these loaded silently (hysteresis_tracker=99 let 99 overflows pass without backing off).
+    scaler = mp.DynamicScaler(init_scale=8.0, hysteresis=2)
+    state = {**scaler.state_dict(), key: value}
+    if value is None:
+        del state[key]
+    target = mp.DynamicScaler(init_scale=4.0, hysteresis=3)
+    before = target.state_dict()
+    with pytest.raises(ValueError, match=message):
+        target.load_state_dict(state)
+    assert target.state_dict() == before

@@ -118,10 +118,21 @@ class SkipRecord:
         """The counters as plain ints (the scaler's state dict holds them). Syncs: yes."""
         return {"skipped_steps": int(self.skipped.item()), "skipped_in_a_row": self.in_a_row}
 
+    @staticmethod
+    def check_state_dict(state_dict: dict[str, Any]) -> tuple[int, int]:
+        """(skipped steps, skipped in a row) from a scaler state dict, or a ValueError naming the bad one;
+        a dict written before the run of skips was saved restarts it from 0."""
+        in_a_row = read_count(state_dict, "skipped_in_a_row") if "skipped_in_a_row" in state_dict else 0
+        skipped = read_count(state_dict, "skipped_steps")
+        if in_a_row > skipped:
+            raise ValueError(f"scaler state dict: skipped_in_a_row ({in_a_row}) cannot exceed skipped_steps "
+                             f"({skipped})")
+        return skipped, in_a_row
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the counters; a dict written before the run of skips was saved restarts it from 0."""
-        self.skipped = torch.tensor(read_count(state_dict, "skipped_steps"), dtype=torch.int64, device=self.device)
-        self.known_in_a_row = read_count(state_dict, "skipped_in_a_row") if "skipped_in_a_row" in state_dict else 0
+        """Restore the counters (checked as `check_state_dict` does)."""
+        skipped, self.known_in_a_row = self.check_state_dict(state_dict)
+        self.skipped = torch.tensor(skipped, dtype=torch.int64, device=self.device)
         self.in_a_row_tensor = torch.tensor(self.known_in_a_row, dtype=torch.int64, device=self.device)
 
 

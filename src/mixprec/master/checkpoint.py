@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from ..versions import check_version
+
 __all__ = ["STATE_VERSION", "KEYS", "check_state_dict"]
 
 STATE_VERSION = 1
@@ -20,10 +22,7 @@ def check_state_dict(state_dict: Any, mode: str, shapes: list[list[int]], has_ma
     if not isinstance(state_dict, dict) or set(state_dict) - {"optimizer_type"} != KEYS:
         got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
         raise ValueError(f"not a MasterWeights state dict: expected keys {sorted(KEYS)}, got {got}")
-    if state_dict["version"] != STATE_VERSION:
-        raise ValueError(
-            f"MasterWeights state dict version {state_dict['version']!r} is not supported; "
-            f"this mixprec reads version {STATE_VERSION}")
+    check_version(state_dict["version"], STATE_VERSION, "MasterWeights")
     if state_dict["mode"] != mode:
         raise ValueError(
             f"the state dict was saved with mode={state_dict['mode']!r}, this MasterWeights has "

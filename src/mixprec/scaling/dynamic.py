@@ -194,7 +194,18 @@ class DynamicScaler(LossScaler):
     def _load_config(self, state_dict: dict[str, Any]) -> None:
         options = {k: state_dict[k] for k in self._config()}
         validate_dynamic(state_dict["scale"], **{k: v for k, v in options.items() if k != "raise_at_min_scale"})
+        growth, hysteresis = read_count(state_dict, "growth_tracker"), read_count(state_dict, "hysteresis_tracker")
+        # The trackers count within their options: clean steps before growing, overflows left before backing off.
+        if growth >= options["growth_interval"]:
+            raise ValueError(f"scaler state dict: growth_tracker ({growth}) must be < growth_interval "
+                             f"({options['growth_interval']})")
+        if hysteresis > options["hysteresis"]:
+            raise ValueError(f"scaler state dict: hysteresis_tracker ({hysteresis}) must be <= hysteresis "
+                             f"({options['hysteresis']})")
+        if not isinstance(state_dict["warned_at_floor"], bool):
+            raise ValueError(f"scaler state dict: warned_at_floor must be True or False, "
+                             f"got {state_dict['warned_at_floor']!r}")
         self._set_options(**options)
-        self._warned_at_floor = bool(state_dict["warned_at_floor"])
-        for key in ("growth_tracker", "hysteresis_tracker"):
-            setattr(self, f"_{key}", torch.tensor(read_count(state_dict, key), dtype=torch.int32, device=self.device))
+        self._warned_at_floor = state_dict["warned_at_floor"]
+        self._growth_tracker = torch.tensor(growth, dtype=torch.int32, device=self.device)
+        self._hysteresis_tracker = torch.tensor(hysteresis, dtype=torch.int32, device=self.device)

@@ -14,6 +14,7 @@ import torch
 
 from ..nonfinite import unscale_and_check_
 from ..skips import SkipRecord
+from ..versions import check_version
 from .checks import check_loss_scale
 
 __all__ = ["LossScaler", "NoScaler", "StaticScaler", "STATE_VERSION", "STORM_SKIPS"]
@@ -239,14 +240,15 @@ class LossScaler:
             raise ValueError(
                 f"this is a torch.amp.GradScaler state dict, not a mixprec {self.kind!r} state dict; mixprec "
                 f"scalers load only their own (make a DynamicScaler(init_scale=...) with the GradScaler's scale)")
-        if state_dict.get("kind") != self.kind:
+        if "kind" not in state_dict:
             raise ValueError(
-                f"this state dict is for {state_dict.get('kind')!r}, not {self.kind!r}: load it into a "
-                f"{state_dict.get('kind')} (or create the scaler that wrote it)")
-        if state_dict.get("version") != STATE_VERSION:
+                f"this dict has no 'kind': it is not a mixprec scaler state dict (keys: {sorted(state_dict)}); "
+                f"load what a scaler's state_dict() returned")
+        if state_dict["kind"] != self.kind:
             raise ValueError(
-                f"scaler state dict version {state_dict.get('version')!r} is not supported; this mixprec "
-                f"reads version {STATE_VERSION}")
+                f"this state dict is for {state_dict['kind']!r}, not {self.kind!r}: load it into a "
+                f"{state_dict['kind']} (or create the scaler that wrote it)")
+        check_version(state_dict.get("version"), STATE_VERSION, "scaler")
         # Dicts written before the run of skips was saved restart it from 0.
         if set(state_dict) | {"skipped_in_a_row"} != expected:
             missing = sorted(expected - set(state_dict) - {"skipped_in_a_row"})
@@ -254,6 +256,7 @@ class LossScaler:
             raise ValueError(
                 f"{self.kind} state dict has missing keys {missing} and unexpected keys {extra}; "
                 f"expected exactly {sorted(expected)}")
+        self.skips.check_state_dict(state_dict)  # all checked before anything is changed
         self._load_config(state_dict)
         self._scale = torch.tensor(float(state_dict["scale"]), dtype=torch.float32, device=self.device)
         self.skips.load_state_dict(state_dict)
