@@ -7,6 +7,8 @@ an overflow only the loss scale causes. Then: nothing found on a clean step, the
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -339,3 +341,55 @@ def test_bad_arguments_say_what_was_received():
         trace_nonfinite(model, lambda: (model(torch.ones(1, 2)),))
     with pytest.raises(TypeError, match="zero-argument callable"):
         trace_nonfinite(model, model(torch.ones(1, 2)))
+
+
+def skipped_step(execution: str) -> tuple[nn.Module, torch.Tensor, mp.StepInfo]:
+    """A prepared model, a batch and the StepInfo of a step skipped because its backward overflowed FP16
+    (loss scale 2^24): numerics.md's example."""
+    model: nn.Module = layers(nn.ReLU())
+    model, optimizer, scaler = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                          f"f16-master,scaling=dynamic:16777216,execution={execution}")
+    assert optimizer is not None
+    x = torch.randn(4, 8)
+    with mp.autocast(model):
+        loss = model(x).float().pow(2).mean()
+    scaler.scale(loss).backward()
+    info = mp.step(optimizer, scaler)
+    assert not info.applied
+    return model, x, info
+
+
+@pytest.mark.parametrize("execution", ["emulated", "emulated-module"])
+def test_a_replay_outside_autocast_that_finds_nothing_says_so_instead_of_none(execution):
+    # The skipped step's replay run outside mp.autocast computes in FP32 and overflows nothing: it used
+    # to return None, which reads as "the step was clean".
+    model, x, info = skipped_step(execution)
+    with pytest.raises(RuntimeError, match=r"outside mp\.autocast\(model\).*with mp\.autocast\(model\): trace ="):
+        trace_nonfinite(model, loss_of(model, x), loss_scale=info.loss_scale)
+    with mp.autocast(model):  # the replay as the step ran finds the overflow
+        trace = trace_nonfinite(model, loss_of(model, x), loss_scale=info.loss_scale)
+    assert trace is not None and trace.phase == "backward" and trace.inf > 0
+    with mp.autocast(model):  # a sync=False step's info.loss_scale is a 0-dim tensor: the same trace
+        assert trace_nonfinite(model, loss_of(model, x), loss_scale=torch.tensor(info.loss_scale)) == trace
+    state = mp.prepared_state(model)
+    assert state is not None and state.in_autocast is False
+
+
+def test_a_replay_outside_autocast_that_finds_something_warns_and_returns_it():
+    model = layers(SqrtShift())  # its NaN is made in FP32 too
+    mp.prepare(model, None, "f16-master")
+    with pytest.warns(RuntimeWarning, match=r"outside mp\.autocast\(model\).*may not be where the step did"):
+        trace = trace_nonfinite(model, loss_of(model, torch.randn(4, 8)))
+    assert trace is not None and (trace.phase, trace.module, trace.op) == ("forward", "2", "sqrt")
+    assert trace.input_dtypes == ("float32",)  # what ran: FP32, not the policy's FP16
+
+
+@pytest.mark.parametrize("policy", [None, "f32", "params=fp16"])
+def test_models_whose_forward_autocast_does_not_change_trace_without_it_silently(policy):
+    # Not prepared, or prepared with FP32 compute: outside mp.autocast the forward is the step's.
+    model = layers(nn.ReLU())
+    if policy is not None:
+        mp.prepare(model, None, policy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert trace_nonfinite(model, loss_of(model, torch.randn(4, 8)), loss_scale=2.0**10) is None

@@ -29,6 +29,8 @@ forward pre/post hooks on every submodule (``None``: outside the model, e.g. the
 Works under `mixprec.autocast` (native, per-op emulated, module-boundary emulated), whether ``run``
 opens it or the trace runs inside one: the recording mode is pushed again inside the model's forward,
 so that per-op emulation's own mode sits outside it and an emulated matmul is seen as one matmul.
+A prepared model's forward run outside `mixprec.autocast` is not the step (it computes without the
+policy's formats; emulated, in FP32): finding nothing then raises RuntimeError, finding something warns.
 
 The model is left as it was: parameters, buffers (BatchNorm statistics), every ``.grad`` (and the
 FP32 master gradients of `mixprec.MasterWeights`, whose hooks run when autograd computes a parameter's
@@ -45,11 +47,13 @@ This file runs the trace; `trace_result` holds `Trace`, `trace_recording` the fo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from ..formats import F32
 from .trace_culprits import backward_culprit, forward_culprit
 from .trace_recording import Recorder, RecordingMode, add_module_hooks
 from .trace_result import Trace
@@ -58,15 +62,17 @@ __all__ = ["Trace", "trace_nonfinite"]
 
 
 def trace_nonfinite(model: torch.nn.Module, run: Callable[[], torch.Tensor], *,
-                    loss_scale: float = 1.0) -> Trace | None:
+                    loss_scale: float | torch.Tensor = 1.0) -> Trace | None:
     """Re-run a failing step and name the op and module where values first became inf or NaN.
 
     Args:
         model: the model ``run`` calls (plain, or prepared with `mixprec.prepare`).
         run: a zero-argument callable doing the step's forward and returning the loss, e.g.
-            ``lambda: loss_fn(model(x), y)``; it may open ``mp.autocast(model)`` itself, or the trace
-            may be called inside one.
-        loss_scale: the loss scale the failing step used (``info.loss_scale`` from `mixprec.step`);
+            ``lambda: loss_fn(model(x), y)``. For a prepared model the forward must run under
+            ``mp.autocast(model)``, as the step's did: ``run`` may open it itself, or the trace may be
+            called inside one.
+        loss_scale: the loss scale the failing step used (``info.loss_scale`` from `mixprec.step`, a
+            float, or a 0-dim tensor after ``sync=False``);
             the backward runs on ``loss * loss_scale``, so an overflow the scale caused is found.
 
     Returns:
@@ -74,6 +80,10 @@ def trace_nonfinite(model: torch.nn.Module, run: Callable[[], torch.Tensor], *,
         or None if the loss and every gradient were finite.
 
     Raises:
+        RuntimeError: `model` is prepared (with 16-bit or 8-bit compute), ``run`` called its forward
+            outside ``mp.autocast(model)``, and nothing was found: that replay computed without the
+            policy's formats (emulated: in FP32), so it cannot have reproduced the step. When something
+            was found that way, a RuntimeWarning says so and the trace is returned.
         ValueError: ``loss_scale`` is not a positive number.
         TypeError: ``run`` did not return a floating tensor.
         Whatever ``run`` raises (after everything the trace changed is restored).
@@ -109,10 +119,10 @@ def trace_nonfinite(model: torch.nn.Module, run: Callable[[], torch.Tensor], *,
                 handle.remove()
             _check_loss(loss)
             if not torch.isfinite(loss).all():
-                return forward_culprit(rec, loss)
+                return _checked_replay(rec, forward_culprit(rec, loss))
             if loss.grad_fn is None:
-                return None
-            return backward_culprit(rec, loss, loss_scale)
+                return _checked_replay(rec, None)
+            return _checked_replay(rec, backward_culprit(rec, loss, loss_scale))
         finally:
             while inner:  # left open only if a forward hook could not run
                 inner.pop().__exit__(None, None, None)
@@ -124,6 +134,29 @@ def trace_nonfinite(model: torch.nn.Module, run: Callable[[], torch.Tensor], *,
                         b.copy_(saved)
 
 
+def _checked_replay(rec: Recorder, trace: Trace | None) -> Trace | None:
+    """`trace`, once it is clear the replay ran as the step did.
+
+    A prepared model whose forward ran outside its `mp.autocast` computed without the policy's formats
+    (emulated: in FP32 throughout), so the replay is not the step. Finding nothing then says nothing
+    about the step: RuntimeError. Finding something is still a fact about that run (its values went
+    non-finite even so), but maybe not where the step's did: RuntimeWarning, and the trace.
+    """
+    state = rec.prepared
+    if state is None or not rec.forwards_outside_autocast or all(p.compute == F32 for p in state.precisions):
+        return trace
+    what = (f"the model is prepared with policy '{state.policy}' ({state.mode}), but run() called its forward "
+            f"outside mp.autocast(model), where the policy's compute formats do not apply (emulated "
+            f"execution computes in FP32 there), so the replay did not compute as the step did")
+    fix = ("Replay the step under the policy: `with mp.autocast(model): trace = mp.trace_nonfinite(model, "
+           "lambda: loss_fn(model(x), y), loss_scale=info.loss_scale)`, or open mp.autocast(model) inside run")
+    if trace is None:
+        raise RuntimeError(f"trace_nonfinite found no inf or NaN, and cannot have reproduced the step: {what}. {fix}.")
+    warnings.warn(f"trace_nonfinite: {what}; the trace shows where that run went non-finite, which may not be "
+                  f"where the step did. {fix}.", RuntimeWarning, stacklevel=3)
+    return trace
+
+
 def _check_arguments(model: torch.nn.Module, run: Callable[[], torch.Tensor]) -> None:
     """TypeError unless `model` is a module and `run` a callable."""
     if not isinstance(model, torch.nn.Module):
@@ -132,15 +165,16 @@ def _check_arguments(model: torch.nn.Module, run: Callable[[], torch.Tensor]) ->
         raise TypeError(f"run must be a zero-argument callable returning the loss, got {type(run).__name__}")
 
 
-def _positive_scale(loss_scale: float) -> float:
-    """`loss_scale` as a float; ValueError unless it is a positive number."""
+def _positive_scale(loss_scale: float | torch.Tensor) -> float:
+    """`loss_scale` (a number, or a 0-dim tensor: ``info.loss_scale`` of a ``sync=False`` step) as a
+    float; ValueError unless it is a positive number."""
     try:
-        loss_scale = float(loss_scale)
-    except (TypeError, ValueError):
+        scale = float(loss_scale)
+    except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"loss_scale must be a positive number, got {loss_scale!r}") from None
-    if not loss_scale > 0:
+    if not scale > 0:
         raise ValueError(f"loss_scale must be a positive number (the step's info.loss_scale), got {loss_scale!r}")
-    return loss_scale
+    return scale
 
 
 def _check_loss(loss: object) -> None:

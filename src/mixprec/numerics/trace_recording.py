@@ -19,6 +19,8 @@ from torch.autograd.graph import Node
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from ..state import prepared_state
+
 __all__ = ["AccumulateGrad", "Op", "Recorder", "RecordingMode", "Site", "Source", "add_module_hooks",
            "dtype_names", "floats", "is_accumulate_grad", "nonfinite_counts", "to_lists"]
 
@@ -129,6 +131,8 @@ class Recorder:
         self.external_ids: dict[int, int] = {}
         self.kept: list[torch.Tensor] = []  # op outputs and external inputs: keeps their ids unique
         self.sites: dict[Node, Site] = {}  # autograd node -> who created it
+        self.prepared = prepared_state(model)  # what mp.prepare left on the model, or None
+        self.forwards_outside_autocast = 0  # forwards of a prepared model run with its mp.autocast closed
 
     @property
     def module(self) -> str | None:
@@ -176,6 +180,12 @@ class Recorder:
             self.kept.append(t)
         return ("ext", self.external_ids[id(t)], 0)
 
+    def enter_model(self) -> None:
+        """The model's forward begins: count it if the model is prepared and its `mp.autocast` is not open
+        (then the forward runs without the policy's compute formats)."""
+        if self.prepared is not None and not self.prepared.in_autocast:
+            self.forwards_outside_autocast += 1
+
     def relabel_unnamed(self) -> None:
         """Sites claimed for nodes no op created get the node's own name."""
         for node, site in self.sites.items():
@@ -222,6 +232,7 @@ def add_module_hooks(model: torch.nn.Module, rec: Recorder, handles: list[Remova
             rec.claim(floats(args), Site(None, "", rec.module))
             rec.stack.append(name)
             if is_root:
+                rec.enter_model()
                 mode = RecordingMode(rec)
                 mode.__enter__()
                 inner.append(mode)
