@@ -12,6 +12,7 @@ Example:
 
 from . import distributed, numerics
 from .apply import autocast, prepare, unprepare
+from .ema import AveragedModel
 from .formats import BF16, E4M3, E5M2, F16, F32, FORMATS, Format
 from .master import MasterWeights
 from .memory import MemoryReport, memory
@@ -26,6 +27,7 @@ from .wrapper import OptimizerWrapper
 __version__ = "0.1.0"
 
 __all__ = [
+    "AveragedModel",
     "BF16",
     "E4M3",
     "E5M2",

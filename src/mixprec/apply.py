@@ -34,6 +34,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from .distributed import register_comm_hook
+from .ema import check_averaged, stored_weights
 from .execution import emulated, emulated_module, hooks, native
 from .formats import F32, Format
 from .master import MasterWeights
@@ -134,7 +135,8 @@ def prepare(
 def _refuse_assign(module: torch.nn.Module, state_dict: Any, prefix: str, local_metadata: dict, *args: Any) -> None:
     # load_state_dict(assign=True) would put new Parameter objects in the model, which neither the
     # masters nor the hooks know: refused before anything is loaded (the root's hook runs first).
-    if local_metadata.get("assign_to_params_buffers", False) and prepared_state(module) is not None:
+    state = prepared_state(module)
+    if local_metadata.get("assign_to_params_buffers", False) and state is not None and not state.is_copy:
         raise RuntimeError("load_state_dict(..., assign=True) on a prepared model would replace its parameters "
                            "behind their master weights and hooks: load with assign=False (it copies into them "
                            "and the masters follow), or load before mp.prepare")
@@ -318,7 +320,9 @@ def autocast(model: torch.nn.Module, policy: Policy | str | None = None) -> Iter
 
     `model` may be the DistributedDataParallel wrapping a prepared model: the first such call
     registers mixprec's communication hook (`mixprec.distributed.register_comm_hook`), so that DDP
-    reduces gradients as the policy's ``reduce`` says.
+    reduces gradients as the policy's ``reduce`` says. It may be a copy of a prepared model, e.g. the
+    ``AveragedModel`` of an EMA (`mixprec.ema`): inside the block its weights are what the prepared model
+    would store for them (an EMA's FP32 averages rounded onto their formats), restored on exit.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -329,6 +333,7 @@ def autocast(model: torch.nn.Module, policy: Policy | str | None = None) -> Iter
         True
     """
     state = prepared_state(model)
+    check_averaged(model, state)
     if state is None:
         raise RuntimeError(
             f"mp.autocast needs a prepared model: call model, optimizer, scaler = mp.prepare(model, "
@@ -347,6 +352,8 @@ def autocast(model: torch.nn.Module, policy: Policy | str | None = None) -> Iter
         stack.callback(setattr, state, "in_autocast", False)
         if state.autocast_dtype is not None:
             stack.enter_context(torch.autocast(state.device.type, dtype=state.autocast_dtype))
+        if state.is_copy:  # a copy's weights may be wider than their formats (an EMA's FP32 averages)
+            stack.enter_context(stored_weights(model, state))
         for handle in _forward_hooks(model, state, storage):
             stack.callback(handle.remove)
         if state.mode == "emulated":

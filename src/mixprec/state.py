@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.hooks import RemovableHandle
 
 from .formats import Format
@@ -47,6 +48,9 @@ class PreparedState:
         autocast_dtype: the dtype `autocast` enters torch.autocast with (None: it enters none).
         recomputing_in: per-op emulation: the module whose recomputation in backward (activation
             checkpointing) runs under OpEmulation now, and that mode; or None.
+        is_copy: this is the state of a copy of a prepared model (``copy.deepcopy``, ``torch.save``, an
+            ``AveragedModel``'s): no masters, no hooks of its own; its weights may be wider than their
+            formats (an EMA's FP32 averages), and `autocast` rounds them onto their formats for its block.
     """
 
     policy: Policy
@@ -61,11 +65,13 @@ class PreparedState:
     rounding: dict[torch.dtype, Format] = field(default_factory=dict, repr=False)
     autocast_dtype: torch.dtype | None = None
     recomputing_in: tuple[torch.nn.Module, Any] | None = field(default=None, repr=False)
+    is_copy: bool = False
 
     def __getstate__(self) -> dict[str, Any]:
-        # A copy of the model (copy.deepcopy for an EMA, torch.save) is its weights in the policy's formats:
+        # A copy of the model (copy.deepcopy, torch.save, an AveragedModel's) is its weights and the policy:
         # it takes neither the optimizer and its masters nor the hook handles, which belong to the original.
-        return {**self.__dict__, "master_weights": None, "handles": [], "recomputing_in": None, "in_autocast": False}
+        return {**self.__dict__, "master_weights": None, "handles": [], "recomputing_in": None, "in_autocast": False,
+                "is_copy": True}
 
     @property
     def mode(self) -> str:
@@ -112,8 +118,8 @@ def prepared_state(model: torch.nn.Module) -> PreparedState | None:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DistributedDataParallel / DataParallel and torch.compile wrappers; others as
-    they are.
+    """The module inside DistributedDataParallel / DataParallel, torch.compile and
+    ``torch.optim.swa_utils.AveragedModel`` wrappers; others as they are.
 
     Example:
         >>> m = torch.nn.Linear(2, 2)
@@ -121,7 +127,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         True
     """
     while True:
-        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel, AveragedModel)):
             model = model.module
         elif _is_compiled(model):
             model = model._orig_mod  # type: ignore[assignment]  # a Module: torch.compile wraps one
