@@ -219,7 +219,7 @@ def test_state_dict_for_different_params_is_rejected():
 
 
 def test_masters_over_fp32_params_explain_why():
-    with pytest.raises(ValueError, match="FP32 masters of FP32 parameters would do nothing.*param_format"):
+    with pytest.raises(ValueError, match="fp32 masters of FP32 parameters would do nothing.*param_format"):
         mp.MasterWeights(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0))
     # mode="none" over FP32 is just the plain optimizer, allowed (the FP32 baseline through one wrapper)
     mp.MasterWeights(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0), mode="none")
@@ -227,8 +227,12 @@ def test_masters_over_fp32_params_explain_why():
 
 def test_bad_mode_format_and_optimizer_are_rejected():
     params = fp16_params((2,))
-    with pytest.raises(ValueError, match=r"mode must be one of \['fp32', 'none'\], got 'kahan' \(compact"):
-        mp.MasterWeights(torch.optim.SGD(params, lr=1.0), mode="kahan")
+    with pytest.raises(ValueError, match=r"mode must be one of \['fp32', 'compact', 'kahan', 'stochastic', 'none'\], "
+                                         r"got 'kahn': fp32: an FP32 master copy"):
+        mp.MasterWeights(torch.optim.SGD(params, lr=1.0), mode="kahn")
+    with pytest.raises(ValueError, match="parameter 0 is fp16, but master mode 'compact' .* bf16 parameters only"):
+        mp.MasterWeights(torch.optim.SGD(params, lr=1.0), mode="compact")
+    assert params[0].grad is None and params[0].dtype == torch.float16
     with pytest.raises(ValueError, match="torch.float16 but param_format is bf16"):
         mp.MasterWeights(torch.optim.SGD(params, lr=1.0), param_format=mp.BF16)
     with pytest.raises(TypeError, match="got list"):

@@ -118,10 +118,13 @@ def quantize_bits(
     fmt: Format,
     rounding: str = "nearest",
     generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The general path of `quantize` for a float32 tensor: integer arithmetic on the bit pattern.
 
-    Never calls a native cast, so it works for any Format; no autograd. Prefer `quantize`.
+    Never calls a native cast, so it works for any Format; no autograd. Prefer `quantize`. Stochastic
+    rounding draws one 24-bit integer per element from `generator`, or takes them from `noise` (an int32
+    tensor shaped like `x`, values in [0, 2**24): e.g. a counter-based hash, reproducible on any device).
 
     Example:
         >>> import torch, mixprec as mp
@@ -132,8 +135,11 @@ def quantize_bits(
         raise TypeError(f"quantize_bits works on float32 tensors, got {x.dtype}")
     flat = x.contiguous().view(-1)
     out = torch.empty_like(flat)
-    noise = None
-    if rounding == "stochastic":
+    if rounding != "stochastic":
+        noise = None
+    elif noise is not None:
+        noise = noise.reshape(-1)
+    else:
         # One 24-bit draw per element, made up front so that the result does not depend on chunking.
         noise = torch.randint(0, 1 << 24, flat.shape, dtype=torch.int32, device=x.device, generator=generator)
     for start in range(0, flat.numel(), _CHUNK):

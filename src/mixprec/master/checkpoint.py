@@ -11,22 +11,19 @@ from ..versions import check_version
 __all__ = ["STATE_VERSION", "KEYS", "check_state_dict"]
 
 STATE_VERSION = 1
-KEYS = {"version", "mode", "param_format", "shapes", "has_master", "masters", "optimizer"}  # + "optimizer_type"
+KEYS = {"version", "mode", "param_format", "shapes", "has_master", "masters", "optimizer"}
+OPTIONAL = {"optimizer_type", "stochastic"}  # "stochastic": mode stochastic's seed and step
 
 
-def check_state_dict(state_dict: Any, mode: str, shapes: list[list[int]], has_master: list[bool],
+def check_state_dict(state_dict: Any, shapes: list[list[int]], has_master: list[bool],
                      optimizer: torch.optim.Optimizer) -> None:
     """Raise a ValueError saying what differs unless `state_dict` was saved by a MasterWeights like this one
-    (same version and mode, the same parameters by count and shape, masters on the same ones, the same
-    optimizer type)."""
-    if not isinstance(state_dict, dict) or set(state_dict) - {"optimizer_type"} != KEYS:
+    (same version, the same parameters by count and shape, masters on the same ones, the same optimizer
+    type). The master mode may differ: the masters are saved in FP32."""
+    if not isinstance(state_dict, dict) or set(state_dict) - OPTIONAL != KEYS:
         got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
         raise ValueError(f"not a MasterWeights state dict: expected keys {sorted(KEYS)}, got {got}")
     check_version(state_dict["version"], STATE_VERSION, "MasterWeights")
-    if state_dict["mode"] != mode:
-        raise ValueError(
-            f"the state dict was saved with mode={state_dict['mode']!r}, this MasterWeights has "
-            f"mode={mode!r}: create it with the same mode")
     saved = state_dict["shapes"]
     if len(saved) != len(shapes):
         raise ValueError(
@@ -39,8 +36,9 @@ def check_state_dict(state_dict: Any, mode: str, shapes: list[list[int]], has_ma
                 f"the state dict was saved for a different model")
     if state_dict["has_master"] != has_master:
         raise ValueError(
-            "the state dict's masters belong to different parameters (their dtypes or the param_format "
-            "differ): create the model and MasterWeights as when it was saved")
+            f"the state dict's masters belong to different parameters (saved with mode={state_dict['mode']!r}; "
+            f"their dtypes, the param_format or a mode 'none' group differ): create the model and "
+            f"MasterWeights with masters on the same parameters as when it was saved")
     ours, theirs = type(optimizer).__name__, state_dict.get("optimizer_type", type(optimizer).__name__)
     if theirs != ours:  # its state would load silently and fail at the first step (or step wrongly)
         raise ValueError(f"the state dict was saved over a {theirs}, this MasterWeights wraps a {ours}: "

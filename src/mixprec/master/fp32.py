@@ -30,14 +30,31 @@ class FP32Masters:
         self._native: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self.add(slots)
 
-    def add(self, slots: list[GradSlot]) -> None:
-        """Take more parameters with masters (a param group added to the optimizer)."""
+    def add(self, slots: list[GradSlot], modes: list[str] | None = None, indices: list[int] | None = None) -> None:
+        """Take more parameters with masters (a param group added to the optimizer); `modes` and `indices`
+        are for `TransientMasters`."""
         self.slots += slots
         for slot in slots:
             if not slot.emulated:
                 models, masters = self._native.setdefault((slot.param.device, slot.param.dtype), ([], []))
                 models.append(slot.param)
                 masters.append(slot.master)
+
+    def value(self, slot: GradSlot) -> torch.Tensor:
+        """The FP32 master of `slot` where it still rounds to its parameter, else the parameter's value."""
+        return slot.refine(slot.master.detach(), slot.param.detach())
+
+    @torch.no_grad()
+    def put_(self, slot: GradSlot, value: torch.Tensor) -> None:
+        """Make FP32 `value` the master of `slot` (`copy_to_model_` rounds it into the parameter)."""
+        slot.master.copy_(value)
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """The FP32 masters (for memory counts and DDP's broadcast)."""
+        return [slot.master for slot in self.slots]
+
+    def restamp_(self) -> None:
+        """Nothing to do: an FP32 master is checked against its parameter by value."""
 
     def register_hooks(self, slots: list[GradSlot]) -> list[Any]:
         """The gradient hooks on every parameter of `slots` that trains, first in PyTorch's order (before

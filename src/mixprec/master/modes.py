@@ -1,7 +1,7 @@
 """The master-weight modes a param group can take, and the format a parameter's values are on.
 
-A new mode (compact, kahan, stochastic: planned) is named here and gets its own file beside ``fp32.py``
-and ``direct.py``.
+A mode is named here and has its own file beside ``fp32.py`` (``compact.py``, ``kahan.py``,
+``stochastic.py``, kept by ``transient.py``; ``direct.py`` for "none").
 """
 
 from __future__ import annotations
@@ -13,10 +13,22 @@ import torch
 
 from ..formats import F32, FORMATS, Format
 
-__all__ = ["MODES", "check_mode", "native_format", "format_of", "parse_param_format"]
+__all__ = ["MODES", "MASTER_MODES", "TRANSIENT_MODES", "check_mode", "check_supported", "master_bytes",
+           "native_format", "format_of", "parse_param_format"]
 
-MODES = ("fp32", "none")
-_PLANNED_MODES = ("compact", "kahan", "stochastic")
+#: Every mode; those with a master (an FP32 value the optimizer steps); those whose master is rebuilt per step.
+MODES = ("fp32", "compact", "kahan", "stochastic", "none")
+MASTER_MODES = MODES[:4]
+TRANSIENT_MODES = MODES[1:4]
+
+#: What each mode keeps, for errors and tables.
+DESCRIPTIONS = {
+    "fp32": "an FP32 master copy (the paper)",
+    "compact": "the low 16 bits of the FP32 master beside a BF16 parameter: exactly FP32 masters",
+    "kahan": "a 16-bit compensation buffer (Kahan summation of the updates)",
+    "stochastic": "no copy; the update is rounded stochastically into the parameter",
+    "none": "no copy; the update is rounded to nearest into the parameter (small updates are lost)",
+}
 
 
 def native_format(dtype: torch.dtype) -> Format | None:
@@ -30,11 +42,29 @@ def native_format(dtype: torch.dtype) -> Format | None:
 def check_mode(mode: Any, where: str) -> str:
     """`mode` if it is one of `MODES`, else a ValueError naming `where` and the valid modes."""
     if mode not in MODES:
-        planned = ""
-        if mode in _PLANNED_MODES:
-            planned = f" ({', '.join(_PLANNED_MODES)} are planned, not built yet)"
-        raise ValueError(f"{where} must be one of {list(MODES)}, got {mode!r}{planned}")
+        raise ValueError(f"{where} must be one of {list(MODES)}, got {mode!r}: "
+                         + "; ".join(f"{m}: {d}" for m, d in DESCRIPTIONS.items()))
     return str(mode)
+
+
+def check_supported(mode: str, fmt: Format, index: int) -> None:
+    """A ValueError unless parameter `index`, on format `fmt`, can keep its master in `mode`."""
+    if mode == "compact" and fmt.name != "bf16":
+        raise ValueError(
+            f"parameter {index} is {fmt.name}, but master mode 'compact' keeps the low 16 bits of an FP32 "
+            f"master beside a BF16 parameter (which is the master's top 16 bits): it works for bf16 "
+            f"parameters only. Use 'kahan' or 'stochastic' (or 'fp32') for {fmt.name} parameters")
+    if mode == "kahan" and fmt.torch_dtype is None:
+        raise ValueError(
+            f"parameter {index} is {fmt.name}, but master mode 'kahan' keeps a compensation buffer in the "
+            f"parameter's torch dtype, which {fmt.name} does not have: use 'stochastic' or 'fp32'")
+
+
+def master_bytes(mode: str, fmt: Format | None) -> float:
+    """Bytes per parameter a mode keeps beside a parameter on `fmt` (None or FP32: nothing)."""
+    if fmt is None or fmt == F32 or mode in ("none", "stochastic"):
+        return 0.0
+    return {"fp32": 4.0, "compact": 2.0, "kahan": fmt.bits / 8}[mode]
 
 
 def format_of(param: torch.Tensor, index: int, param_format: Format | None,

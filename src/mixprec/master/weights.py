@@ -17,24 +17,49 @@ from .checkpoint import STATE_VERSION, check_state_dict
 from .direct import DirectSteps, Rounded, state_in
 from .fp32 import FP32Masters
 from .live import add_live, discard_live
-from .modes import check_mode, format_of, parse_param_format
+from .modes import MASTER_MODES, TRANSIENT_MODES, check_mode, check_supported, format_of, parse_param_format
+from .transient import SEPARABLE, TransientMasters, stand_in
 
 __all__ = ["MasterWeights"]
+
+
+class _Plan:
+    """What a param group adds: slots with FP32 masters, slots with transient ones (their modes and the
+    parameters' indices), and emulated parameters stepped without masters."""
+
+    def __init__(self) -> None:
+        self.fp32: list[GradSlot] = []
+        self.low: list[GradSlot] = []
+        self.modes: list[str] = []
+        self.indices: list[int] = []
+        self.rounded: Rounded = []
+
+    def extend(self, other: _Plan) -> None:
+        for name in ("fp32", "low", "modes", "indices", "rounded"):
+            getattr(self, name).extend(getattr(other, name))
+
 
 class MasterWeights(OptimizerWrapper):
     """Wrap an optimizer built over a model's 16-bit parameters so that it steps FP32 master copies.
 
     Args:
         optimizer: any ``torch.optim.Optimizer`` over the model's parameters (not yet wrapped).
-        mode: ``"fp32"`` (masters) or ``"none"`` (step the 16-bit parameters directly).
+        mode: how each 16-bit parameter keeps its master (a param group's ``"master_mode"`` overrides it):
+            ``"fp32"`` (an FP32 copy, the paper), ``"compact"`` (BF16 parameters: the low 16 bits of the
+            FP32 master, the same masters in 2 bytes), ``"kahan"`` (a 16-bit compensation buffer),
+            ``"stochastic"`` (no copy; the update is rounded stochastically), ``"none"`` (no copy; the
+            optimizer steps the 16-bit parameters directly). See docs/loss-scaling-and-masters.md.
         param_format: for emulated training, the format that the float32 parameters' values are on
             (a `mixprec.Format` or its name), or a mapping ``{param: format}`` for per-parameter formats
             (float32 params not in it are FP32). Without it the format is read from each parameter's
             dtype (float16 -> F16, bfloat16 -> BF16; float32 parameters are their own masters).
+        seed: mode "stochastic" rounds with a hash of (seed, step, parameter index, element): the same
+            seed gives the same bits on any run, resume and number of ranks.
 
     Raises:
-        ValueError: ``mode="fp32"`` but no parameter is 16-bit or emulated (masters would do nothing);
-            ``param_format`` disagrees with a 16-bit parameter's dtype; an unknown mode.
+        ValueError: a master mode but no parameter is 16-bit or emulated (masters would do nothing);
+            ``param_format`` disagrees with a 16-bit parameter's dtype; an unknown mode, or one a
+            parameter's format cannot keep ("compact" is for BF16 only).
 
     Example:
         >>> model = torch.nn.Linear(4, 2).half()
@@ -52,6 +77,7 @@ class MasterWeights(OptimizerWrapper):
         optimizer: torch.optim.Optimizer,
         mode: str = "fp32",
         param_format: Format | str | Mapping[torch.Tensor, Format | str] | None = None,
+        seed: int = 0,
     ) -> None:
         if isinstance(optimizer, MasterWeights):
             raise TypeError("this optimizer is already wrapped in MasterWeights: pass the inner one")
@@ -65,51 +91,57 @@ class MasterWeights(OptimizerWrapper):
         self._model_params: list[torch.Tensor] = []  # every parameter, in param-group order
         self._trust_fp32 = True
         self._stepping = False  # inside step(): the inner optimizer may step
-        slots, rounded = self._build(optimizer)
-        # Mode "fp32": one GradSlot per parameter with an FP32 master; mode "none", emulated: re-rounded.
-        self._fp32, self._direct = FP32Masters(slots), DirectSteps(rounded)
+        # Mode "fp32": a GradSlot per parameter with an FP32 master; "compact", "kahan", "stochastic": one whose
+        # master is rebuilt per step; "none", emulated: re-rounded.
+        self._fp32, self._low, self._direct = FP32Masters([]), TransientMasters(seed), DirectSteps([])
+        self._stores = (self._fp32, self._low)
         # Stepping the inner optimizer directly would update the masters and never the model.
         self._hooks: list[Any] = [optimizer.register_step_pre_hook(self._refuse_direct_step)]
         self._managed: dict[int, torch.Tensor] = {}
-        self._take(slots, rounded)
+        self._take(self._build(optimizer))
         add_live(self)
 
     # ----- construction -----------------------------------------------------------------------------
-    def _plan_group(self, params: list[torch.Tensor], mode: str, first: int
-                    ) -> tuple[list[torch.Tensor], list[GradSlot], Rounded]:
+    def _plan_group(self, params: list[torch.Tensor], mode: str, first: int) -> tuple[list[torch.Tensor], _Plan]:
         """For one param group (its parameters numbered from `first`): the tensors the inner optimizer
-        steps, the new masters' slots, and the emulated parameters stepped without masters. Changes nothing."""
+        steps, and the new slots (with their modes and indices) and rounded parameters. Changes nothing."""
         stepped: list[torch.Tensor] = []
-        slots: list[GradSlot] = []
-        rounded: Rounded = []
+        plan = _Plan()
         for index, param in enumerate(params, start=first):
             fmt, emulated = format_of(param, index, self.param_format, self._formats_by_param)
-            if mode == "fp32" and fmt is not None and fmt != F32:
-                slots.append(GradSlot(param, param.detach().to(torch.float32, copy=True), fmt, emulated))
-                stepped.append(slots[-1].master)
+            if mode in MASTER_MODES and fmt is not None and fmt != F32:
+                check_supported(mode, fmt, index)
+                low = mode in TRANSIENT_MODES
+                master = stand_in(param) if low else param.detach().to(torch.float32, copy=True)
+                slot = GradSlot(param, master, fmt, emulated)
+                if low:
+                    plan.low.append(slot)
+                    plan.modes.append(mode)
+                    plan.indices.append(index)
+                else:
+                    plan.fp32.append(slot)
+                stepped.append(master)
             else:
                 if mode == "none" and emulated and fmt is not None:
-                    rounded.append((param, fmt))
+                    plan.rounded.append((param, fmt))
                 stepped.append(param)
-        return stepped, slots, rounded
+        return stepped, plan
 
-    def _build(self, optimizer: torch.optim.Optimizer) -> tuple[list[GradSlot], Rounded]:
-        slots: list[GradSlot] = []
-        rounded: Rounded = []
+    def _build(self, optimizer: torch.optim.Optimizer) -> _Plan:
+        plan = _Plan()
         new_groups: list[list[torch.Tensor]] = []
         for g, group in enumerate(optimizer.param_groups):
             mode = check_mode(group.get("master_mode", self.mode), f"param group {g}'s 'master_mode'")
-            stepped, group_slots, group_rounded = self._plan_group(group["params"], mode, len(self._model_params))
+            stepped, group_plan = self._plan_group(group["params"], mode, len(self._model_params))
             self._model_params += group["params"]
-            slots += group_slots
-            rounded += group_rounded
+            plan.extend(group_plan)
             new_groups.append(stepped)
-        wants_masters = any(g.get("master_mode", self.mode) == "fp32" for g in optimizer.param_groups)
-        if wants_masters and not slots:
+        wanted = sorted({g.get("master_mode", self.mode) for g in optimizer.param_groups} & set(MASTER_MODES))
+        if wanted and not plan.fp32 + plan.low:
             dtypes = sorted({str(p.dtype) for p in self._model_params})
             raise ValueError(
-                f"MasterWeights(mode='fp32') found no 16-bit parameters (dtypes: {', '.join(dtypes)}): "
-                f"FP32 masters of FP32 parameters would do nothing. Use the plain optimizer, cast the "
+                f"MasterWeights(mode={wanted[0]!r}) found no 16-bit parameters (dtypes: {', '.join(dtypes)}): "
+                f"{wanted[0]} masters of FP32 parameters would do nothing. Use the plain optimizer, cast the "
                 f"model to 16 bits first, or pass param_format=mp.F16 (say) to emulate 16-bit "
                 f"parameters in FP32 storage")
         # Only now that every check passed, point the inner optimizer at the masters.
@@ -119,16 +151,23 @@ class MasterWeights(OptimizerWrapper):
                 lbfgs._params = stepped
             group["params"] = stepped
         # Existing optimizer state follows its parameter to the master, in FP32 (like load_state_dict).
-        for slot in slots:
+        for slot in plan.fp32 + plan.low:
             if slot.param in optimizer.state:
                 state = optimizer.state.pop(slot.param)
                 optimizer.state[slot.master] = state_in(torch.float32, state)
-        return slots, rounded
+        return plan
 
-    def _take(self, slots: list[GradSlot], rounded: Rounded) -> None:
-        """Hooks on the parameters of `slots` and `rounded`, and count them among those `managed` reports."""
-        self._hooks += self._fp32.register_hooks(slots) + self._direct.register_hooks(rounded)
-        self._managed.update((id(p), p) for p in [s.param for s in slots] + [p for p, _ in rounded])
+    def _take(self, plan: _Plan) -> None:
+        """Keep the planned slots and rounded parameters: their hooks, and count them among those `managed`
+        reports. A transient master starts from its parameter's value."""
+        self._fp32.add(plan.fp32)
+        self._low.add(plan.low, plan.modes, plan.indices)
+        for slot in plan.low:
+            self._low.put_(slot, slot.param.detach().float())
+        self._direct.rounded += plan.rounded
+        slots = plan.fp32 + plan.low
+        self._hooks += self._fp32.register_hooks(slots) + self._direct.register_hooks(plan.rounded)
+        self._managed.update((id(p), p) for p in [s.param for s in slots] + [p for p, _ in plan.rounded])
 
     def claim(self, params: Any) -> None:
         """Count `params` (a prepared model's other 16-bit parameters, which this optimizer does not step)
@@ -166,8 +205,34 @@ class MasterWeights(OptimizerWrapper):
 
     @property
     def grad_slots(self) -> list[GradSlot]:
-        """One `GradSlot` per parameter with an FP32 master (used by `mixprec.distributed`)."""
-        return list(self._fp32.slots)
+        """One `GradSlot` per parameter with a master, in any mode (used by `mixprec.distributed`); a
+        transient master (`mixprec.master.transient`) holds its value only during the step: read it with
+        `master_value`."""
+        return self._fp32.slots + self._low.slots
+
+    def _store(self, slot: GradSlot) -> FP32Masters:
+        return self._low if id(slot) in self._low.held else self._fp32
+
+    def master_value(self, slot: GradSlot) -> torch.Tensor:
+        """The FP32 master of one of `grad_slots`: an FP32 master where it still rounds to its parameter,
+        a transient one rebuilt (a new tensor). Syncs: no."""
+        return self._store(slot).value(slot)
+
+    def set_master_(self, slot: GradSlot, value: torch.Tensor) -> None:
+        """Make FP32 `value` the master of one of `grad_slots` (and round it into the parameter)."""
+        store = self._store(slot)
+        store.put_(slot, value)
+        if store is self._fp32:
+            slot.param.copy_(slot.round(value))
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Every tensor that holds masters between steps: FP32 masters, remainders, compensations."""
+        return self._fp32.held_tensors() + self._low.held_tensors()
+
+    def restamp_(self) -> None:
+        """After the parameters and `held_tensors` were overwritten together (a broadcast from one rank):
+        they belong together, so transient masters keep their buffers."""
+        self._low.restamp_()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group of model parameters (e.g. layers unfrozen later in training).
@@ -199,12 +264,10 @@ class MasterWeights(OptimizerWrapper):
             raise ValueError(f"parameter {twice[0]} of the new param group (shape {tuple(params[twice[0]].shape)}) "
                              f"is already in a param group of this optimizer: a parameter belongs to one group")
         mode = check_mode(param_group.get("master_mode", self.mode), "the new param group's 'master_mode'")
-        stepped, slots, rounded = self._plan_group(params, mode, len(self._model_params))
+        stepped, plan = self._plan_group(params, mode, len(self._model_params))
         self.optimizer.add_param_group({**param_group, "params": stepped})  # may refuse: nothing is ours yet
         self._model_params += params
-        self._fp32.add(slots)
-        self._direct.rounded += rounded
-        self._take(slots, rounded)
+        self._take(plan)
 
     # ----- the hot path ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -227,7 +290,8 @@ class MasterWeights(OptimizerWrapper):
             ([torch.float32, torch.float32], torch.float16)
         """
         self._trust_fp32 = trust_fp32  # the masters are checked against the model the same way
-        self._fp32.settle_(trust_fp32)
+        for store in self._stores:
+            store.settle_(trust_fp32)
         self._direct.round_grads_()
         return [t.grad for t in self.master_params if t.grad is not None]
 
@@ -237,7 +301,8 @@ class MasterWeights(OptimizerWrapper):
         The 16-bit ``param.grad`` stay, as any optimizer leaves them: clear them with ``zero_grad``.
         Without it, the next backward accumulates onto ``param.grad`` as in plain PyTorch.
         """
-        self._fp32.release_grads_()
+        for store in self._stores:
+            store.release_grads_()
 
     @torch.no_grad()
     def publish_grads_(self, settled: bool = True) -> None:
@@ -248,7 +313,8 @@ class MasterWeights(OptimizerWrapper):
 
         Syncs: no.
         """
-        self._fp32.publish_(settled)
+        for store in self._stores:
+            store.publish_(settled)
 
     @torch.no_grad()
     def sync_masters_(self) -> None:
@@ -261,7 +327,8 @@ class MasterWeights(OptimizerWrapper):
 
         Syncs: no.
         """
-        self._fp32.sync_(self._trust_fp32)
+        for store in self._stores:
+            store.sync_(self._trust_fp32)
 
     @torch.no_grad()
     def copy_to_model_(self, release_grads: bool = False) -> None:
@@ -271,7 +338,8 @@ class MasterWeights(OptimizerWrapper):
 
         Syncs: no.
         """
-        self._fp32.copy_to_model_(release_grads)
+        for store in self._stores:
+            store.copy_to_model_(release_grads)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -298,8 +366,12 @@ class MasterWeights(OptimizerWrapper):
         self.collect_grads_()  # and the masters follow the model (done already where mp.step collected)
         self._stepping = True
         carried = self._direct.carry_in_16_bits(self.optimizer)  # mode "none", emulated: 16-bit arithmetic
+        def run() -> Any:
+            return self.optimizer.step() if closure is None else self.optimizer.step(self._on_masters(closure))
+
+        whole = closure is not None or type(self.optimizer) not in SEPARABLE
         try:
-            loss = self.optimizer.step() if closure is None else self.optimizer.step(self._on_masters(closure))
+            loss = self._low.step_(self.optimizer, run, whole) if self._low.slots else run()
         finally:
             self._stepping = False
             self._direct.put_back(self.optimizer, carried)
@@ -339,14 +411,17 @@ class MasterWeights(OptimizerWrapper):
         elif leftover:
             torch._foreach_zero_(leftover)
         self.optimizer.zero_grad(set_to_none=set_to_none)
-        self._fp32.forget_step()
+        for store in self._stores:
+            store.forget_step()
 
     # ----- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """A versioned dict: the FP32 masters and the inner optimizer's state dict.
 
-        Like torch's, it holds references to live tensors: ``torch.save`` it (or deep-copy it) before
-        training on. Loads with ``torch.load(weights_only=True)``.
+        The masters are FP32 in every mode (a transient master rebuilt: what the optimizer steps), so a
+        state dict loads into a MasterWeights of any other master mode. Like torch's, it holds references
+        to live tensors (FP32 masters): ``torch.save`` it (or deep-copy it) before training on. Loads with
+        ``torch.load(weights_only=True)``.
 
         Example:
             >>> p = torch.nn.Parameter(torch.ones(2, dtype=torch.float16))
@@ -360,9 +435,16 @@ class MasterWeights(OptimizerWrapper):
             "param_format": self._format_name(),
             "shapes": [list(p.shape) for p in self._model_params],
             "has_master": self._has_master_flags(),
-            "masters": [slot.master for slot in self._fp32.slots],
+            "masters": [slot.master if self._store(slot) is self._fp32 else self._low.value(slot)
+                        for slot in self._slots_in_order()],
             "optimizer": self.optimizer.state_dict(),
-            "optimizer_type": type(self.optimizer).__name__}
+            "optimizer_type": type(self.optimizer).__name__,
+            **({"stochastic": self._low.stochastic_state()} if self._low.steps else {})}
+
+    def _slots_in_order(self) -> list[GradSlot]:
+        """The slots in the order of the model's parameters."""
+        by_param = {id(slot.param): slot for slot in self.grad_slots}
+        return [by_param[id(p)] for p in self._model_params if id(p) in by_param]
 
     def _format_name(self) -> str | None:
         if self._formats_by_param is not None:
@@ -370,14 +452,18 @@ class MasterWeights(OptimizerWrapper):
         return None if self.param_format is None else self.param_format.name
 
     def _has_master_flags(self) -> list[bool]:
-        copied = {id(slot.param) for slot in self._fp32.slots}
+        copied = {id(slot.param) for slot in self.grad_slots}
         return [id(p) in copied for p in self._model_params]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore masters and optimizer state, then round the masters into the model's parameters.
 
+        The state dict may come from another master mode ("fp32", "compact", "kahan", "stochastic"): its
+        FP32 masters are stored in this one's (e.g. a run resumed with compact masters).
+
         Raises:
-            ValueError: a different version or mode, or a different set of parameters (count, shapes).
+            ValueError: a different version, a different set of parameters (count, shapes), or masters on
+                different parameters (one side in mode "none").
 
         Example:
             >>> p = torch.nn.Parameter(torch.ones(2, dtype=torch.float16))
@@ -386,12 +472,14 @@ class MasterWeights(OptimizerWrapper):
             >>> MasterWeights(torch.optim.SGD([q], lr=0.1)).load_state_dict(a.state_dict()); q.tolist()
             [1.0, 1.0]
         """
-        check_state_dict(state_dict, self.mode, [list(p.shape) for p in self._model_params],
+        check_state_dict(state_dict, [list(p.shape) for p in self._model_params],
                          self._has_master_flags(), self.optimizer)
         self.optimizer.load_state_dict(state_dict["optimizer"])
         with torch.no_grad():
-            for slot, saved_master in zip(self._fp32.slots, state_dict["masters"], strict=True):
-                slot.master.copy_(saved_master)
+            for slot, saved_master in zip(self._slots_in_order(), state_dict["masters"], strict=True):
+                self._store(slot).put_(slot, saved_master.to(slot.param.device, torch.float32))
+        if "stochastic" in state_dict and self._low.steps:
+            self._low.load_stochastic_state(state_dict["stochastic"])
         self.copy_to_model_()
 
     def __repr__(self) -> str:
