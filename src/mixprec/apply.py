@@ -216,14 +216,14 @@ def _apply(model: torch.nn.Module, policy: Policy, execution: str, formats: list
         else:
             hooks.round_parameters_(formats)
         if optimizer is not None and narrow:
-            mode = "fp32" if policy.master is not None else "none"
+            mode = policy.master_mode
             # Emulated: per parameter, FP32 islands stay FP32 (their own masters), the rest emulate their format.
             optimizer = MasterWeights(optimizer, mode=mode,
                                       param_format=None if execution == "native" else dict(formats))
             with torch.no_grad():
                 for slot in optimizer.grad_slots:
-                    slot.master.copy_(originals[id(slot.param)][0])
-            if mode == "fp32" or execution == "emulated":  # a second, plain optimizer would step them wrongly
+                    optimizer.set_master_(slot, originals[id(slot.param)][0].float())
+            if mode != "none" or execution == "emulated":  # a second, plain optimizer would step them wrongly
                 optimizer.claim(p for p in narrow if p.requires_grad)
         if execution == "emulated":
             # MasterWeights rounds the gradients of the parameters it steps; round the others' here.
@@ -253,6 +253,11 @@ def _sharded_execution(policy: Policy, device: torch.device) -> str:
         raise ValueError(
             f"policy {policy} has no master weights, but FSDP2 keeps FP32 sharded parameters that take "
             f"the update (masters): use a master-weight policy (e.g. f16-master) or DDP")
+    if policy.master_mode not in ("fp32", "none"):
+        raise ValueError(
+            f"master={policy.master_mode} under FSDP2 is not supported: FSDP2 keeps its sharded parameters in "
+            f"FP32 and they are the masters (6 bytes a weight with BF16 compute already sharded across ranks); "
+            f"use master=fp32 (e.g. bf16-master) with FSDP2, or DDP / one device for master={policy.master_mode}")
     if policy.execution.startswith("emulated"):
         raise ValueError(f"execution={policy.execution} under FSDP2 is not supported: FSDP2 casts the parameters to "
                          "16 bits natively; use execution=auto or native, or DDP for emulated runs")

@@ -50,12 +50,13 @@ def fp32_weights(model: torch.nn.Module) -> list[torch.Tensor]:
     rounds to it, else the parameter (widened to FP32 if narrower). Reads only; no host sync."""
     model = unwrap(model)
     state = prepared_state(model)
-    slots = {} if state is None else {id(slot.param): slot for slot in state.grad_slots}
+    weights = None if state is None else state.master_weights
+    slots = {} if weights is None else {id(slot.param): slot for slot in weights.grad_slots}
     values = []
     with torch.no_grad():
         for p in model.parameters():
             slot = slots.get(id(p))
-            value = p.detach() if slot is None else slot.refine(slot.master.detach(), p.detach())
+            value = p.detach() if slot is None or weights is None else weights.master_value(slot)
             if value.is_floating_point() and value.element_size() < 4:
                 value = value.to(torch.float32)
             values.append(value)

@@ -144,12 +144,13 @@ def _tensors(model: torch.nn.Module, state: PreparedState | None,
              opt: torch.optim.Optimizer | None) -> list[tuple[str, torch.Tensor | None, int | None]]:
     """(category, tensor, its format's bits or None) for every tensor the model and optimizer hold."""
     # The masters: the given MasterWeights', else (a plain or the inner optimizer given) the prepared model's.
-    slots = getattr(opt, "grad_slots", None) or getattr(getattr(state, "master_weights", None), "grad_slots", [])
+    weights = opt if hasattr(opt, "grad_slots") else getattr(state, "master_weights", None)
+    slots = getattr(weights, "grad_slots", [])
     named = state.param_formats if state is not None else {}
     bits = {id(p): named[n].bits for n, p in model.named_parameters() if n in named}  # each one's storage format
     params = list(model.parameters())
     found: list[tuple[str, torch.Tensor | None, int | None]] = [("parameters", p, bits.get(id(p))) for p in params]
-    found += [("masters", s.master, None) for s in slots]
+    found += [("masters", t, None) for t in getattr(weights, "held_tensors", list)()]  # FP32, remainders, ...
     found += [("gradients", p.grad, bits.get(id(p))) for p in params]  # 16-bit (emulated: on its format's grid)
     found += [("gradients", s.master.grad, None) for s in slots]  # the FP32 gradient on the master
     state_items = opt.state.items() if opt is not None else ()  # moments shaped like a 16-bit parameter: its format

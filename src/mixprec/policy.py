@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .formats import BF16, F16, F32, Format
+from .master_modes import DESCRIPTIONS, MODES, TRANSIENT_MODES, master_bytes
 from .precisions import DEFAULT_FP32_TYPES, ModulePrecision, Rule, module_precisions, parameter_formats, precision_table
 from .scaling import LossScaler, make_scaler, parse_scaling
 
@@ -57,7 +58,11 @@ class Policy:
         params: storage format of parameters (and so of weight gradients).
         compute: format modules compute in and activations (and their gradients) are stored in.
         output: format of the model's outputs, i.e. what the loss is computed in.
-        master: format of the master copy of the weights that takes the update (FP32), or None.
+        master: how the 16-bit weights keep the master value that takes the update: ``"fp32"`` (an FP32
+            copy, the paper), ``"compact"`` (BF16 params: the FP32 master's low 16 bits, exactly FP32
+            masters in 2 bytes), ``"kahan"`` (a 16-bit compensation buffer), ``"stochastic"`` (no copy,
+            stochastic rounding of the update) or None / ``"none"`` (no master). Read back as a format
+            (`F32` for every mode with a master, else None) and `master_mode`.
         reduce: the format gradients are summed in across ranks (DDP), then rounded to each parameter's
             storage format: a `Format` (``"fp32"``, ``"fp16"``, ``"bf16"``), ``"storage"`` (each gradient
             in its parameter's format, as plain DDP does), or ``"auto"`` (the default): ``"fp32"`` when
@@ -82,19 +87,29 @@ class Policy:
     params: Format = F32
     compute: Format = F32
     output: Format = F32
-    master: Format | None = None
+    master: Format | None = None  # given as a str too (a mode): resolved to F32 (with master_mode) or None
     reduce: Format | str | None = "auto"
     scaling: str = "auto"
     execution: str = "auto"
     rules: tuple[Rule, ...] = field(default=())
+    master_mode: str = ""  # set from `master`: "fp32", "compact", "kahan", "stochastic" or "none"
 
     def __post_init__(self) -> None:
         for name in ("params", "compute", "output"):
             object.__setattr__(self, name, _fmt(getattr(self, name)))
         master = self.master
-        if isinstance(master, str) and master.strip().lower() == "none":
-            master = None
+        mode = master.strip().lower() if isinstance(master, str) else "none" if master is None else self.master_mode
+        if mode in ("none", *TRANSIENT_MODES):
+            master = None if mode == "none" else F32
+        elif isinstance(master, str) and master.strip().lower() not in MODES:
+            try:
+                Format.parse(master)
+            except ValueError:
+                raise ValueError(f"master={master!r} is not a master mode; valid: "
+                                 + "; ".join(f"{m} ({d})" for m, d in DESCRIPTIONS.items())) from None
         object.__setattr__(self, "master", None if master is None else _fmt(master))
+        object.__setattr__(self, "master_mode", mode if mode in TRANSIENT_MODES else
+                           "fp32" if self.master is not None else "none")
         reduce = self.reduce
         if isinstance(reduce, str) and reduce.strip().lower() == "auto":
             reduce = F32 if self.master is not None or self.params == F32 else None
@@ -149,6 +164,7 @@ class Policy:
             base = _PRESET_POLICIES[preset]
             # reduce stays "auto" unless given: it follows the (possibly overridden) master and params
             fields = {k: getattr(base, k) for k in _KEYS if k not in ("rule", "reduce")}
+            fields["master"] = base._master_text()
             rules = list(base.rules)
         for part in parts:
             key, sep, value = part.partition("=")
@@ -173,9 +189,12 @@ class Policy:
             if preset == self:
                 return name
         text = (f"params={self.params.spec},compute={self.compute.spec},output={self.output.spec},"
-                f"master={_fmt_text(self.master)},reduce={_reduce_text(self.reduce)},"
+                f"master={self._master_text()},reduce={_reduce_text(self.reduce)},"
                 f"scaling={self.scaling},execution={self.execution}")
         return text + "".join(f",rule={r}" for r in self.rules)
+
+    def _master_text(self) -> str:
+        return self.master_mode if self.master_mode in TRANSIENT_MODES else _fmt_text(self.master)
 
     def replace(self, **changes: object) -> Policy:
         """A copy with some fields changed, e.g. ``policy.replace(execution="emulated")``."""
@@ -189,6 +208,17 @@ class Policy:
                  *(r.compute for r in self.rules),
                  *(r.params for r in self.rules if r.params is not None)]
         return tuple(dict.fromkeys(found))
+
+    @property
+    def weight_bytes(self) -> float:
+        """Bytes a weight in the default `params` format takes with what keeps its master (optimizer state
+        and gradients apart): 6 for bf16-master, 4 for bf16-compact and bf16-kahan, 2 for bf16-sr.
+
+        Example:
+            >>> [Policy.parse(p).weight_bytes for p in ("f32", "bf16-master", "bf16-compact", "bf16-sr")]
+            [4.0, 6.0, 4.0, 2.0]
+        """
+        return self.params.bits / 8 + master_bytes(self.master_mode, self.params)
 
     def resolve_execution(self, device: torch.device | str = "cpu") -> str:
         """``"native"`` or ``"emulated"``: how this policy runs on `device`.
@@ -298,6 +328,9 @@ _PRESET_POLICIES: dict[str, Policy] = {
     "f16-pure": Policy(params=F16, compute=F16, scaling="none"),
     "bf16-pure": Policy(params=BF16, compute=BF16),
     "f16-master-noscale": Policy(params=F16, compute=F16, master=F32, scaling="none"),
+    "bf16-compact": Policy(params=BF16, compute=BF16, master=F32, master_mode="compact"),
+    "bf16-kahan": Policy(params=BF16, compute=BF16, master=F32, master_mode="kahan"),
+    "bf16-sr": Policy(params=BF16, compute=BF16, master=F32, master_mode="stochastic"),
 }
 
 #: Preset name -> one-line description.
@@ -310,4 +343,7 @@ PRESETS: dict[str, str] = {
     "f16-pure": "FP16 everything, no masters, no loss scaling (ablation: small updates and gradients lost)",
     "bf16-pure": "BF16 everything, no masters, no loss scaling (ablation: small updates lost)",
     "f16-master-noscale": "f16-master without loss scaling (ablation: small gradients flush to zero)",
+    "bf16-compact": "bf16-master in 4 bytes a weight, not 6: the FP32 master's low 16 bits beside the BF16 weight",
+    "bf16-kahan": "BF16 weights with a BF16 Kahan compensation buffer instead of an FP32 master (4 bytes a weight)",
+    "bf16-sr": "BF16 weights without a master, updates rounded stochastically (2 bytes a weight)",
 }

@@ -110,6 +110,8 @@ class PolicyFormats(Protocol):
     @property
     def master(self) -> Format | None: ...
     @property
+    def master_mode(self) -> str: ...
+    @property
     def rules(self) -> tuple[Rule, ...]: ...
 
 
@@ -192,7 +194,7 @@ def precision_table(policy: PolicyFormats, model: torch.nn.Module, execution: st
             reason += f"; shared weight stored in {'/'.join(sorted(f.name for f in {params, *own}))}"
         stored = "float32" if execution == "emulated" or params == F32 else str(
             params.torch_dtype).replace("torch.", "")
-        master = "-" if not mp.has_params or policy.master is None or params == F32 else policy.master.name
+        master = "-" if not mp.has_params or policy.master is None or params == F32 else policy.master_mode
         rows.append((mp.name or "(root)", mp.type_name, params.name if mp.has_params else "-",
                      stored if mp.has_params else "-", mp.compute.name, master, reason))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

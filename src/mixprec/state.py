@@ -93,7 +93,7 @@ class PreparedState:
         return {"policy": str(self.policy), "execution": self.execution, "mode": self.mode,
                 "emulation": self.emulation,
                 "device": str(self.device),
-                "master": None if self.policy.master is None else self.policy.master.name,
+                "master": None if self.policy.master is None else self.policy.master_mode,
                 "param_formats": {f.name: n for f, n in _count(self.param_formats.values()).items()}}
 
 

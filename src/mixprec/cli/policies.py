@@ -23,7 +23,9 @@ def _row(name: str, policy: mp.Policy, description: str) -> dict:
         "params": policy.params.name,
         "compute": policy.compute.name,
         "output": policy.output.name,
-        "master": policy.master.name if policy.master is not None else None,
+        "master": policy.master_mode if policy.master is not None else None,
+        # the weight and what keeps its master, for parameters in the policy's default format
+        "bytes_per_param": policy.weight_bytes,
         "scaling": policy.scaling,
         "execution": policy.execution,
         "rules": [str(r) for r in policy.rules],
@@ -45,15 +47,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"policy {rows[0]['name']}")
         rows[0]["name"] = ""
     width = max(len(r["name"]) for r in rows) + 2 if args.policy is None else 0
-    print(f"{'name' if width else '':{width}}{'params':8}{'compute':9}{'output':8}{'master':8}scaling")
+    print(f"{'name' if width else '':{width}}{'params':7}{'compute':8}{'output':7}{'master':11}{'B/param':8}scaling")
     print("-" * 78)
     for r in rows:
-        print(f"{r['name']:{width}}{r['params']:8}{r['compute']:9}{r['output']:8}{r['master'] or '-':8}"
-              f"{r['scaling']}")
+        print(f"{r['name']:{width}}{r['params']:7}{r['compute']:8}{r['output']:7}{r['master'] or '-':11}"
+              f"{r['bytes_per_param']:<8g}{r['scaling']}")
         for number, rule in enumerate(r["rules"], start=1):
             print(f"    rule {number}: {rule}")
         print(textwrap.fill(r["description"], width=78, initial_indent="    ", subsequent_indent="    "))
     if args.policy is None:
         print("\nNorm layers, softmax and losses run in FP32 unless a rule says otherwise.")
+        print("B/param: bytes of a weight and its master (without optimizer state, gradients).")
         print("Override any field: 'f16-master,scaling=static:1024,rule=lm_head:fp32'.")
     return 0

@@ -6,13 +6,26 @@ from typing import Any
 
 import torch
 
+from ..gradients import GradSlot
 from ..versions import check_version
 
-__all__ = ["STATE_VERSION", "KEYS", "check_state_dict"]
+__all__ = ["STATE_VERSION", "KEYS", "check_state_dict", "slots_in_order", "has_master_flags"]
 
 STATE_VERSION = 1
 KEYS = {"version", "mode", "param_format", "shapes", "has_master", "masters", "optimizer"}
 OPTIONAL = {"optimizer_type", "stochastic"}  # "stochastic": mode stochastic's seed and step
+
+
+def slots_in_order(params: list[torch.Tensor], slots: list[GradSlot]) -> list[GradSlot]:
+    """`slots` in the order of their parameters in `params` (the order a state dict's masters are in)."""
+    by_param = {id(slot.param): slot for slot in slots}
+    return [by_param[id(p)] for p in params if id(p) in by_param]
+
+
+def has_master_flags(params: list[torch.Tensor], slots: list[GradSlot]) -> list[bool]:
+    """For each of `params`, whether one of `slots` (a master) is its."""
+    copied = {id(slot.param) for slot in slots}
+    return [id(p) in copied for p in params]
 
 
 def check_state_dict(state_dict: Any, shapes: list[list[int]], has_master: list[bool],

@@ -12,23 +12,10 @@ from typing import Any
 import torch
 
 from ..formats import F32, FORMATS, Format
+from ..master_modes import DESCRIPTIONS, MASTER_MODES, MODES, TRANSIENT_MODES, master_bytes
 
 __all__ = ["MODES", "MASTER_MODES", "TRANSIENT_MODES", "check_mode", "check_supported", "master_bytes",
            "native_format", "format_of", "parse_param_format"]
-
-#: Every mode; those with a master (an FP32 value the optimizer steps); those whose master is rebuilt per step.
-MODES = ("fp32", "compact", "kahan", "stochastic", "none")
-MASTER_MODES = MODES[:4]
-TRANSIENT_MODES = MODES[1:4]
-
-#: What each mode keeps, for errors and tables.
-DESCRIPTIONS = {
-    "fp32": "an FP32 master copy (the paper)",
-    "compact": "the low 16 bits of the FP32 master beside a BF16 parameter: exactly FP32 masters",
-    "kahan": "a 16-bit compensation buffer (Kahan summation of the updates)",
-    "stochastic": "no copy; the update is rounded stochastically into the parameter",
-    "none": "no copy; the update is rounded to nearest into the parameter (small updates are lost)",
-}
 
 
 def native_format(dtype: torch.dtype) -> Format | None:
@@ -58,13 +45,6 @@ def check_supported(mode: str, fmt: Format, index: int) -> None:
         raise ValueError(
             f"parameter {index} is {fmt.name}, but master mode 'kahan' keeps a compensation buffer in the "
             f"parameter's torch dtype, which {fmt.name} does not have: use 'stochastic' or 'fp32'")
-
-
-def master_bytes(mode: str, fmt: Format | None) -> float:
-    """Bytes per parameter a mode keeps beside a parameter on `fmt` (None or FP32: nothing)."""
-    if fmt is None or fmt == F32 or mode in ("none", "stochastic"):
-        return 0.0
-    return {"fp32": 4.0, "compact": 2.0, "kahan": fmt.bits / 8}[mode]
 
 
 def format_of(param: torch.Tensor, index: int, param_format: Format | None,

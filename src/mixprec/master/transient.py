@@ -65,7 +65,8 @@ class TransientMasters(FP32Masters):
         self.rebuilt: set[int] = set()  # id(slot) of those whose FP32 value exists now (during a step)
 
     def add(self, slots: list[GradSlot], modes: list[str] | None = None, indices: list[int] | None = None) -> None:
-        """Take more parameters (`modes`: each one's mode; `indices`: its position among the model's)."""
+        """Take more parameters (`modes`: each one's mode; `indices`: its position among the model's), their
+        masters starting from their values."""
         self.slots += slots
         for slot, mode, index in zip(slots, modes or [], indices or [], strict=True):
             p = slot.param
@@ -74,6 +75,7 @@ class TransientMasters(FP32Masters):
             self.held[id(slot)] = _Held(mode, buffer, index, p._version)
             if mode == "stochastic" and p.device not in self.steps:
                 self.steps[p.device] = torch.zeros((), dtype=torch.int64, device=p.device)
+            self.put_(slot, p.detach().float())  # the master starts from the parameter's value
 
     # ----- the FP32 value -----------------------------------------------------------------------------
     def value(self, slot: GradSlot) -> torch.Tensor:

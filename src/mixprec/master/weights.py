@@ -1,7 +1,4 @@
-"""`MasterWeights`: the component that wraps an optimizer and keeps each parameter's master in its mode.
-
-See the package's docstring (`mixprec.master`) for how it fits together.
-"""
+"""`MasterWeights`: wraps an optimizer, keeps each parameter's master in its mode (see `mixprec.master`)."""
 
 from __future__ import annotations
 
@@ -10,33 +7,18 @@ from typing import Any
 
 import torch
 
-from ..formats import F32, Format
+from ..formats import Format
 from ..gradients import GradSlot
 from ..wrapper import OptimizerWrapper
-from .checkpoint import STATE_VERSION, check_state_dict
-from .direct import DirectSteps, Rounded, state_in
+from .checkpoint import STATE_VERSION, check_state_dict, has_master_flags, slots_in_order
+from .direct import DirectSteps
 from .fp32 import FP32Masters
 from .live import add_live, discard_live
-from .modes import MASTER_MODES, TRANSIENT_MODES, check_mode, check_supported, format_of, parse_param_format
-from .transient import SEPARABLE, TransientMasters, stand_in
+from .modes import check_mode, parse_param_format
+from .plan import Plan, plan_group, plan_optimizer
+from .transient import SEPARABLE, TransientMasters
 
 __all__ = ["MasterWeights"]
-
-
-class _Plan:
-    """What a param group adds: slots with FP32 masters, slots with transient ones (their modes and the
-    parameters' indices), and emulated parameters stepped without masters."""
-
-    def __init__(self) -> None:
-        self.fp32: list[GradSlot] = []
-        self.low: list[GradSlot] = []
-        self.modes: list[str] = []
-        self.indices: list[int] = []
-        self.rounded: Rounded = []
-
-    def extend(self, other: _Plan) -> None:
-        for name in ("fp32", "low", "modes", "indices", "rounded"):
-            getattr(self, name).extend(getattr(other, name))
 
 
 class MasterWeights(OptimizerWrapper):
@@ -88,7 +70,6 @@ class MasterWeights(OptimizerWrapper):
         super().__init__(optimizer)
         self.mode = check_mode(mode, "mode")
         self.param_format, self._formats_by_param = parse_param_format(param_format)
-        self._model_params: list[torch.Tensor] = []  # every parameter, in param-group order
         self._trust_fp32 = True
         self._stepping = False  # inside step(): the inner optimizer may step
         # Mode "fp32": a GradSlot per parameter with an FP32 master; "compact", "kahan", "stochastic": one whose
@@ -98,72 +79,16 @@ class MasterWeights(OptimizerWrapper):
         # Stepping the inner optimizer directly would update the masters and never the model.
         self._hooks: list[Any] = [optimizer.register_step_pre_hook(self._refuse_direct_step)]
         self._managed: dict[int, torch.Tensor] = {}
-        self._take(self._build(optimizer))
+        plan, model_params = plan_optimizer(optimizer, self.mode, self.param_format, self._formats_by_param)
+        self._model_params: list[torch.Tensor] = model_params  # every parameter, in param-group order
+        self._take(plan)
         add_live(self)
 
-    # ----- construction -----------------------------------------------------------------------------
-    def _plan_group(self, params: list[torch.Tensor], mode: str, first: int) -> tuple[list[torch.Tensor], _Plan]:
-        """For one param group (its parameters numbered from `first`): the tensors the inner optimizer
-        steps, and the new slots (with their modes and indices) and rounded parameters. Changes nothing."""
-        stepped: list[torch.Tensor] = []
-        plan = _Plan()
-        for index, param in enumerate(params, start=first):
-            fmt, emulated = format_of(param, index, self.param_format, self._formats_by_param)
-            if mode in MASTER_MODES and fmt is not None and fmt != F32:
-                check_supported(mode, fmt, index)
-                low = mode in TRANSIENT_MODES
-                master = stand_in(param) if low else param.detach().to(torch.float32, copy=True)
-                slot = GradSlot(param, master, fmt, emulated)
-                if low:
-                    plan.low.append(slot)
-                    plan.modes.append(mode)
-                    plan.indices.append(index)
-                else:
-                    plan.fp32.append(slot)
-                stepped.append(master)
-            else:
-                if mode == "none" and emulated and fmt is not None:
-                    plan.rounded.append((param, fmt))
-                stepped.append(param)
-        return stepped, plan
-
-    def _build(self, optimizer: torch.optim.Optimizer) -> _Plan:
-        plan = _Plan()
-        new_groups: list[list[torch.Tensor]] = []
-        for g, group in enumerate(optimizer.param_groups):
-            mode = check_mode(group.get("master_mode", self.mode), f"param group {g}'s 'master_mode'")
-            stepped, group_plan = self._plan_group(group["params"], mode, len(self._model_params))
-            self._model_params += group["params"]
-            plan.extend(group_plan)
-            new_groups.append(stepped)
-        wanted = sorted({g.get("master_mode", self.mode) for g in optimizer.param_groups} & set(MASTER_MODES))
-        if wanted and not plan.fp32 + plan.low:
-            dtypes = sorted({str(p.dtype) for p in self._model_params})
-            raise ValueError(
-                f"MasterWeights(mode={wanted[0]!r}) found no 16-bit parameters (dtypes: {', '.join(dtypes)}): "
-                f"{wanted[0]} masters of FP32 parameters would do nothing. Use the plain optimizer, cast the "
-                f"model to 16 bits first, or pass param_format=mp.F16 (say) to emulate 16-bit "
-                f"parameters in FP32 storage")
-        # Only now that every check passed, point the inner optimizer at the masters.
-        for group, stepped in zip(optimizer.param_groups, new_groups, strict=True):
-            lbfgs: Any = optimizer  # LBFGS keeps its group's list as its own _params too
-            if getattr(lbfgs, "_params", None) is group["params"]:
-                lbfgs._params = stepped
-            group["params"] = stepped
-        # Existing optimizer state follows its parameter to the master, in FP32 (like load_state_dict).
-        for slot in plan.fp32 + plan.low:
-            if slot.param in optimizer.state:
-                state = optimizer.state.pop(slot.param)
-                optimizer.state[slot.master] = state_in(torch.float32, state)
-        return plan
-
-    def _take(self, plan: _Plan) -> None:
+    def _take(self, plan: Plan) -> None:
         """Keep the planned slots and rounded parameters: their hooks, and count them among those `managed`
-        reports. A transient master starts from its parameter's value."""
+        reports."""
         self._fp32.add(plan.fp32)
         self._low.add(plan.low, plan.modes, plan.indices)
-        for slot in plan.low:
-            self._low.put_(slot, slot.param.detach().float())
         self._direct.rounded += plan.rounded
         slots = plan.fp32 + plan.low
         self._hooks += self._fp32.register_hooks(slots) + self._direct.register_hooks(plan.rounded)
@@ -230,8 +155,7 @@ class MasterWeights(OptimizerWrapper):
         return self._fp32.held_tensors() + self._low.held_tensors()
 
     def restamp_(self) -> None:
-        """After the parameters and `held_tensors` were overwritten together (a broadcast from one rank):
-        they belong together, so transient masters keep their buffers."""
+        """The parameters and `held_tensors` were overwritten together (a broadcast): they belong together."""
         self._low.restamp_()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -264,7 +188,7 @@ class MasterWeights(OptimizerWrapper):
             raise ValueError(f"parameter {twice[0]} of the new param group (shape {tuple(params[twice[0]].shape)}) "
                              f"is already in a param group of this optimizer: a parameter belongs to one group")
         mode = check_mode(param_group.get("master_mode", self.mode), "the new param group's 'master_mode'")
-        stepped, plan = self._plan_group(params, mode, len(self._model_params))
+        stepped, plan = plan_group(params, mode, len(self._model_params), self.param_format, self._formats_by_param)
         self.optimizer.add_param_group({**param_group, "params": stepped})  # may refuse: nothing is ours yet
         self._model_params += params
         self._take(plan)
@@ -429,31 +353,17 @@ class MasterWeights(OptimizerWrapper):
             >>> sd["version"], sd["shapes"], sd["masters"][0].dtype
             (1, [[2]], torch.float32)
         """
+        fmt = "per-parameter" if self._formats_by_param is not None else getattr(self.param_format, "name", None)
         return {
-            "version": STATE_VERSION,
-            "mode": self.mode,
-            "param_format": self._format_name(),
+            "version": STATE_VERSION, "mode": self.mode, "param_format": fmt,
             "shapes": [list(p.shape) for p in self._model_params],
-            "has_master": self._has_master_flags(),
+            "has_master": has_master_flags(self._model_params, self.grad_slots),
             "masters": [slot.master if self._store(slot) is self._fp32 else self._low.value(slot)
-                        for slot in self._slots_in_order()],
+                        for slot in slots_in_order(self._model_params, self.grad_slots)],
             "optimizer": self.optimizer.state_dict(),
             "optimizer_type": type(self.optimizer).__name__,
             **({"stochastic": self._low.stochastic_state()} if self._low.steps else {})}
 
-    def _slots_in_order(self) -> list[GradSlot]:
-        """The slots in the order of the model's parameters."""
-        by_param = {id(slot.param): slot for slot in self.grad_slots}
-        return [by_param[id(p)] for p in self._model_params if id(p) in by_param]
-
-    def _format_name(self) -> str | None:
-        if self._formats_by_param is not None:
-            return "per-parameter"
-        return None if self.param_format is None else self.param_format.name
-
-    def _has_master_flags(self) -> list[bool]:
-        copied = {id(slot.param) for slot in self.grad_slots}
-        return [id(p) in copied for p in self._model_params]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore masters and optimizer state, then round the masters into the model's parameters.
@@ -473,11 +383,12 @@ class MasterWeights(OptimizerWrapper):
             [1.0, 1.0]
         """
         check_state_dict(state_dict, [list(p.shape) for p in self._model_params],
-                         self._has_master_flags(), self.optimizer)
+                         has_master_flags(self._model_params, self.grad_slots), self.optimizer)
         self.optimizer.load_state_dict(state_dict["optimizer"])
+        slots = slots_in_order(self._model_params, self.grad_slots)
         with torch.no_grad():
-            for slot, saved_master in zip(self._slots_in_order(), state_dict["masters"], strict=True):
-                self._store(slot).put_(slot, saved_master.to(slot.param.device, torch.float32))
+            for slot, saved in zip(slots, state_dict["masters"], strict=True):
+                self._store(slot).put_(slot, saved.to(slot.param.device, torch.float32))
         if "stochastic" in state_dict and self._low.steps:
             self._low.load_stochastic_state(state_dict["stochastic"])
         self.copy_to_model_()
