@@ -165,11 +165,7 @@ def _forward_hooks(model: torch.nn.Module, state: PreparedState, storage: dict[i
         return emulated_module.add_forward_rounding(model, state.precisions, storage, p.compute, p.output, gate)
     # Native, or per-op emulation: the native module hooks, in carrier dtypes.
     dtype_of = native.dtype_of if state.execution == "native" else emulated.carrier_of
-    handles = native.add_forward_casts(model, state.precisions, p.compute, p.output, state.device.type,
-                                        dtype_of, gate)
-    if state.execution == "emulated":
-        handles += emulated.add_parameter_casts(model, storage, gate)
-    return handles
+    return native.add_forward_casts(model, state.precisions, p.compute, p.output, state.device.type, dtype_of, gate)
 
 
 def _recompute_hooks(model: torch.nn.Module, state: PreparedState) -> list[RemovableHandle]:

@@ -15,10 +15,12 @@ the gradient of a 16-bit tensor is 16-bit. So it *is* native execution, with thr
   them onto the carrier. Every other op runs natively on the 16-bit tensors.
 * Parameters stay FP32 tensors holding values on their storage format's grid (prepare rounds them;
   the FP32 masters and gradient hooks are shared with module emulation). While their module, or any
-  module containing it, runs forward they are replaced by a cast to their carrier dtype, so every op
-  sees the dtype a natively stored parameter has, also a parent reading a child's weight itself; the
-  cast's backward turns the 16-bit weight gradient into p.grad's FP32, and what the forward writes into
-  the cast in place (Embedding's max_norm) is written back into the parameter.
+  module containing it, runs forward they are replaced by a cast to the carrier of their module's
+  compute format (`mixprec.execution.native.add_parameter_casts`, one rule for both modes), so every op
+  sees the dtype a native parameter is used in, also a parent reading a child's weight itself; an FP32
+  module (or a BatchNorm, whose weights follow its FP32 statistics) uses them as they are. The cast's
+  backward turns the 16-bit weight gradient into p.grad's FP32, and what the forward writes into the
+  cast in place (Embedding's max_norm) is written back into the parameter.
 
 Formats narrower than their carrier (FP8, custom formats) are tracked by dtype: every floating tensor
 an op returns in that carrier dtype is rounded onto the format's grid, in forward and (its gradient)
@@ -39,10 +41,9 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils.hooks import RemovableHandle
 
 from ..formats import BF16, F16, F32, Format
-from .hooks import add_parameter_swap, cast, map_floats, round_chain
+from .hooks import cast, map_floats, round_chain
 
 _CARRIERS = ((torch.float16, F16), (torch.bfloat16, BF16))
 
@@ -195,22 +196,3 @@ class OpEmulation(TorchFunctionMode):
             return y
 
         return map_floats(out, round_one)
-
-
-def add_parameter_casts(model: torch.nn.Module, storage: dict[int, Format],
-                        gate: Callable[[], bool] | None = None) -> list[RemovableHandle]:
-    """While each module runs forward, the parameters stored narrower than FP32 of it *and of every module
-    inside it* are replaced by a cast to their carrier dtype (values unchanged: they lie on the format's
-    grid); gated by `gate`. A parent reading a child's weight itself (nanoGPT's ``x + self.wpe.weight[:T]``)
-    so gets the 16-bit tensor native execution has, and adds in 16 bits (overflowing at 65504) as it does."""
-    carriers = {key: carrier_of(fmt) for key, fmt in storage.items() if fmt != F32}
-
-    def make(p: torch.Tensor) -> torch.Tensor:
-        return p.to(carriers[id(p)]) if id(p) in carriers else p
-
-    handles: list[RemovableHandle] = []
-    for module in model.modules():
-        owners = [m for m in module.modules() if any(id(p) in carriers for p in m._parameters.values())]
-        if owners:  # the outermost module's swap does the work; inner ones act when run on their own
-            handles += add_parameter_swap(module, make, storage, gate, owners)
-    return handles

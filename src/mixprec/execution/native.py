@@ -7,6 +7,10 @@
 * A module whose compute format differs from its parent's (an FP32 island such as a LayerNorm, or a
   rule) gets a nested autocast (disabled for FP32) for its forward, its floating inputs cast to its
   compute dtype, and its floating outputs cast back to the activation dtype.
+* A parameter stored in another dtype than its module computes with (16-bit weights in an FP32 module:
+  ``params=f16`` or a rule ``lm_head:fp32/fp16``) is given to the module cast to that dtype while it runs
+  forward: the same value, the compute format's arithmetic (`parameter_dtypes`). Per-op emulation uses
+  the same rule with carrier dtypes, so its FP32 tensors holding 16-bit values are cast where needed.
 * The model's floating outputs are cast to the policy's output dtype.
 """
 
@@ -20,7 +24,8 @@ from torch.utils.hooks import RemovableHandle
 
 from ..formats import F32, Format
 from ..policy import ModulePrecision
-from .hooks import eager, gated, map_floats
+from ..precisions import parameter_formats
+from .hooks import add_parameter_swap, eager, gated, map_floats
 
 
 def dtype_of(fmt: Format) -> torch.dtype:
@@ -52,11 +57,12 @@ def flatten_rnns(model: torch.nn.Module) -> None:
 def add_forward_casts(model: torch.nn.Module, precisions: list[ModulePrecision], activation: Format,
                       output: Format, device_type: str, dtype_of: Callable[[Format], torch.dtype] = dtype_of,
                       gate: Callable[[], bool] | None = None) -> list[RemovableHandle]:
-    """Hooks for the modules whose compute format differs from their parent's, and for the outputs.
+    """Hooks for the modules whose compute format differs from their parent's, for the parameters stored
+    in another dtype than their module computes with (`add_parameter_casts`), and for the outputs.
 
     `dtype_of` maps a format to the dtype that holds it (per-op emulation passes its carriers); the
     hooks act only while `gate` returns True (see `mixprec.execution.hooks.gated`)."""
-    handles: list[RemovableHandle] = []
+    handles = add_parameter_casts(model, precisions, dtype_of, gate)
     by_name = dict(model.named_modules())
     compute_of = {mp.name: mp.compute for mp in precisions}
     for mp in precisions:
@@ -76,6 +82,65 @@ def add_forward_casts(model: torch.nn.Module, precisions: list[ModulePrecision],
         handles.append(module.register_forward_hook(
             gated(_exit_hook(dtype_of(activation), contexts), gate and _entered(contexts)), always_call=True))
     handles.append(model.register_forward_hook(gated(_cast_outputs_hook(dtype_of(output)), gate)))
+    return handles
+
+
+def parameter_dtypes(model: torch.nn.Module, precisions: list[ModulePrecision],
+                     dtype_of: Callable[[Format], torch.dtype] = dtype_of,
+                     storage: dict[int, Format] | None = None) -> dict[int, torch.dtype]:
+    """The dtype each parameter stored narrower than FP32 is used in, by id, for those whose tensor is in
+    another dtype: that of its module's compute format (FP32 for an FP32 module: a 16-bit weight cast up);
+    for a module keeping running statistics (BatchNorm), their dtype (FP32): torch's batch norm takes
+    16-bit inputs with weights in its statistics' dtype, as cuDNN does (apex's keep_batchnorm_fp32). A
+    weight that its owners (tied embeddings) would use in different dtypes is used in FP32. `storage`: each
+    parameter's storage format by id (default: worked out from `precisions`).
+
+    Example:
+        >>> import mixprec as mp
+        >>> m = torch.nn.Linear(2, 2)
+        >>> _ = mp.prepare(m, None, mp.Policy.parse("params=f16").replace(execution="native"))
+        >>> set(parameter_dtypes(m, mp.Policy.parse("params=f16").module_precisions(m)).values())
+        {torch.float32}
+    """
+    if storage is None:
+        storage = {id(p): fmt for p, fmt in parameter_formats(model, precisions).values()}
+    by_name = dict(model.named_modules())
+    wanted: dict[int, tuple[torch.Tensor, set[torch.dtype]]] = {}
+    for mp in precisions:
+        module = by_name[mp.name]
+        stats = getattr(module, "running_mean", None)
+        if isinstance(stats, torch.Tensor) and stats.is_floating_point():
+            dtype = stats.dtype
+        else:
+            dtype = torch.float32 if mp.compute == F32 else dtype_of(mp.compute)
+        for p in module._parameters.values():
+            if p is not None and p.is_floating_point() and storage.get(id(p), F32) != F32:
+                wanted.setdefault(id(p), (p, set()))[1].add(dtype)
+    used = {key: dtypes.pop() if len(dtypes) == 1 else torch.float32 for key, (_, dtypes) in wanted.items()}
+    return {key: dtype for key, dtype in used.items() if wanted[key][0].dtype != dtype}
+
+
+def add_parameter_casts(model: torch.nn.Module, precisions: list[ModulePrecision],
+                        dtype_of: Callable[[Format], torch.dtype] = dtype_of,
+                        gate: Callable[[], bool] | None = None) -> list[RemovableHandle]:
+    """While each module runs forward, the parameters of it *and of every module inside it* that
+    `parameter_dtypes` names are replaced by a cast to that dtype (differentiable: the gradient comes back
+    in the parameter's dtype); gated by `gate`. A parent reading a child's weight itself (nanoGPT's
+    ``x + self.wpe.weight[:T]``) so gets the tensor the child computes with, and per-op emulation's 16-bit
+    weights add in 16 bits (overflowing at 65504) as natively stored ones do. Syncs: no."""
+    storage = {id(p): fmt for p, fmt in parameter_formats(model, precisions).values()}
+    dtypes = parameter_dtypes(model, precisions, dtype_of, storage)
+    if not dtypes:
+        return []
+
+    def make(p: torch.Tensor) -> torch.Tensor:
+        return p.to(dtypes[id(p)]) if id(p) in dtypes else p
+
+    handles: list[RemovableHandle] = []
+    for module in model.modules():
+        owners = [m for m in module.modules() if any(id(p) in dtypes for p in m._parameters.values())]
+        if owners:  # the outermost module's swap does the work; inner ones act when run on their own
+            handles += add_parameter_swap(module, make, storage, gate, owners)
     return handles
 
 
