@@ -21,7 +21,7 @@ LAYERS = [
     ["policy", "master"],  # policy names its scaler through scaling (make_scaler)
     ["execution.hooks", "state", "outcome", "stepped"],
     ["execution.native", "execution.emulated", "execution.emulated_module", "execution", "distributed", "memory",
-     "step", "ema"],
+     "step", "fp32_view", "ema"],
     ["apply"],
     ["numerics"],
     ["__init__"],

@@ -14,6 +14,7 @@ from . import distributed, numerics
 from .apply import autocast, prepare, unprepare
 from .ema import AveragedModel
 from .formats import BF16, E4M3, E5M2, F16, F32, FORMATS, Format
+from .fp32_view import fp32_state_dict
 from .master import MasterWeights
 from .memory import MemoryReport, memory
 from .numerics import Diagnosis, TensorStats, Trace, Watch, doctor, trace_nonfinite, watch
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AveragedModel",
+    "fp32_state_dict",
     "BF16",
     "E4M3",
     "E5M2",

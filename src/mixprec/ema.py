@@ -34,33 +34,16 @@ from torch.optim import swa_utils
 
 from .execution import native
 from .formats import F32, Format
+from .fp32_view import fp32_weights
 from .quantize import quantize
 from .state import _STATE_ATTR, PreparedState, prepared_state, unwrap
 
-__all__ = ["AveragedModel", "fp32_weights", "stored_weights", "check_averaged"]
+__all__ = ["AveragedModel", "stored_weights", "check_averaged"]
 
 # torch's types for the averaging functions: (averages, current weights, number averaged so far)
 AverageFn: TypeAlias = "Callable[[torch.Tensor, torch.Tensor, torch.Tensor | int], torch.Tensor]"
 Tensors: TypeAlias = "tuple[torch.Tensor, ...] | list[torch.Tensor]"
 MultiAverageFn: TypeAlias = "Callable[[Tensors, Tensors, torch.Tensor | int], None]"
-
-
-def fp32_weights(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The FP32 value of each of ``model.parameters()``: its master where it has one and the master still
-    rounds to it, else the parameter (widened to FP32 if narrower). Reads only; no host sync."""
-    model = unwrap(model)
-    state = prepared_state(model)
-    weights = None if state is None else state.master_weights
-    slots = {} if weights is None else {id(slot.param): slot for slot in weights.grad_slots}
-    values = []
-    with torch.no_grad():
-        for p in model.parameters():
-            slot = slots.get(id(p))
-            value = p.detach() if slot is None or weights is None else weights.master_value(slot)
-            if value.is_floating_point() and value.element_size() < 4:
-                value = value.to(torch.float32)
-            values.append(value)
-    return values
 
 
 class _Weights(torch.nn.Module):

@@ -59,7 +59,8 @@ def weights(optimizers: list[torch.optim.Optimizer]) -> list[tuple[int, torch.Te
     """(position, model parameter, tensor the optimizer steps: its master or itself) for each parameter."""
     found: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     for opt in optimizers:
-        stepped = [t for group in opt.param_groups for t in group["params"]]
+        stepped = opt.weight_values if isinstance(opt, MasterWeights) else [
+            t for group in opt.param_groups for t in group["params"]]
         models = opt.model_params if isinstance(opt, MasterWeights) else stepped
         found += [(len(found) + i, p, t) for i, (p, t) in enumerate(zip(models, stepped, strict=True))]
     return found

@@ -253,12 +253,27 @@ def find_checkpoint(folder: Path) -> tuple[Path, dict[str, Any], list[str]]:
 
 def check_same_run(checkpoint: dict[str, Any], recipe: Recipe, policy: mp.Policy, seed: int,
                    steps: int) -> None:
-    """ValueError naming the differences if ``checkpoint`` is not of this recipe, policy, seed and steps."""
+    """ValueError naming the differences if ``checkpoint`` is not of this recipe, policy, seed and steps.
+
+    The policy may differ in its master mode alone (``--resume --policy bf16-compact`` from a bf16-master
+    run): checkpoints keep FP32 weights and masters, which every master mode loads."""
     wanted = {"recipe": recipe.name, "policy": str(policy), "seed": seed, "steps": steps}
     different = {k: (checkpoint[k], v) for k, v in wanted.items() if checkpoint[k] != v}
+    if "policy" in different and _same_but_master(checkpoint["policy"], policy):
+        del different["policy"]
     if different:
         what = ", ".join(f"{k} {old!r} (asked: {new!r})" for k, (old, new) in different.items())
         raise ValueError(f"the checkpoint is of another run: {what}; resume with the same settings")
+
+
+def _same_but_master(saved: Any, policy: mp.Policy) -> bool:
+    """Whether policy text `saved` is `policy` but for its master mode, both with masters."""
+    try:
+        old = mp.Policy.parse(saved)
+    except (TypeError, ValueError):
+        return False
+    with_masters = old.master is not None and policy.master is not None
+    return with_masters and old.replace(master="fp32") == policy.replace(master="fp32")
 
 
 def _reason(error: BaseException) -> str:

@@ -239,7 +239,7 @@ class RunState:
         settings = self.settings
         return {
             "recipe": settings.recipe.name, "policy": str(settings.policy),
-            "seed": settings.seed, "steps": settings.steps, "step": done, "model": self.model.state_dict(),
+            "seed": settings.seed, "steps": settings.steps, "step": done, "model": mp.fp32_state_dict(self.model),
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "history": self.history,
             "train_seconds": self.train_seconds,

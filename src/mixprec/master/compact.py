@@ -1,11 +1,14 @@
 """Mode ``"compact"``: a BF16 parameter and the low 16 bits of its FP32 master, 4 bytes a parameter.
 
 The FP32 master is never stored: its high 16 bits are the parameter, and an int16 remainder holds the rest,
-``master_bits = (param_bits << 16) + remainder``. Splitting rounds the parameter to the nearest BF16 value,
-with ties away from zero (add half a BF16 ulp to the bit pattern, keep its top 16 bits), so the remainder
-is in [-2^15, 2^15) and the master comes back exactly, every bit (Megatron-LM's ``store_param_remainders``
-idea). Only at an exact tie does the parameter differ from round-to-nearest-even, which 16 bits cannot
-give for every master: a BF16 value with an even last bit is nearest to 2^16 + 1 FP32 values.
+``master_bits = (param_bits << 16) + remainder`` (Megatron-LM's ``store_param_remainders`` idea). The
+parameter is the master rounded to nearest even, exactly what an FP32 master's copy-back gives, so the
+model computes with the same weights as under mode "fp32", bit for bit. The master comes back exactly,
+every bit, with one exception 16 bits cannot avoid: a BF16 value whose last bit is even is the nearest
+to 2^16 + 1 FP32 values, and the one exactly half an ulp above it (in magnitude) is kept one FP32 ulp
+(2^-24 relative) below, where it still rounds to the same parameter. Such a master is one update in
+2^17 or so; the alternative, rounding that tie away from zero, would keep every master but change a
+weight the model computes with.
 
 Works for BF16 parameters, native (bfloat16 storage) or emulated (float32 storage holding BF16 values).
 """
@@ -17,7 +20,6 @@ import torch
 __all__ = ["join", "split_", "remainder_for"]
 
 _HALF_ULP = 1 << 15  # half a BF16 ulp, in FP32 bit-pattern units
-_HIGH = -(1 << 16)  # 0xFFFF0000 as an int32: the top 16 bits
 
 
 def remainder_for(param: torch.Tensor) -> torch.Tensor:
@@ -45,15 +47,16 @@ def join(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def split_(master: torch.Tensor, param: torch.Tensor, remainder: torch.Tensor) -> None:
-    """Store FP32 `master` as `param` (BF16, nearest, ties away from zero) and `remainder` (int16), in place.
+    """Store FP32 `master` as `param` (BF16, to nearest even) and `remainder` (int16), in place.
 
-    NaN stays NaN (the parameter takes the canonical BF16 NaN). Syncs: no.
+    The remainder is in [-2^15, 2^15] before it is stored; +2^15 (the tie above an even BF16 value) is
+    kept as 2^15 - 1 (see the module's docstring). NaN stays NaN. Syncs: no.
     """
     bits = master.view(torch.int32)
-    high = (bits + _HALF_ULP) & _HIGH  # a magnitude rounded up at half an ulp: carries into the exponent
-    high = torch.where(master.isnan(), torch.full_like(bits, 0x7FC00000), high)  # NaN may carry into the sign
+    nearest = master.to(torch.bfloat16)
+    high = nearest.view(torch.int16).to(torch.int32) << 16
     if param.dtype == torch.bfloat16:
-        param.view(torch.int16).copy_(high >> 16)
+        param.copy_(nearest)
     else:
         param.view(torch.int32).copy_(high)
-    remainder.copy_(bits - high)  # in [-2^15, 2^15) for every non-NaN master
+    remainder.copy_((bits - high).clamp_(-_HALF_ULP, _HALF_ULP - 1))

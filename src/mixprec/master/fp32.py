@@ -46,8 +46,9 @@ class FP32Masters:
 
     @torch.no_grad()
     def put_(self, slot: GradSlot, value: torch.Tensor) -> None:
-        """Make FP32 `value` the master of `slot` (`copy_to_model_` rounds it into the parameter)."""
+        """Make FP32 `value` the master of `slot`, and round it into the parameter."""
         slot.master.copy_(value)
+        slot.param.copy_(slot.round(value))
 
     def held_tensors(self) -> list[torch.Tensor]:
         """The FP32 masters (for memory counts and DDP's broadcast)."""

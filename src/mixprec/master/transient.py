@@ -38,7 +38,7 @@ SEPARABLE: tuple[type, ...] = tuple(getattr(torch.optim, name) for name in (
 
 def stand_in(param: torch.Tensor) -> torch.Tensor:
     """The FP32 tensor a parameter's transient master is between steps: one element, the parameter's shape."""
-    return torch.empty((), dtype=torch.float32, device=param.device).expand(param.shape)
+    return torch.zeros((), dtype=torch.float32, device=param.device).expand(param.shape)  # zero: never garbage
 
 
 class _Held:
@@ -115,11 +115,13 @@ class TransientMasters(FP32Masters):
 
     @torch.no_grad()
     def sync_(self, trust_fp32: bool) -> None:
-        """A parameter written from outside since we stored it (or every one, after a reduction mixprec did
-        not see) starts again from its value: its buffer is cleared."""
+        """A parameter written from outside since we stored it (or every one whose gradient came from a
+        reduction mixprec did not see: not `trust_fp32` and not ``slot.reduced``, as for FP32 masters) starts
+        again from its value: its buffer is cleared."""
         for slot in self.slots:
             held = self.held[id(slot)]
-            if (not trust_fp32 or held.version != slot.param._version) and held.buffer is not None:
+            trusted = trust_fp32 or slot.reduced  # mixprec's DDP hook reduced it: equal on every rank
+            if (not trusted or held.version != slot.param._version) and held.buffer is not None:
                 held.buffer.zero_()
             held.version = slot.param._version
 
@@ -204,8 +206,12 @@ class TransientMasters(FP32Masters):
             counter.fill_(state["step"])
 
     def held_tensors(self) -> list[torch.Tensor]:
-        """The buffers that hold the masters between steps (for memory counts and DDP's broadcast)."""
-        return [h.buffer for h in self.held.values() if h.buffer is not None]
+        """The buffers that hold the masters between steps (for memory counts and DDP's broadcast).
+
+        A compact remainder (int16) comes as a bfloat16 view of its bytes: gloo and NCCL have no int16,
+        and a broadcast copies the bits as they are."""
+        return [h.buffer.view(torch.bfloat16) if h.buffer.dtype == torch.int16 else h.buffer
+                for h in self.held.values() if h.buffer is not None]
 
     def restamp_(self) -> None:
         """The parameters as they are now are the ones the buffers belong to (after a broadcast of both)."""

@@ -129,13 +129,18 @@ class MasterWeights(OptimizerWrapper):
         return [t for group in self.param_groups for t in group["params"]]
 
     @property
+    def weight_values(self) -> list[torch.Tensor]:
+        """`master_params` with a transient master's parameter in its place (finite where the master is)."""
+        low = {id(s.master): s.param for s in self._low.slots}
+        return [low.get(id(t), t) for t in self.master_params]
+
+    @property
     def grad_slots(self) -> list[GradSlot]:
-        """One `GradSlot` per parameter with a master, in any mode (used by `mixprec.distributed`); a
-        transient master (`mixprec.master.transient`) holds its value only during the step: read it with
-        `master_value`."""
+        """One `GradSlot` per parameter with a master, in any mode (for `mixprec.distributed`); read a master's
+        value with `master_value` (a transient one holds none between steps)."""
         return self._fp32.slots + self._low.slots
 
-    def _store(self, slot: GradSlot) -> FP32Masters:
+    def _store(self, slot: GradSlot) -> FP32Masters:  # the store that keeps `slot`'s master
         return self._low if id(slot) in self._low.held else self._fp32
 
     def master_value(self, slot: GradSlot) -> torch.Tensor:
@@ -145,10 +150,7 @@ class MasterWeights(OptimizerWrapper):
 
     def set_master_(self, slot: GradSlot, value: torch.Tensor) -> None:
         """Make FP32 `value` the master of one of `grad_slots` (and round it into the parameter)."""
-        store = self._store(slot)
-        store.put_(slot, value)
-        if store is self._fp32:
-            slot.param.copy_(slot.round(value))
+        self._store(slot).put_(slot, value)
 
     def held_tensors(self) -> list[torch.Tensor]:
         """Every tensor that holds masters between steps: FP32 masters, remainders, compensations."""
@@ -384,14 +386,13 @@ class MasterWeights(OptimizerWrapper):
         """
         check_state_dict(state_dict, [list(p.shape) for p in self._model_params],
                          has_master_flags(self._model_params, self.grad_slots), self.optimizer)
+        if "stochastic" in state_dict and self._low.steps:  # checked first, the stream the masters round with
+            self._low.load_stochastic_state(state_dict["stochastic"])
         self.optimizer.load_state_dict(state_dict["optimizer"])
         slots = slots_in_order(self._model_params, self.grad_slots)
         with torch.no_grad():
             for slot, saved in zip(slots, state_dict["masters"], strict=True):
                 self._store(slot).put_(slot, saved.to(slot.param.device, torch.float32))
-        if "stochastic" in state_dict and self._low.steps:
-            self._low.load_stochastic_state(state_dict["stochastic"])
-        self.copy_to_model_()
 
     def __repr__(self) -> str:
         fmt = "" if self.param_format is None else f", param_format={self.param_format}"
