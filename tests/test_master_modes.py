@@ -260,3 +260,41 @@ def test_transient_store_follows_weights_written_from_outside():
     w.grad = torch.zeros_like(w)
     opt.step()  # the remainder of the old weight is dropped: the optimizer continues from 2.0
     assert opt.master_value(opt.grad_slots[0]).tolist() == [2.0] * 3 and low.held_tensors()[0].eq(0).all()
+
+
+# ----- the harness: a run resumed under another master mode, and its checkpoints read by an FP32 model --
+
+def test_a_run_resumes_under_another_master_mode_with_the_same_weights(tmp_path):
+    from mixprec.harness.checkpoints import load_checkpoint
+    from mixprec.harness.training import train
+
+    straight = train("lm", "bf16-master", steps=12, out=tmp_path / "a")
+    train("lm", "bf16-master", steps=12, stop_at=5, out=tmp_path / "b")
+    resumed = train("lm", "bf16-compact", steps=12, resume=True, out=tmp_path / "b")
+    assert resumed.policy == "bf16-compact" and resumed.final_metric == straight.final_metric
+    a = load_checkpoint(tmp_path / "a" / "checkpoint-000012.pt")
+    b = load_checkpoint(tmp_path / "b" / "checkpoint-000012.pt")
+    # The model computed with the same BF16 weights at every step (same losses); the FP32 view differs at
+    # most where a master met the one tie compact keeps 1 ulp lower (about one element-step in 2^17).
+    assert a["history"] == b["history"]
+    differ = sum(int((a["model"][k] != b["model"][k]).sum()) for k in a["model"])
+    assert differ <= sum(v.numel() for v in a["model"].values()) * 7 / 2**17
+    with pytest.raises(ValueError, match="the checkpoint is of another run: policy 'bf16-compact' .*'f16-master'"):
+        train("lm", "f16-master", steps=12, resume=True, out=tmp_path / "b")  # not a master-mode change
+
+
+def test_an_fp32_model_loads_the_fp32_weights_a_checkpoint_holds(tmp_path):
+    from mixprec.harness.checkpoints import load_checkpoint
+    from mixprec.harness.training import train
+    from mixprec.recipes import get_recipe
+
+    train("lm", "bf16-compact", steps=4, out=tmp_path)
+    saved = load_checkpoint(tmp_path / "checkpoint-000004.pt")
+    torch.manual_seed(0)
+    fp32 = get_recipe("lm").make_model()
+    fp32.load_state_dict(saved["model"])  # an FP32 run's model, no mixprec
+    masters = iter(saved["optimizer"]["masters"])
+    for has, (name, p) in zip(saved["optimizer"]["has_master"], fp32.named_parameters(), strict=True):
+        assert p.dtype == torch.float32
+        if has:  # the masters' values, not the BF16 weights
+            assert torch.equal(p.detach(), next(masters)), name
