@@ -264,3 +264,15 @@ def test_import_mixprec_does_not_import_lightning():
     code = "import sys, mixprec, mixprec.integrations; print([m for m in sys.modules if 'lightning' in m])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_compact_masters_fit_matches_the_readme_loop_bitwise(monkeypatch):
+    # A master mode that rebuilds the masters per step trains through the plugin as through the README's loop.
+    monkeypatch.setitem(globals(), "POLICY", "bf16-compact,scaling=dynamic")
+    reference = readme_loop()
+    trainer, module, recorder = fit(gradient_clip_val=CLIP)
+    assert_same_training(trainer, module, recorder.records, reference)
+    ours, theirs = trainer.optimizers[0], reference[1]
+    assert ours.mode == "compact" and ours.grad_slots
+    for a, b in zip(ours.grad_slots, theirs.grad_slots, strict=True):
+        assert torch.equal(ours.master_value(a), theirs.master_value(b))
