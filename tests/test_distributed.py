@@ -123,6 +123,14 @@ def _stepped_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for g in opt.param_groups for p in g["params"]]
 
 
+def _master_values(opt: torch.optim.Optimizer, stepped: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The FP32 value of each stepped tensor: a master rebuilt where the mode keeps it in fewer bytes."""
+    if not isinstance(opt, mp.MasterWeights):
+        return [_clone(p) for p in stepped]
+    by_master = {id(s.master): opt.master_value(s) for s in opt.grad_slots}
+    return [by_master.get(id(p), _clone(p)) for p in stepped]
+
+
 def _clone(value: Any) -> Any:
     return value.detach().clone() if torch.is_tensor(value) else value
 
@@ -214,7 +222,7 @@ def train(spec: Spec, rank: int | None) -> Result:
     stepped = _stepped_params(opt)
     return {
         "params": {k: _clone(v) for k, v in model.state_dict().items()},
-        "masters": [_clone(p) for p in stepped],
+        "masters": _master_values(opt, stepped),
         "opt_state": [{k: _clone(v) for k, v in opt.state.get(p, {}).items()} for p in stepped],
         "scaler": None if scaler is None else scaler.state_dict(),
         "applied": applied,

@@ -229,7 +229,7 @@ def test_policies_name_modes_and_bytes():
     with pytest.raises(ValueError, match="master='kahn' is not a master mode; valid: fp32"):
         mp.Policy.parse("bf16-master,master=kahn")
     table = mp.Policy.parse("bf16-compact").explain(torch.nn.Sequential(torch.nn.Linear(2, 2)))
-    assert "compact" in table.splitlines()[2]
+    assert "compact" in table.splitlines()[2] and "4 B a bf16 weight with its master" in table.splitlines()[0]
 
 
 def test_compact_refuses_fp16_parameters_through_prepare_and_changes_nothing():

@@ -294,7 +294,8 @@ class Policy:
         Example:
             >>> print(Policy.parse("f16-master").explain(torch.nn.Sequential(
             ...     torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))))  # doctest: +NORMALIZE_WHITESPACE
-            policy f16-master: execution emulated (per op) on cpu, loss scaling dynamic, output fp32, reduce fp32
+            policy f16-master: execution emulated (per op) on cpu, loss scaling dynamic, output fp32, reduce fp32,
+            6 B a fp16 weight with its master
             module  type       params  stored as  compute  master  why
             0       Linear     fp16    float32    fp16     fp32    policy default
             1       LayerNorm  fp32    float32    fp32     -       default fp32 island (LayerNorm)
@@ -304,7 +305,8 @@ class Policy:
         execution = self.resolve_execution(device)
         ran = execution if execution == "native" else f"emulated ({self.emulation})"
         header = (f"policy {self}: execution {ran} on {torch.device(device)}, loss scaling "
-                  f"{self.scaling}, output {self.output.name}, reduce {_reduce_text(self.reduce)}")
+                  f"{self.scaling}, output {self.output.name}, reduce {_reduce_text(self.reduce)}, "
+                  f"{self.weight_bytes:g} B a {self.params.name} weight with its master")
         return "\n".join([header, *precision_table(self, model, execution)])
 
     def make_scaler(self, device: torch.device | str | None = None) -> LossScaler:
