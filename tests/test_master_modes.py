@@ -298,3 +298,23 @@ def test_an_fp32_model_loads_the_fp32_weights_a_checkpoint_holds(tmp_path):
         assert p.dtype == torch.float32
         if has:  # the masters' values, not the BF16 weights
             assert torch.equal(p.detach(), next(masters)), name
+
+
+def test_rules_give_modules_their_own_master_mode():
+    rule = mp.Rule.parse("2:bf16//fp32")
+    assert rule.master == "fp32" and rule.params is None and str(rule) == "2:bf16//fp32"
+    assert str(mp.Rule.parse("2:bf16/bf16/kahan")) == "2:bf16/bf16/kahan"
+    with pytest.raises(ValueError, match="a rule's master mode must be one of"):
+        mp.Rule.parse("2:bf16//kahn")
+    policy = mp.Policy.parse("bf16-compact,rule=2:bf16//fp32")
+    assert mp.Policy.parse(str(policy)) == policy
+    rows = policy.explain(_mlp()).splitlines()
+    assert rows[2].split()[5] == "compact" and rows[3].split()[5] == "fp32"  # module 0, module 2
+    # The head keeps FP32 masters, the rest compact remainders: trained, the same as all-fp32 masters.
+    mixed, opt, _ = _train("bf16-compact,rule=2:bf16//fp32", 30)
+    ref, ref_opt, _ = _train("bf16-master", 30)
+    assert [type(opt._store(s)).__name__ for s in opt.grad_slots] == ["FP32Masters"] * 2 + ["TransientMasters"] * 2
+    for p, q in zip(mixed.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p, q)
+    held = {t.untyped_storage().nbytes() for t in opt.held_tensors()}
+    assert held == {3 * 24 * 4, 3 * 4, 24 * 12 * 2, 24 * 2}  # FP32 head masters, int16 remainders

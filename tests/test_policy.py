@@ -158,7 +158,7 @@ def test_explain_table():
     lines = text.splitlines()
     assert lines[0] == "policy params=fp16,compute=fp16,output=fp32,master=fp32,reduce=fp32,scaling=dynamic," \
                        "execution=auto,rule=3:fp32: execution emulated (per op) on cpu, loss scaling dynamic, " \
-                       "output fp32, reduce fp32"
+                       "output fp32, reduce fp32, 6 B a fp16 weight with its master"
     rows = {line.split()[0]: line.split(None, 6) for line in lines[2:]}
     assert rows["0"][1:6] == ["Embedding", "fp16", "float32", "fp16", "fp32"]
     assert rows["0"][6] == "policy default"

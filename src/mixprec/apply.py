@@ -39,6 +39,7 @@ from .execution import emulated, emulated_module, hooks, native
 from .formats import F32, Format
 from .master import MasterWeights
 from .policy import Policy
+from .precisions import parameter_master_modes
 from .scaling import LossScaler
 from .state import _STATE_ATTR, PreparedState, is_dtensor, is_sharded, prepared_state, unwrap
 from .step import refuse_unscaled_step
@@ -116,7 +117,8 @@ def prepare(
 
     handles: list[Any] = []
     if not sharded:  # FSDP2 keeps FP32 shards (the masters) and casts them for compute itself
-        optimizer, handles = _apply(model, policy, execution, formats, optimizer)
+        modes = parameter_master_modes(model, precisions) if any(r.master for r in policy.rules) else {}
+        optimizer, handles = _apply(model, policy, execution, formats, optimizer, modes)
     state = PreparedState(policy, execution, device, precisions,
                           {name: fmt for name, (_, fmt) in named.items()}, handles=handles,
                           master_weights=optimizer if isinstance(optimizer, MasterWeights) else None,
@@ -196,7 +198,8 @@ def _recompute_hooks(model: torch.nn.Module, state: PreparedState) -> list[Remov
 
 
 def _apply(model: torch.nn.Module, policy: Policy, execution: str, formats: list[tuple[torch.nn.Parameter, Format]],
-           optimizer: torch.optim.Optimizer | None) -> tuple[torch.optim.Optimizer | None, list[RemovableHandle]]:
+           optimizer: torch.optim.Optimizer | None, modes: dict[int, str]
+           ) -> tuple[torch.optim.Optimizer | None, list[RemovableHandle]]:
     """Store the parameters in their formats, wrap the optimizer, add the gradient hooks: all or nothing.
 
     The masters start from the parameters' values before rounding (the FP32 originals, as in the paper),
@@ -215,11 +218,12 @@ def _apply(model: torch.nn.Module, policy: Policy, execution: str, formats: list
             mode = policy.master_mode
             # Emulated: per parameter, FP32 islands stay FP32 (their own masters), the rest emulate their format.
             optimizer = MasterWeights(optimizer, mode=mode,
-                                      param_format=None if execution == "native" else dict(formats))
+                                      param_format=None if execution == "native" else dict(formats),
+                                      master_modes={p: modes[id(p)] for p, _ in formats if id(p) in modes})
             with torch.no_grad():
                 for slot in optimizer.grad_slots:
                     optimizer.set_master_(slot, originals[id(slot.param)][0].float())
-            if mode != "none" or execution == "emulated":  # a second, plain optimizer would step them wrongly
+            if mode != "none" or modes or execution == "emulated":  # a second, plain optimizer would step them wrongly
                 optimizer.claim(p for p in narrow if p.requires_grad)
         if execution == "emulated":
             # MasterWeights rounds the gradients of the parameters it steps; round the others' here.
@@ -249,11 +253,12 @@ def _sharded_execution(policy: Policy, device: torch.device) -> str:
         raise ValueError(
             f"policy {policy} has no master weights, but FSDP2 keeps FP32 sharded parameters that take "
             f"the update (masters): use a master-weight policy (e.g. f16-master) or DDP")
-    if policy.master_mode not in ("fp32", "none"):
+    transient = [m for m in (policy.master_mode, *(r.master for r in policy.rules)) if m not in (None, "fp32", "none")]
+    if transient:
         raise ValueError(
-            f"master={policy.master_mode} under FSDP2 is not supported: FSDP2 keeps its sharded parameters in "
+            f"master={transient[0]} under FSDP2 is not supported: FSDP2 keeps its sharded parameters in "
             f"FP32 and they are the masters (6 bytes a weight with BF16 compute already sharded across ranks); "
-            f"use master=fp32 (e.g. bf16-master) with FSDP2, or DDP / one device for master={policy.master_mode}")
+            f"use master=fp32 (e.g. bf16-master) with FSDP2, or DDP / one device for master={transient[0]}")
     if policy.execution.startswith("emulated"):
         raise ValueError(f"execution={policy.execution} under FSDP2 is not supported: FSDP2 casts the parameters to "
                          "16 bits natively; use execution=auto or native, or DDP for emulated runs")

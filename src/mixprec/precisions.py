@@ -21,9 +21,10 @@ from typing import Protocol
 import torch
 
 from .formats import F32, Format
+from .master_modes import DESCRIPTIONS, MODES
 
 __all__ = ["Rule", "ModulePrecision", "DEFAULT_FP32_TYPES", "module_precisions", "parameter_formats",
-           "precision_table"]
+           "parameter_master_modes", "precision_table"]
 
 #: Module type-name globs that run in FP32 by default (the paper: large reductions stay in FP32).
 DEFAULT_FP32_TYPES: tuple[str, ...] = (
@@ -39,19 +40,22 @@ class Rule:
     `match` is a glob tried against the module's qualified name and its class names (the class and its
     bases): ``"lm_head"``, ``"encoder.layer.0.*"``, ``"*Norm"``. Prefix ``"name:"`` or ``"type:"`` to try
     only one of them. `params` is the storage format of the matched modules' own parameters; None means
-    FP32 when `compute` is FP32 (an FP32 island) and the policy's params format otherwise. A rule that
-    names a module also applies to its children, unless they are default FP32 islands or match a rule.
+    FP32 when `compute` is FP32 (an FP32 island) and the policy's params format otherwise. `master` is
+    the master mode of those parameters ("fp32", "compact", "kahan", "stochastic", "none"); None means
+    the policy's. A rule that names a module also applies to its children, unless they are default FP32
+    islands or match a rule.
 
     Example:
         >>> Rule.parse("type:Embedding:fp32") == Rule("type:Embedding", F32)
         True
-        >>> str(Rule("lm_head", "bf16", "fp32"))
-        'lm_head:bf16/fp32'
+        >>> str(Rule("lm_head", "bf16", "fp32")), str(Rule.parse("embed:bf16//kahan"))
+        ('lm_head:bf16/fp32', 'embed:bf16//kahan')
     """
 
     match: str
     compute: Format = F32
     params: Format | None = None
+    master: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.match, str) or not self.match.strip() or any(c in self.match for c in ",="):
@@ -63,6 +67,9 @@ class Rule:
         object.__setattr__(self, "compute", Format.parse(self.compute))
         if self.params is not None:
             object.__setattr__(self, "params", Format.parse(self.params))
+        if self.master is not None and self.master not in MODES:
+            raise ValueError(f"a rule's master mode must be one of {list(MODES)}, got {self.master!r}: "
+                             + "; ".join(f"{m}: {d}" for m, d in DESCRIPTIONS.items()))
 
     def matches(self, name: str, module: torch.nn.Module) -> bool:
         """Whether this rule selects `module` (qualified name `name`)."""
@@ -75,17 +82,19 @@ class Rule:
 
     @classmethod
     def parse(cls, text: str) -> Rule:
-        """``"MATCH:COMPUTE"`` or ``"MATCH:COMPUTE/PARAMS"``, e.g. ``"lm_head:fp32"``."""
+        """``"MATCH:COMPUTE"``, ``"MATCH:COMPUTE/PARAMS"`` or ``"MATCH:COMPUTE/PARAMS/MASTER"`` (PARAMS may be
+        empty: the default), e.g. ``"lm_head:fp32"``, ``"embed:bf16//kahan"``."""
         match, sep, formats = text.rpartition(":")
-        if not sep or not match:
+        if not sep or not match or formats.count("/") > 2:
             raise ValueError(
-                f"a rule is written MATCH:COMPUTE or MATCH:COMPUTE/PARAMS (e.g. 'lm_head:fp32' or "
-                f"'type:Embedding:bf16/fp32'), got {text!r}")
-        compute, _, params = formats.partition("/")
-        return cls(match, Format.parse(compute), Format.parse(params) if params else None)
+                f"a rule is written MATCH:COMPUTE, MATCH:COMPUTE/PARAMS or MATCH:COMPUTE/PARAMS/MASTER (e.g. "
+                f"'lm_head:fp32', 'type:Embedding:bf16/fp32' or 'embed:bf16//kahan'), got {text!r}")
+        compute, params, master = (formats.split("/") + ["", ""])[:3]
+        return cls(match, Format.parse(compute), Format.parse(params) if params else None, master or None)
 
     def __str__(self) -> str:
-        return f"{self.match}:{self.compute.spec}" + (f"/{self.params.spec}" if self.params else "")
+        text = f"{self.match}:{self.compute.spec}" + (f"/{self.params.spec}" if self.params else "")
+        return text + (("" if self.params else "/") + f"/{self.master}" if self.master else "")
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,7 @@ class ModulePrecision:
     compute: Format  # format the module computes in (FP32 for islands)
     has_params: bool
     reason: str  # "policy default" | "default fp32 island (LayerNorm)" | "rule 1 (lm_head:fp32)" | ...
+    master: str = "none"  # the master mode of its own parameters (a rule's, else the policy's)
 
 
 class PolicyFormats(Protocol):
@@ -122,7 +132,7 @@ def module_precisions(policy: PolicyFormats, model: torch.nn.Module, *, warn: bo
     matched an ancestor, then the policy's formats. Warns about user rules that match nothing.
     """
     rule_hits = [0] * len(policy.rules)
-    inherited: dict[str, tuple[Format, Format, str]] = {}
+    inherited: dict[str, tuple[Format, Format, str, str]] = {}
     result = []
     for name, module in model.named_modules():
         own = next((i for i, r in enumerate(policy.rules) if r.matches(name, module)), None)
@@ -133,18 +143,18 @@ def module_precisions(policy: PolicyFormats, model: torch.nn.Module, *, warn: bo
             rule_hits[own] += 1
             rule = policy.rules[own]
             params = rule.params or (F32 if rule.compute == F32 else policy.params)
-            chosen = (params, rule.compute, f"rule {own + 1} ({rule})")
+            chosen = (params, rule.compute, f"rule {own + 1} ({rule})", rule.master or policy.master_mode)
             inherited[name] = chosen
         elif island is not None:
-            chosen = (F32, F32, f"default fp32 island ({type(module).__name__})")
+            chosen = (F32, F32, f"default fp32 island ({type(module).__name__})", policy.master_mode)
         elif parent is not None:
-            chosen = (parent[0], parent[1], f"{parent[2]} via parent")
+            chosen = (parent[0], parent[1], f"{parent[2]} via parent", parent[3])
             inherited[name] = parent
         else:
-            chosen = (policy.params, policy.compute, "policy default")
+            chosen = (policy.params, policy.compute, "policy default", policy.master_mode)
         has_params = any(p is not None for p in module._parameters.values())
         result.append(ModulePrecision(name, type(module).__name__, chosen[0], chosen[1], has_params,
-                                      chosen[2]))
+                                      chosen[2], chosen[3]))
     if warn:
         for rule, hits in zip(policy.rules, rule_hits, strict=True):
             if hits == 0:
@@ -177,6 +187,18 @@ def parameter_formats(model: torch.nn.Module, precisions: list[ModulePrecision]
     return {name: (p, fmt) for name, p, fmt in found.values()}
 
 
+def parameter_master_modes(model: torch.nn.Module, precisions: list[ModulePrecision]) -> dict[int, str]:
+    """Each parameter's master mode, by id: its module's; a parameter several modules own (tied weights)
+    takes "fp32" if one of them asks for it, else the first one's."""
+    by_name = dict(model.named_modules())
+    modes: dict[int, str] = {}
+    for mp in precisions:
+        for p in by_name[mp.name]._parameters.values():
+            if p is not None and (id(p) not in modes or mp.master == "fp32"):
+                modes[id(p)] = mp.master
+    return modes
+
+
 def precision_table(policy: PolicyFormats, model: torch.nn.Module, execution: str) -> list[str]:
     """The lines of ``Policy.explain``'s table: per module, parameter format and stored dtype, compute
     format, master, and why; `execution` is how the policy runs ("native" or "emulated")."""
@@ -194,7 +216,7 @@ def precision_table(policy: PolicyFormats, model: torch.nn.Module, execution: st
             reason += f"; shared weight stored in {'/'.join(sorted(f.name for f in {params, *own}))}"
         stored = "float32" if execution == "emulated" or params == F32 else str(
             params.torch_dtype).replace("torch.", "")
-        master = "-" if not mp.has_params or policy.master is None or params == F32 else policy.master_mode
+        master = "-" if not mp.has_params or mp.master == "none" or params == F32 else mp.master
         rows.append((mp.name or "(root)", mp.type_name, params.name if mp.has_params else "-",
                      stored if mp.has_params else "-", mp.compute.name, master, reason))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

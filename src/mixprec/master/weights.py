@@ -14,8 +14,8 @@ from .checkpoint import STATE_VERSION, check_state_dict, has_master_flags, slots
 from .direct import DirectSteps
 from .fp32 import FP32Masters
 from .live import add_live, discard_live
-from .modes import check_mode, parse_param_format
-from .plan import Plan, plan_group, plan_optimizer
+from .modes import check_mode
+from .plan import Assignment, Plan, new_group_params, plan_group, plan_optimizer
 from .transient import SEPARABLE, TransientMasters
 
 __all__ = ["MasterWeights"]
@@ -37,6 +37,8 @@ class MasterWeights(OptimizerWrapper):
             dtype (float16 -> F16, bfloat16 -> BF16; float32 parameters are their own masters).
         seed: mode "stochastic" rounds with a hash of (seed, step, parameter index, element): the same
             seed gives the same bits on any run, resume and number of ranks.
+        master_modes: ``{param: mode}`` for parameters whose mode is not `mode` (a policy's rules, e.g.
+            ``rule=lm_head:bf16//fp32``); a param group's ``"master_mode"`` overrides both.
 
     Raises:
         ValueError: a master mode but no parameter is 16-bit or emulated (masters would do nothing);
@@ -60,6 +62,7 @@ class MasterWeights(OptimizerWrapper):
         mode: str = "fp32",
         param_format: Format | str | Mapping[torch.Tensor, Format | str] | None = None,
         seed: int = 0,
+        master_modes: Mapping[torch.Tensor, str] | None = None,
     ) -> None:
         if isinstance(optimizer, MasterWeights):
             raise TypeError("this optimizer is already wrapped in MasterWeights: pass the inner one")
@@ -69,7 +72,8 @@ class MasterWeights(OptimizerWrapper):
                 f"got {type(optimizer).__name__}")
         super().__init__(optimizer)
         self.mode = check_mode(mode, "mode")
-        self.param_format, self._formats_by_param = parse_param_format(param_format)
+        self._assign = Assignment.parse(param_format, master_modes)
+        self.param_format, self._formats_by_param = self._assign.param_format, self._assign.formats_by_param
         self._trust_fp32 = True
         self._stepping = False  # inside step(): the inner optimizer may step
         # Mode "fp32": a GradSlot per parameter with an FP32 master; "compact", "kahan", "stochastic": one whose
@@ -79,7 +83,7 @@ class MasterWeights(OptimizerWrapper):
         # Stepping the inner optimizer directly would update the masters and never the model.
         self._hooks: list[Any] = [optimizer.register_step_pre_hook(self._refuse_direct_step)]
         self._managed: dict[int, torch.Tensor] = {}
-        plan, model_params = plan_optimizer(optimizer, self.mode, self.param_format, self._formats_by_param)
+        plan, model_params = plan_optimizer(optimizer, self.mode, self._assign)
         self._model_params: list[torch.Tensor] = model_params  # every parameter, in param-group order
         self._take(plan)
         add_live(self)
@@ -179,18 +183,8 @@ class MasterWeights(OptimizerWrapper):
             >>> [g["lr"] for g in opt.param_groups], opt.param_groups[1]["params"][0].dtype
             ([0.1, 0.01], torch.float32)
         """
-        if not isinstance(param_group, dict) or "params" not in param_group:
-            raise TypeError(f"add_param_group takes a dict with 'params' (and options such as 'lr'), "
-                            f"got {param_group!r}")
-        given = param_group["params"]
-        params = [given] if isinstance(given, torch.Tensor) else list(given)
-        known = {id(p) for p in self._model_params}
-        twice = [i for i, p in enumerate(params) if id(p) in known]
-        if twice:
-            raise ValueError(f"parameter {twice[0]} of the new param group (shape {tuple(params[twice[0]].shape)}) "
-                             f"is already in a param group of this optimizer: a parameter belongs to one group")
-        mode = check_mode(param_group.get("master_mode", self.mode), "the new param group's 'master_mode'")
-        stepped, plan = plan_group(params, mode, len(self._model_params), self.param_format, self._formats_by_param)
+        params, mode = new_group_params(param_group, self._model_params)
+        stepped, plan = plan_group(params, mode, self.mode, len(self._model_params), self._assign)
         self.optimizer.add_param_group({**param_group, "params": stepped})  # may refuse: nothing is ours yet
         self._model_params += params
         self._take(plan)
