@@ -543,3 +543,21 @@ def test_optimizer_step_by_hand_without_loss_scaling_is_plain_pytorch():
     before = snapshot(opt, model)
     opt.step()
     assert not bitwise_equal(snapshot(opt, model), before)
+
+
+def test_a_first_step_on_gradients_scale_never_made_warns_once():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=1.0)
+    scaler = mp.DynamicScaler()
+    (p * 2.0).sum().backward()  # not scaler.scale(loss): the update would be 65536 times too small
+    with pytest.warns(UserWarning, match="scaler.scale\\(loss\\) was never called, but this scaler's scale is not 1"):
+        mp.step(opt, scaler)
+    opt.zero_grad()
+    (p * 2.0).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: a scaler used by hand-scaled gradients is not nagged
+        mp.step(opt, scaler)
+        for quiet in (mp.NoScaler(), mp.StaticScaler(1.0)):  # nothing to be wrong about
+            opt.zero_grad()
+            (p * 2.0).sum().backward()
+            mp.step(opt, quiet)

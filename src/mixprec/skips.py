@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -48,13 +49,21 @@ class SkipRecord:
         """Record one ``scaler.scale(loss)`` call: a new backward's gradients are on their way."""
         self._scale_calls += 1
 
-    def check_not_stepped(self) -> None:
-        """Raise if `mp.step` already ran since the last ``scaler.scale`` (no sync).
+    def check_not_stepped(self, scales_loss: bool = True) -> None:
+        """Raise if `mp.step` already ran since the last ``scaler.scale`` (no sync); warn at the first step
+        if ``scale`` was never called on a scaler that `scales_loss`.
 
         The update was then already made from these gradients, and the scale may have changed since
-        they were scaled. Not checked when ``scale`` was never called (``loss.backward()`` with a
-        NoScaler, say).
+        they were scaled. Never scaled, they are divided by a scale they may not have been multiplied
+        by (gradients scaled by hand, ``(loss * scaler.scale_tensor).backward()``, are fine: a warning,
+        once). ``loss.backward()`` without ``scale`` is fine with a NoScaler.
         """
+        if not self._scale_calls and scales_loss and self._stepped_at is None:
+            warnings.warn(
+                "mp.step: scaler.scale(loss) was never called, but this scaler's scale is not 1: if these "
+                "gradients come from loss.backward() unscaled, the update is that many times too small. Call "
+                "scaler.scale(loss).backward(), or use a policy with scaling=none (mp.NoScaler)",
+                UserWarning, stacklevel=4)
         if self._scale_calls and self._stepped_at == self._scale_calls:
             raise RuntimeError(
                 "mp.step was already called since the last scaler.scale(loss).backward(): stepping again "

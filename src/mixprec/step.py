@@ -132,7 +132,7 @@ def _clip_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float, found
 def _grads_to_step(optimizers: list[torch.optim.Optimizer], scaler: LossScaler,
                    ranks: int) -> tuple[list[torch.Tensor], list[bool]]:
     """The gradients `_gather_grads` finds, refusing a step with none (and a second step on the same ones)."""
-    scaler.skips.check_not_stepped()
+    scaler.skips.check_not_stepped(scaler.scales_loss)
     found = stepped.gather_grads(optimizers, ranks)
     if not found[0]:
         raise RuntimeError(

@@ -96,6 +96,10 @@ class DynamicScaler(LossScaler):
         self.raise_at_min_scale = bool(raise_at_min_scale)
         self._lowest_scale = self.min_scale
 
+    @property
+    def scales_loss(self) -> bool:
+        return not self.min_scale == self.max_scale == 1.0
+
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         return {
             **super()._state_tensors(),

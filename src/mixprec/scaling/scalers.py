@@ -148,6 +148,12 @@ class LossScaler:
         return float(self._scale.item())
 
     @property
+    def scales_loss(self) -> bool:
+        """Whether `scale` can change the loss (a scale other than 1): then a step on gradients it did not
+        scale is refused. Syncs: no."""
+        return self._lowest_scale != 1.0
+
+    @property
     def scale_tensor(self) -> torch.Tensor:
         """The current loss scale as a 0-dim float32 tensor on the scaler's device. Syncs: no."""
         return self._scale
