@@ -518,3 +518,11 @@ def test_the_prepared_mode_is_spelled_as_in_policy_strings(policy, mode, emulati
     state = mp.prepared_state(model)
     assert (state.mode, state.emulation) == (mode, emulation)
     assert state.summary()["mode"] == mode and state.execution == ("native" if mode == "native" else "emulated")
+
+
+def test_complex_parameters_are_refused_by_name_and_nothing_changes():
+    model = torch.nn.Linear(2, 2)
+    model.weight = torch.nn.Parameter(torch.randn(2, 2, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="parameter 'weight' has dtype torch.complex64: mixprec trains real"):
+        mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), "f16-master")
+    assert mp.prepared_state(model) is None and model.bias.dtype == torch.float32

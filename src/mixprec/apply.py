@@ -94,6 +94,11 @@ def prepare(
     if sparse:
         raise ValueError(f"module {', '.join(sparse)} has sparse=True, which makes sparse gradients; mixprec's loss "
                          f"scaling and master weights handle dense ones only: build it with sparse=False")
+    unreal = [(n, p.dtype) for n, p in model.named_parameters() if not p.is_floating_point()]
+    if unreal:
+        raise TypeError(f"parameter {unreal[0][0]!r} has dtype {unreal[0][1]}: mixprec trains real floating-point "
+                        f"parameters (stored in FP32, 16 or 8 bits). Keep a complex weight as two real ones "
+                        f"(torch.view_as_real) or train this model without mixprec")
     if isinstance(optimizer, torch.optim.SparseAdam):
         raise ValueError("SparseAdam steps sparse gradients only, and mixprec's models make dense ones (sparse "
                          "embeddings are refused): use torch.optim.Adam or AdamW")
