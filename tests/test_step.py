@@ -561,3 +561,39 @@ def test_a_first_step_on_gradients_scale_never_made_warns_once():
             opt.zero_grad()
             (p * 2.0).sum().backward()
             mp.step(opt, quiet)
+
+
+def _prepared_linear():
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2)
+    return mp.prepare(m, torch.optim.AdamW(m.parameters(), lr=1e-2), "f16-master")
+
+
+def _one_step(model, step_with, scaler):
+    with mp.autocast(model):
+        loss = model(torch.ones(4, 3)).square().mean()
+    scaler.scale(loss).backward()
+    return mp.step(step_with, scaler, max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("framework", ["accelerate", "lightning"])
+def test_mp_step_sees_through_accelerate_and_lightning_optimizer_wrappers(framework):
+    model, opt, scaler = _prepared_linear()
+    ref_model, ref_opt, ref_scaler = _prepared_linear()
+    if framework == "accelerate":
+        accelerate = pytest.importorskip("accelerate")
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(reset_partial_state=True)
+        wrapped = accelerate.Accelerator(cpu=True).prepare(opt)
+        AcceleratorState._reset_state(reset_partial_state=True)
+    else:
+        pytest.importorskip("lightning")
+        from lightning.pytorch.core.optimizer import LightningOptimizer
+        wrapped = LightningOptimizer(opt)
+    assert wrapped is not opt and wrapped.optimizer is opt
+    for _ in range(3):
+        info, ref = _one_step(model, wrapped, scaler), _one_step(ref_model, ref_opt, ref_scaler)
+        assert info.applied == ref.applied and info.grad_norm == ref.grad_norm
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref_model.parameters(), strict=True))

@@ -18,8 +18,24 @@ __all__ = ["as_optimizers", "gather_grads", "weights", "local", "check_skips_on_
            "step_on_device", "publish"]
 
 
+#: Packages whose optimizer wrappers stand for the optimizer they wrap (``.optimizer``), adding only bookkeeping:
+#: Accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer. Other wrappers (a Lookahead, say) change
+#: the update and are stepped as they are.
+_FRAMEWORKS = ("accelerate.", "lightning.", "pytorch_lightning.", "lightning_fabric.")
+
+
+def _unwrapped(optimizer: Any) -> Any:
+    """The optimizer a framework's wrapper stands for (see `_FRAMEWORKS`), else `optimizer` itself."""
+    while type(optimizer).__module__.startswith(_FRAMEWORKS) and isinstance(
+            getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def as_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """The optimizers `mp.step` was given, framework wrappers seen through (see `_FRAMEWORKS`)."""
     optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+    optimizers = [_unwrapped(o) for o in optimizers]
     if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
         raise TypeError(f"mp.step takes an optimizer or a list of optimizers (those mp.prepare returned), "
                         f"got {optimizer!r}")
