@@ -2,6 +2,12 @@
 module imports it; `make test` installs every extra, so CI runs them all)."""
 
 import importlib.util
+import os
+
+# execution=auto emulates on every CPU while testing (AMX-BF16 CPUs would run bf16 natively): the same
+# numerics, and the same expected outputs, on every machine; subprocesses inherit it. The decision
+# itself is tested with faked CPU features (tests/test_hardware.py).
+os.environ["MIXPREC_NATIVE_CPU"] = "0"
 
 
 def _installed(*modules: str) -> bool:

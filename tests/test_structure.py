@@ -15,7 +15,7 @@ SRC = Path(mp.__file__).parent
 # (a name stands for a module or a whole package: "numerics" is numerics/*). The library is the layers up
 # to "__init__"; above it are its first users, which import it only as `import mixprec as mp`.
 LAYERS = [
-    ["formats", "versions", "master_modes"],
+    ["formats", "versions", "master_modes", "hardware"],
     ["quantize", "nonfinite", "skips", "wrapper"],
     ["gradients", "scaling", "precisions"],  # scaling is scaling/*: the scalers carry the step's skip record (skips)
     ["policy", "master"],  # policy names its scaler through scaling (make_scaler)

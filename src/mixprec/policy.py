@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .formats import BF16, F16, F32, Format
+from .hardware import native_formats
 from .master_modes import DESCRIPTIONS, MODES, TRANSIENT_MODES, master_bytes
 from .precisions import DEFAULT_FP32_TYPES, ModulePrecision, Rule, module_precisions, parameter_formats, precision_table
 from .scaling import LossScaler, make_scaler, parse_scaling
@@ -223,9 +224,10 @@ class Policy:
     def resolve_execution(self, device: torch.device | str = "cpu") -> str:
         """``"native"`` or ``"emulated"``: how this policy runs on `device`.
 
-        FP32-only policies are native everywhere. ``auto`` picks native on CUDA when every format is
-        FP16 or BF16 (FP8 is emulated for now), emulated otherwise. ``native`` on CPU uses torch's CPU
-        autocast; it raises where a format has no torch dtype.
+        FP32-only policies are native everywhere. ``auto`` picks native where the device computes every
+        format natively and fast (`mixprec.hardware.native_formats`: CUDA's FP16 and BF16, a CPU's BF16
+        with AMX-BF16, FP16 with AMX-FP16; FP8 is emulated for now), emulated otherwise; `auto_reason`
+        says why. ``native`` on CPU uses torch's CPU autocast; it raises where a format has no torch dtype.
 
         Example:
             >>> Policy.parse("f16-master").resolve_execution("cpu")
@@ -238,16 +240,23 @@ class Policy:
         if self.execution.startswith("emulated"):
             return "emulated"
         if self.execution == "auto":
-            native = device.type == "cuda" and all(f in _NATIVE_CUDA for f in narrow)
-            if native and BF16 in narrow and not torch.cuda.is_bf16_supported():
-                native = False
-            return "native" if native else "emulated"
+            fast, _ = native_formats(device)
+            return "native" if all(f.name in fast for f in narrow) else "emulated"
         missing = [f.name for f in narrow if f not in _NATIVE_CUDA]
         if missing or device.type not in ("cuda", "cpu"):
             raise ValueError(
                 f"execution=native on {device}: {', '.join(missing) or 'this device'} has no native support "
                 f"in mixprec yet (fp16 and bf16 on cuda or cpu do); use execution=emulated or auto")
         return "native"
+
+    def auto_reason(self, device: torch.device | str = "cpu") -> str:
+        """Why ``execution=auto`` runs natively or emulated on `device`: what the device computes fast.
+
+        Example:
+            >>> Policy.parse("bf16-master").auto_reason("cuda")
+            'CUDA'
+        """
+        return native_formats(device)[1]
 
     @property
     def emulation(self) -> str:
@@ -304,7 +313,10 @@ class Policy:
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
         execution = self.resolve_execution(device)
         ran = execution if execution == "native" else f"emulated ({self.emulation})"
-        header = (f"policy {self}: execution {ran} on {torch.device(device)}, loss scaling "
+        ran += f" on {torch.device(device)}"
+        if execution == "native" and self.execution == "auto" and any(f != F32 for f in self.formats):
+            ran += f" (auto: {self.auto_reason(device)})"  # why this device computes it natively
+        header = (f"policy {self}: execution {ran}, loss scaling "
                   f"{self.scaling}, output {self.output.name}, reduce {_reduce_text(self.reduce)}, "
                   f"{self.weight_bytes:g} B a {self.params.name} weight with its master")
         return "\n".join([header, *precision_table(self, model, execution)])
