@@ -13,32 +13,38 @@ mixprec.harness.checkpoints) and result.json.
 
 A folder that already holds a run is refused (exit status 2) unless --resume (continue from its newest
 intact checkpoint, skipping damaged newer ones with a line saying why) or --overwrite (remove the run's
-files and start again). A resume rewrites metrics.jsonl and the TensorBoard file from the checkpoint's
-history, so they read exactly as an uninterrupted run's, whatever a kill left behind.
+files and start again, once every input is checked and the new run is built). A folder another run is
+using (its lock file, .mixprec.lock) is refused, whatever the options. A resume rewrites metrics.jsonl
+and the TensorBoard file from the checkpoint's history, so they read exactly as an uninterrupted run's,
+whatever a kill left behind; it must inject the same --inject-faults as the run it continues.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import mixprec as mp
 from mixprec.harness.checkpoints import (
     DEFAULT_KEEP,
+    check_run_folder,
     check_same_run,
     check_writable,
     find_checkpoint,
-    prepare_run_folder,
 )
 from mixprec.harness.faults import FaultPlan
-from mixprec.harness.processes import rank_and_world_size, rows_per_process
-from mixprec.harness.training import train
-from mixprec.recipes import RECIPES, get_recipe
+from mixprec.harness.processes import rank_and_world_size, rows_per_process, run_folder_lock
+from mixprec.harness.training import MAX_THREADS, train
+from mixprec.recipes import RECIPES, Recipe, get_recipe
 from mixprec.report import RunLogger, TrainingProgress, environment, format_scale, write_json
 
 from . import device_name, non_negative_int, positive_int, seed_int
@@ -78,6 +84,15 @@ def fault_plan(text: str) -> FaultPlan:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def thread_count(text: str) -> int:
+    """argparse type: torch CPU threads, 1..MAX_THREADS (4 per CPU: torch crashes on counts like 100000)."""
+    value = positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be an integer in 1..{MAX_THREADS} (4 per CPU of this machine's "
+                                         f"{os.cpu_count()}), got {text!r}")
+    return value
+
+
 def storm_guard(text: str) -> int | str | None:
     """argparse type: ``auto``, 0 (off) or an integer >= 1: skipped steps in a row before a NaN storm stops."""
     if text == "auto":
@@ -102,7 +117,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by train, compare and demo."""
     parser.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the recipe's)")
     parser.add_argument("--device", type=device_name, default=None, help="cpu or cuda[:N] (default: cuda if available)")
-    parser.add_argument("--threads", type=positive_int, default=1,
+    parser.add_argument("--threads", type=thread_count, default=1,
                         help="torch CPU threads (default 1: these models are small, and more threads "
                              "mostly wait on each other, badly so on a busy machine)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -129,19 +144,53 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--stop-at must be in 1..{steps} (the run's steps), got {args.stop_at}")
     out = args.out or Path("runs") / "train" / f"{recipe.name}-{slug(str(policy))}-seed{args.seed}"
     rank, world_size = rank_and_world_size()  # torchrun's, or (0, 1)
-    rows = rows_per_process(recipe, world_size)
+    rows_per_process(recipe, world_size)
     check_writable(out)
+    if rank != 0:  # under torchrun rank 0 alone takes the folder's lock (train() does not take it again)
+        return _run_in(out, args, recipe, policy, device, execution, steps)
+    with run_folder_lock(out, cli=True, warn=_warn):  # one run per folder, from these checks to result.json
+        return _run_in(out, args, recipe, policy, device, execution, steps)
+
+
+def _warn(line: str) -> None:
+    print(f"mixprec train: warning: {line}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _warnings_in_one_line() -> Iterator[None]:
+    """Inside the block, mixprec's own warnings (a checkpoint set aside, say) print as one line, like the
+    command's; others as Python prints them. The warnings module's settings are restored afterwards."""
+    with warnings.catch_warnings():
+        default = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                 line: str | None = None) -> None:
+            if "mixprec" in Path(filename).parts:
+                _warn(str(message))
+            else:
+                default(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
+def _run_in(out: Path, args: argparse.Namespace, recipe: Recipe, policy: mp.Policy, device: str, execution: str,
+            steps: int) -> int:
+    """Train in the run folder ``out`` (locked by rank 0): its checks, the start line, the run, the result."""
+    rank, world_size = rank_and_world_size()
+    rows = rows_per_process(recipe, world_size)
     lead = rank == 0  # under torchrun rank 0 alone prints and writes logs and results; the others train
-    if lead:  # a folder holding a run: refused unless --resume or --overwrite (which clears it now)
-        prepare_run_folder(out, resume=args.resume, overwrite=args.overwrite, cli=True)
+    if lead:  # a folder holding a run: refused unless --resume or --overwrite (train() clears it once set up)
+        check_run_folder(out, resume=args.resume, overwrite=args.overwrite, cli=True)
+    faults = None if args.inject_faults is None else str(args.inject_faults)
     resume_from, history = None, []
     if args.resume:
         resume_from, checkpoint, skipped = find_checkpoint(out)
-        check_same_run(checkpoint, recipe, policy, args.seed, steps)
+        check_same_run(checkpoint, recipe, policy, args.seed, steps, faults)
         history = checkpoint["history"]
         for reason in skipped if lead else ():
-            print(f"mixprec train: warning: {reason}; skipped it, resuming from an older checkpoint",
-                  file=sys.stderr)
+            print(f"mixprec train: warning: {reason}; skipped it, resuming from an older checkpoint (the file "
+                  "stays in the folder)", file=sys.stderr)
     resume_step = history[-1]["step"] if history else None
 
     processes = f", {world_size} processes x {rows} rows of each batch" if world_size > 1 else ""
@@ -167,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
                 progress.update(task, record)
 
         try:
+            stack.enter_context(_warnings_in_one_line())
             result = train(recipe, policy, seed=args.seed, steps=steps, device=device, out=out,
                            resume=resume_from or False, overwrite=args.overwrite, stop_at=args.stop_at,
                            checkpoint_every=args.checkpoint_every, keep=args.keep_checkpoints,
@@ -174,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
                            max_skips_in_a_row=args.storm_guard)
         except mp.NaNStormError as error:  # a run that cannot go on: say why in one line, no traceback
             if lead:
-                print(f"mixprec train: stopped: {error} (--storm-guard 0 keeps skipping instead)", file=sys.stderr)
+                hint = " (--storm-guard 0 keeps skipping instead)" if error.reason == "storm" else ""
+                print(f"mixprec train: stopped: {error}{hint}", file=sys.stderr)
             return 1
         if lead and not loggers:  # resumed at the last step: nothing logged, the logs still made whole
             stack.enter_context(RunLogger(out, history=history))

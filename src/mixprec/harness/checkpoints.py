@@ -13,18 +13,18 @@ corrupted file from an intact one before anything is unpickled; the payload is r
 
 Writing (`save_checkpoint`): a temporary ``.checkpoint-000100.pt.XXXX.tmp`` in the folder, fsync,
 ``os.replace`` onto the final name, then the rotation removes the checkpoints older than the newest
-``keep`` (and any with a later step, left by an attempt that was interrupted and is being redone).
-A kill at any moment leaves every earlier checkpoint intact; at worst a temporary file, which the
-next run in the folder removes.
+``keep`` (and any with a later step, left by an attempt that was interrupted and is being redone),
+only those it can read: one it cannot (another format version, damaged) is never removed nor replaced.
+A kill at any moment leaves every earlier checkpoint intact; at worst a temporary file, removed later.
 
 Reading: `load_checkpoint` raises a one-line ValueError naming the file and what is wrong with it
 (missing, empty, not a mixprec checkpoint, another format version, truncated, corrupted, refused
 pickle, missing keys); `find_checkpoint` returns the newest intact checkpoint and the files it
 skipped, with why.
 
-**Run folders.** `prepare_run_folder` refuses to start a run in a folder that holds one (metrics.jsonl,
-checkpoints, result.json, TensorBoard event files) unless asked to resume it or overwrite it, and
-removes temporary files that killed runs left behind.
+**Run folders.** `check_run_folder` refuses a folder that holds a run (metrics.jsonl, checkpoints,
+result.json, TensorBoard event files) unless asked to resume or overwrite it, removes temporary files
+killed runs left, and returns the files an overwrite removes, once the new run is set up.
 
 Example:
     >>> import tempfile
@@ -47,6 +47,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ from typing import Any
 import torch
 
 import mixprec as mp
+from mixprec.harness.processes import LOCK_TEMP_PATTERN
 from mixprec.recipes import Recipe
 
 CHECKPOINT_FORMAT = "MIXPREC-CHECKPOINT"
@@ -62,7 +64,7 @@ DEFAULT_KEEP = 2  # checkpoints kept in a run folder: a damaged newest one still
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.pt")
 LEGACY_CHECKPOINT_NAME = "checkpoint.pt"  # format 1: recognised as a run's file, never resumed from
 
-#: what the training loop stores in a checkpoint (`load_checkpoint` checks they are all there)
+#: what a checkpoint must hold (`load_checkpoint` checks); also "faults", "max_skips_in_a_row" (older lack them)
 CHECKPOINT_KEYS = ("recipe", "policy", "seed", "steps", "step", "model", "optimizer", "scaler", "scheduler",
                    "rng", "history", "train_seconds")
 
@@ -71,7 +73,7 @@ CHECKPOINT_KEYS = ("recipe", "policy", "seed", "steps", "step", "model", "optimi
 RUN_FILE_PATTERNS = ("metrics.jsonl", "result.json", LEGACY_CHECKPOINT_NAME, "checkpoint-*.pt",
                      "events.out.tfevents.*")
 #: temporary files of atomic writes (checkpoints, metrics.jsonl, result.json) that a kill can leave behind
-TEMP_FILE_PATTERNS = (".checkpoint*.tmp", ".metrics.jsonl.*.tmp", ".result.json.*.tmp")
+TEMP_FILE_PATTERNS = (".checkpoint*.tmp", ".metrics.jsonl.*.tmp", ".result.json.*.tmp", LOCK_TEMP_PATTERN)
 
 
 def check_writable(folder: Path) -> None:
@@ -108,13 +110,16 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(folder: Path, state: dict[str, Any], keep: int = DEFAULT_KEEP) -> Path:
+def save_checkpoint(folder: Path, state: dict[str, Any], keep: int = DEFAULT_KEEP,
+                    readable: dict[str, bool] | None = None) -> Path:
     """Write ``state`` (tensors and plain data, with an int ``"step"``) as ``folder``'s checkpoint of that
     step, atomically, then keep only the newest ``keep`` checkpoints up to it. Returns its path.
 
     The temporary file is fsynced before os.replace puts it in place, and the folder after, so the new
-    checkpoint exists whole or not at all; only then are older ones removed.
+    checkpoint exists whole or not at all; only then are older ones removed, those `load_checkpoint`
+    reads (``readable``: file name -> whether it does, filled in: pass one dict to read each file once).
     """
+    readable = {} if readable is None else readable
     if keep < 1:
         raise ValueError(f"keep must be >= 1 (checkpoints kept in the run folder), got {keep}")
     folder = Path(folder)
@@ -132,17 +137,48 @@ def save_checkpoint(folder: Path, state: dict[str, Any], keep: int = DEFAULT_KEE
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
+        if path.exists() and not _can_read(path, readable):
+            _set_aside(path)  # a file of the same step this mixprec cannot read is kept, not replaced
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_folder(folder)
-    older = [p for s, p in list_checkpoints(folder) if s < step]
-    later = [p for s, p in list_checkpoints(folder) if s > step]  # an interrupted attempt's, being redone
-    for stale in later + older[: max(0, len(older) - (keep - 1))]:
-        stale.unlink(missing_ok=True)
+    _rotate(folder, step, keep, readable)
     return path
+
+
+def _rotate(folder: Path, step: int, keep: int, readable: dict[str, bool]) -> None:
+    """Remove the checkpoints before the newest ``keep`` up to ``step``, and those of later steps (an attempt's
+    being redone), only files this mixprec reads: one it cannot (a newer format, damaged) is kept, uncounted."""
+    readable[checkpoint_path(folder, step).name] = True
+    found = list_checkpoints(folder)
+    later = [p for s, p in found if s > step and _can_read(p, readable)]
+    older = [p for s, p in reversed(found) if s < step and _can_read(p, readable)][keep - 1:]
+    for stale in later + older:
+        stale.unlink(missing_ok=True)
+        readable.pop(stale.name, None)
+
+
+def _can_read(path: Path, readable: dict[str, bool]) -> bool:
+    """Whether `load_checkpoint` reads ``path`` (asked once: the answer is kept in ``readable``)."""
+    if path.name not in readable:
+        try:
+            load_checkpoint(path, required=())
+            readable[path.name] = True
+        except ValueError:
+            readable[path.name] = False
+    return readable[path.name]
+
+
+def _set_aside(path: Path) -> None:
+    """Rename the unreadable checkpoint ``path`` to ``<name>.unreadable`` (never over a file), and say so."""
+    kept = path.with_name(f"{path.name}.unreadable")
+    kept = kept.with_name(f"{path.name}.{os.urandom(3).hex()}.unreadable") if kept.exists() else kept
+    os.rename(path, kept)
+    warnings.warn(f"checkpoint {str(path)!r} cannot be read, so this run's checkpoint of the same step does not "
+                  f"replace it: it is kept as {kept.name!r}", stacklevel=3)
 
 
 def load_checkpoint(path: Path, required: Iterable[str] = CHECKPOINT_KEYS) -> dict[str, Any]:
@@ -247,22 +283,26 @@ def find_checkpoint(folder: Path) -> tuple[Path, dict[str, Any], list[str]]:
             skipped.append(str(error))
     if not skipped:
         raise ValueError(f"no checkpoint to resume from in {str(folder)!r}: start the run without resume first")
-    raise ValueError(f"no intact checkpoint to resume from in {str(folder)!r}: {'; '.join(skipped)}; "
-                     "start the run again with --overwrite (overwrite=True)")
+    newer = any("' has format version '" in r for r in skipped) * "; resume with the mixprec of that format version"
+    raise ValueError(f"no intact checkpoint to resume from in {str(folder)!r}: {'; '.join(skipped)}. Nothing was "
+                     f"changed (a checkpoint mixprec cannot read is never deleted){newer}; to keep these files, start "
+                     "the run in another folder (--out, out=), or again here with --overwrite (overwrite=True), which "
+                     "deletes them")
 
 
 def check_same_run(checkpoint: dict[str, Any], recipe: Recipe, policy: mp.Policy, seed: int,
-                   steps: int) -> None:
-    """ValueError naming the differences if ``checkpoint`` is not of this recipe, policy, seed and steps.
-
-    The policy may differ in its master mode alone (``--resume --policy bf16-compact`` from a bf16-master
-    run): checkpoints keep FP32 weights and masters, which every master mode loads."""
-    wanted = {"recipe": recipe.name, "policy": str(policy), "seed": seed, "steps": steps}
-    different = {k: (checkpoint[k], v) for k, v in wanted.items() if checkpoint[k] != v}
+                   steps: int, faults: str | None = None) -> None:
+    """ValueError naming the differences if ``checkpoint`` is not of this recipe, policy, seed, steps and
+    faults (a `FaultPlan`'s text or None; not checked in a checkpoint older than the record of them).
+    The policy may differ in its master mode alone (``--resume --policy bf16-compact`` from bf16-master):
+    checkpoints keep FP32 weights and masters, which every master mode loads."""
+    wanted = {"recipe": recipe.name, "policy": str(policy), "seed": seed, "steps": steps, "faults": faults}
+    different = {k: (checkpoint[k], v) for k, v in wanted.items() if k in checkpoint and checkpoint[k] != v}
     if "policy" in different and _same_but_master(checkpoint["policy"], policy):
         del different["policy"]
     if different:
-        what = ", ".join(f"{k} {old!r} (asked: {new!r})" for k, (old, new) in different.items())
+        what = ", ".join(f"faults (--inject-faults) {old or 'none'} (asked: {new or 'none'})" if k == "faults" else
+                         f"{k} {old!r} (asked: {new!r})" for k, (old, new) in different.items())
         raise ValueError(f"the checkpoint is of another run: {what}; resume with the same settings")
 
 
@@ -318,8 +358,15 @@ def remove_temp_files(folder: Path) -> list[Path]:
 
 
 def prepare_run_folder(folder: Path, *, resume: bool, overwrite: bool, cli: bool = False) -> None:
-    """Make ``folder`` ready for a run: refuse one that holds a run unless ``resume`` (continue it) or
-    ``overwrite`` (remove its files: only those mixprec writes); remove stale temporary files.
+    """`check_run_folder`, then remove the files an overwrite replaces at once."""
+    for path in check_run_folder(folder, resume=resume, overwrite=overwrite, cli=cli):
+        path.unlink(missing_ok=True)
+
+
+def check_run_folder(folder: Path, *, resume: bool, overwrite: bool, cli: bool = False) -> list[Path]:
+    """Check ``folder`` can take a run: refuse one that holds a run unless ``resume`` (continue it) or
+    ``overwrite``; remove stale temporary files. Returns the run files an overwrite is to remove (only
+    those mixprec writes; [] otherwise): the caller removes them when the new run is ready to start.
 
     ``cli`` words the advice with the command line's options instead of train()'s arguments.
 
@@ -327,7 +374,7 @@ def prepare_run_folder(folder: Path, *, resume: bool, overwrite: bool, cli: bool
         >>> import tempfile
         >>> folder = Path(tempfile.mkdtemp())
         >>> _ = (folder / "metrics.jsonl").write_text("")
-        >>> prepare_run_folder(folder, resume=False, overwrite=False)
+        >>> check_run_folder(folder, resume=False, overwrite=False)
         Traceback (most recent call last):
         ValueError: output folder '...' already holds a run (metrics.jsonl) but no checkpoint to resume ...
     """
@@ -340,7 +387,7 @@ def prepare_run_folder(folder: Path, *, resume: bool, overwrite: bool, cli: bool
     remove_temp_files(folder)
     files = run_files(folder)
     if resume or not files:
-        return
+        return []
     if not overwrite:
         names = ", ".join(sorted({p.name for p in files if not p.name.startswith("events.")})
                           + ["TensorBoard events"] * any(p.name.startswith("events.") for p in files))
@@ -349,5 +396,4 @@ def prepare_run_folder(folder: Path, *, resume: bool, overwrite: bool, cli: bool
         else:
             advice = f" but no checkpoint to resume from; pass {overwrite_opt} to start it again, or another {out_opt}"
         raise ValueError(f"output folder {str(folder)!r} already holds a run ({names}){advice}")
-    for path in files:
-        path.unlink(missing_ok=True)
+    return files

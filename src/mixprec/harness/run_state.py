@@ -5,9 +5,15 @@ optimizer with its masters, loss scaler, LR schedule, history, step, time) and a
 which `train` calls in this order under the run's seed::
 
     run = RunState(settings, data, plan, log)  # model, optimizer, scaler, LR schedule, fault injector
-    run.begin(checkpoint)                       # resume from a checkpoint, or evaluate at step 0
+    run.begin(checkpoint, path)                 # resume from a checkpoint, or evaluate at step 0
     run.train()                                 # the steps, their logging, evaluations and checkpoints
     memory = run.measure_memory()               # bytes by category after the last step
+
+No state with inf/NaN weights is checkpointed: the weights (their FP32 view, masters included) are
+checked whenever the losses are read back (every LOG_EVERY steps, in the same transfer) and before each
+checkpoint, and a run whose weights went non-finite stops (`NonFiniteWeightsError`) naming the newest
+checkpoint that holds finite ones. So the checkpoints a run keeps are all finite, and the last finite one
+is never rotated away by non-finite ones.
 
 It uses only the public API (``import mixprec as mp``), like the loop it belongs to.
 """
@@ -54,6 +60,7 @@ class RunSettings:
     checkpoint_every: int | None  # None or 0: only at ``end`` (and in a NaN storm)
     keep: int  # checkpoints kept in ``out``
     max_skips_in_a_row: int | str | None  # mp.step's NaN-storm guard
+    faults: str | None = None  # the fault plan's text (recorded in checkpoints: a resume must inject the same)
 
 
 def step_record(step: int, lr: float, loss_scale: float | torch.Tensor, applied: bool | torch.Tensor,
@@ -65,6 +72,34 @@ def step_record(step: int, lr: float, loss_scale: float | torch.Tensor, applied:
             "grad_norm": grad_norm, "lr": lr, "skipped_steps": skipped_steps}
 
 
+class NonFiniteWeightsError(mp.NaNStormError):
+    """The weights hold inf/NaN although no step was skipped for it: steps with finite gradients were applied
+    to weights the optimizer made non-finite (a learning rate of nan, an optimizer dividing by zero), and
+    would have been forever. ``weights``: ``{name: "inf" | "nan" | "inf, nan"}``; ``since``: the last step
+    they were seen finite; ``checkpoint``: the newest checkpoint holding finite weights, if any."""
+
+    def __init__(self, weights: dict[str, str], step: int, since: int, checkpoint: str | None,
+                 loss_scale: float, skipped_steps: int) -> None:
+        self.reason, self.skipped_in_a_row, self.skipped_steps = "weights", 0, skipped_steps
+        self.loss_scale = loss_scale
+        self.gradients, self.weights, self.step, self.since, self.checkpoint = {}, weights, step, since, checkpoint
+        self._args = ("weights", 0, skipped_steps, loss_scale, [])
+        RuntimeError.__init__(self, self._message())
+
+    def named(self, model: torch.nn.Module, step: int | None = None,
+              checkpoint: str | None = None) -> NonFiniteWeightsError:
+        return self  # named already
+
+    def _message(self) -> str:
+        names = ", ".join(f"{k}: {v}" for k, v in list(self.weights.items())[:6]) + (
+            f" and {len(self.weights) - 6} more" if len(self.weights) > 6 else "")
+        saved = (f"the last good state is saved in {self.checkpoint}" if self.checkpoint else
+                 "nothing is saved: no checkpoint of this run with finite weights exists")
+        return (f"the weights of {names} hold inf/NaN after step {self.step} (finite after step {self.since}), "
+                f"and steps with finite gradients would go on being applied to them: stopped. A learning rate of "
+                f"nan or inf, or an optimizer dividing by zero, makes such weights from finite gradients; {saved}")
+
+
 class RunState:
     """One run's model, optimizer, loss scaler, LR schedule and history, and the phases that train them.
 
@@ -74,6 +109,9 @@ class RunState:
 
     def __init__(self, settings: RunSettings, data: Data, plan: FaultPlan | None, log: Log) -> None:
         recipe = settings.recipe
+        if recipe.batch_size > data.train_size:  # found before anything runs (or an overwrite removes the old run)
+            raise ValueError(f"recipe {recipe.name!r} has batch_size {recipe.batch_size}, larger than its training "
+                             f"set ({data.train_size} rows); give it a batch_size <= {data.train_size}, or more data")
         self.settings, self.data, self.log = settings, data, log
         model = recipe.make_model().to(settings.device)  # under the seed: the initial weights
         optimizer = recipe.build_optimizer(model.parameters())
@@ -89,15 +127,23 @@ class RunState:
         self.pending: list[tuple[Record, torch.Tensor]] = []  # step records waiting for their loss value
         self.start = 0  # the steps done before this call (resumed from a checkpoint)
         self.train_seconds = 0.0
+        self.last_finite: Path | None = None  # the newest checkpoint with finite weights and masters
+        self.finite_at = 0  # the last step after which the weights were seen finite
+        self.readable: dict[str, bool] = {}  # checkpoint file name -> whether it loads (for the rotation)
+        self.weight_names = {name for name, _ in self.model.named_parameters()}  # checked: not buffers
 
     # ----- set-up and resume --------------------------------------------------------------------------
 
-    def begin(self, checkpoint: dict[str, Any] | None) -> None:
-        """Resume from ``checkpoint`` (`mixprec.harness.checkpoints.load_checkpoint`'s), or evaluate the
-        initial weights (the record of step 0); then, under torchrun, wrap the model in DDP."""
+    def begin(self, checkpoint: dict[str, Any] | None, path: Path | None = None) -> None:
+        """Resume from ``checkpoint`` (`mixprec.harness.checkpoints.load_checkpoint`'s, read from ``path``), or
+        evaluate the initial weights (the record of step 0); then, under torchrun, wrap the model in DDP."""
         settings = self.settings
         if checkpoint is not None:
             self._resume(checkpoint)
+            self.finite_at = self.start
+            if path is not None:
+                self.readable[path.name] = True
+                self.last_finite = None if nonfinite_weights(checkpoint, self.weight_names) else path
         else:
             self._add({"kind": "eval", "step": 0, "metric": self._evaluate()})
         # Several processes: the forward and backward run through DDP, which averages the gradients over
@@ -164,12 +210,15 @@ class RunState:
         naming the parameters, the step and the checkpoint.
 
         Not applied, like the skipped steps before it: the weights, masters and optimizer state are the
-        last applied step's, so the current state is the one to save.
+        last applied step's, so the current state is the one to save, if its weights and masters are
+        finite; if not (mp.step found them inf/NaN), nothing is saved and the error names the newest
+        checkpoint that holds finite ones.
         """
         record = step_record(step, lr, error.loss_scale, False, None, error.skipped_steps)
         self.pending.append((record, loss.detach()))
-        self._flush()
-        path = self._write_checkpoint(step)
+        self._flush(step, check_weights=False)
+        finite = not error.weights and not self._nonfinite()
+        path = self._write_checkpoint(step) if finite else self.last_finite
         return error.named(self.model, step=step, checkpoint=str(path) if path else None)
 
     # ----- evaluation and logging ---------------------------------------------------------------------
@@ -183,7 +232,7 @@ class RunState:
         checkpoint_now = settings.out is not None and (done == settings.end or periodic)
         # Before a checkpoint every pending record is flushed: its history holds every record to its step.
         if len(self.pending) >= LOG_EVERY or evaluate_now or checkpoint_now or done == settings.end:
-            self._flush()
+            self._flush(done)
         if evaluate_now:
             # Every rank evaluates the full test data (cheap, no collective); rank 0's value is logged.
             # (Replicas are equal but for BatchNorm running statistics, which each rank updates from
@@ -205,19 +254,40 @@ class RunState:
         self.model.train()
         return value
 
-    def _flush(self) -> None:
-        """Read the pending steps' losses back (one read for many steps) and add their records."""
-        losses = torch.stack([loss.float() for _, loss in self.pending])
+    def _flush(self, done: int, check_weights: bool = True) -> None:
+        """Read the pending steps' losses back (one read for many steps) and add their records; in the same
+        read, whether the weights are finite: if not, raise `NonFiniteWeightsError` (after the records)."""
+        values = [loss.float().reshape(()) for _, loss in self.pending]
+        if check_weights:  # how many weights (FP32 view: masters where there are) hold inf/NaN
+            weights = [t for k, t in mp.fp32_state_dict(self.model).items() if k in self.weight_names]
+            values.append(torch.stack([(~torch.isfinite(t)).any() for t in weights]).sum().float().to(values[0]))
+        read = torch.stack(values)
         world_size = self.settings.world_size
         if world_size > 1:
             # Each rank's loss is the mean over its equal slice, so the mean over ranks is the global batch's
             # mean loss: the number a 1-process run logs. One collective per flush, for all its steps.
-            dist.all_reduce(losses)
-            losses /= world_size
-        for (record, _), value in zip(self.pending, losses.tolist(), strict=True):
+            dist.all_reduce(read)
+            read[: len(self.pending)] /= world_size
+        numbers = read.tolist()
+        for (record, _), value in zip(self.pending, numbers, strict=False):
             record["loss"] = value
             self._add(record)
         self.pending.clear()
+        if check_weights and numbers[-1] != 0:
+            raise self._weights_error(done)
+        if check_weights:
+            self.finite_at = done
+
+    def _weights_error(self, done: int, bad: dict[str, str] | None = None) -> NonFiniteWeightsError:
+        """The error stopping a run whose weights went non-finite with finite gradients (no checkpoint)."""
+        last = next((r for r in reversed(self.history) if r["kind"] == "step"), {})
+        where = str(self.last_finite) if self.last_finite else None
+        return NonFiniteWeightsError(bad or self._nonfinite(), done, self.finite_at, where,
+                                     float(last.get("loss_scale", math.nan)), int(last.get("skipped_steps", 0)))
+
+    def _nonfinite(self) -> dict[str, str]:
+        """The weights (FP32 view) holding inf/NaN now, by name (a cold path: reads them to the host)."""
+        return nonfinite_weights({"model": mp.fp32_state_dict(self.model)}, self.weight_names)
 
     # ----- checkpoints --------------------------------------------------------------------------------
 
@@ -229,7 +299,12 @@ class RunState:
             return None
         path = None
         if settings.rank == 0:  # replicas are equal: one writer, the inner (unwrapped) model's state
-            path = save_checkpoint(settings.out, self._checkpoint_state(done), keep=settings.keep)
+            state = self._checkpoint_state(done)
+            bad = nonfinite_weights(state, self.weight_names)
+            if bad:  # never saved as a good state, nor rotating a finite one away
+                raise self._weights_error(done, bad)
+            path = save_checkpoint(settings.out, state, keep=settings.keep, readable=self.readable)
+            self.last_finite = path
         if settings.world_size > 1:
             dist.barrier()  # no rank goes on (and no resume reads) before the checkpoint is whole
         return path
@@ -242,7 +317,8 @@ class RunState:
             "seed": settings.seed, "steps": settings.steps, "step": done, "model": mp.fp32_state_dict(self.model),
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "history": self.history,
-            "train_seconds": self.train_seconds,
+            "train_seconds": self.train_seconds, "faults": settings.faults,
+            "max_skips_in_a_row": settings.max_skips_in_a_row,
         }
 
     # ----- memory -------------------------------------------------------------------------------------
@@ -262,6 +338,20 @@ class RunState:
             memory["peak (measured)"] = peak
             source += "; CUDA peak measured"
         return memory, source, dict(counted.held)
+
+
+def nonfinite_weights(state: dict[str, Any], names: set[str] | None = None) -> dict[str, str]:
+    """``{name: "inf" | "nan" | "inf, nan"}`` for the weights of a checkpoint state's ``model`` (the FP32
+    view; the entries in ``names`` if given: the parameters, not buffers such as BatchNorm's statistics)
+    and its optimizer's FP32 ``masters`` (named ``masters[i]``) that hold inf/NaN."""
+    tensors = {k: t for k, t in state.get("model", {}).items() if names is None or k in names}
+    masters = state.get("optimizer", {}).get("masters", []) if isinstance(state.get("optimizer"), dict) else []
+    tensors.update({f"masters[{i}]": t for i, t in enumerate(masters)})
+    found = {}
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            found[name] = ", ".join(k for k, f in (("inf", torch.isinf), ("nan", torch.isnan)) if bool(f(t).any()))
+    return found
 
 
 def count_memory(recipe: Recipe, net: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

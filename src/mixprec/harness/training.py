@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
@@ -45,15 +46,21 @@ import torch
 import mixprec as mp
 from mixprec.harness.checkpoints import (
     DEFAULT_KEEP,
+    check_run_folder,
     check_same_run,
     check_writable,
     find_checkpoint,
     load_checkpoint,
-    prepare_run_folder,
 )
 from mixprec.harness.determinism import isolated_rng, torch_threads
 from mixprec.harness.faults import FaultPlan
-from mixprec.harness.processes import check_one_process, process_group, rank_and_world_size, rows_per_process
+from mixprec.harness.processes import (
+    check_one_process,
+    process_group,
+    rank_and_world_size,
+    rows_per_process,
+    run_folder_lock,
+)
 from mixprec.harness.run_state import LOG_EVERY, Log, Record, RunSettings, RunState
 from mixprec.recipes import Data, Recipe, get_recipe
 
@@ -90,6 +97,8 @@ class RunResult:
     history: list[Record] = field(default_factory=list, repr=False)
     emulation: str | None = None  # emulated: "per op" or "module boundaries" (see Policy.emulation)
     memory_held: dict[str, int] = field(default_factory=dict)  # category -> bytes the tensors held (mp.memory)
+    faults: str | None = None  # the fault plan injected (its text), if any
+    max_skips_in_a_row: int | str | None = "auto"  # the NaN-storm guard it ran under
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,18 +134,21 @@ def train(
         device: where to train; execution is native or emulated as ``policy`` resolves on it.
         out: the run's folder, for its checkpoints ``checkpoint-000100.pt`` (written atomically at the
             end, at ``stop_at`` and every ``checkpoint_every`` steps; see `mixprec.harness.checkpoints`). A
-            folder that already holds a run is refused unless ``resume`` or ``overwrite``. None: no
-            checkpoints.
+            folder that already holds a run is refused unless ``resume`` or ``overwrite``, and so is a
+            folder another process is using (its lock file ``.mixprec.lock``, held for the run; see
+            `mixprec.harness.processes.run_folder_lock`). None: no checkpoints.
         resume: True: continue from the newest intact checkpoint in ``out`` (newer damaged ones are
             skipped with a warning naming them and why); a path: from that checkpoint. Same recipe,
-            policy, seed and steps.
+            policy, seed, steps and faults (each checkpoint records them).
         overwrite: start afresh in an ``out`` that holds a run, removing the run's files (checkpoints,
-            metrics.jsonl, result.json, TensorBoard event files; nothing else).
+            metrics.jsonl, result.json, TensorBoard event files; nothing else), once every argument is
+            checked and the new run is built, right before its first record.
         stop_at: stop after this many steps (checkpointed), as if interrupted; resume later.
         checkpoint_every: steps between checkpoints (None or 0: only at the end and at ``stop_at``).
         keep: checkpoints kept in ``out`` (the newest; default 2, so a damaged newest one leaves an
             older one to resume from).
-        threads: torch CPU threads for this run (restored afterwards); None leaves torch's setting.
+        threads: torch CPU threads for this run (restored afterwards), at most 4 per CPU (`MAX_THREADS`);
+            None leaves torch's setting.
         log: called with every record (steps and evaluations) as the run makes it; under torchrun
             on rank 0 only.
         faults: a `mixprec.harness.faults.FaultPlan` or its spec (``"grad:inf@3,7;loss:nan@rate=0.01;seed=1"``):
@@ -145,7 +157,9 @@ def train(
             a row (``"auto"``: the scaler's ``storm_limit()``; None: never) the run stops with
             ``mp.NaNStormError``, naming the parameters whose gradients (or weights) hold inf/NaN, after
             logging the step and checkpointing the last good state into ``out`` (a skipped step changes
-            no weight, so the current state is it).
+            no weight, so the current state is it; if its weights are inf/NaN, nothing is saved and the
+            error names the newest finite checkpoint). Weights that go inf/NaN while steps with finite
+            gradients are applied stop the run too (`mixprec.harness.run_state.NonFiniteWeightsError`).
 
     Under torchrun (``WORLD_SIZE`` > 1) it joins the process group (gloo on CPU, NCCL on
     ``cuda:LOCAL_RANK``) unless one is open, and trains a DistributedDataParallel replica on its
@@ -159,36 +173,53 @@ def train(
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     policy = mp.Policy.parse(policy)
     steps = recipe.steps if steps is None else steps
-    _check_arguments(steps, stop_at, checkpoint_every, keep)
+    _check_arguments(steps, stop_at, checkpoint_every, keep, threads)
     plan = FaultPlan.parse(faults) if faults is not None else None
     rank, world_size = rank_and_world_size()
     rows_per_process(recipe, world_size)  # before anything starts: raises if the batch does not split
     device = _process_device(torch.device(device), world_size)
     out = Path(out) if out is not None else None
-    checkpoint = _open_run_folder(out, resume, overwrite, rank)
-    if checkpoint is not None:
-        check_same_run(checkpoint, recipe, policy, seed, steps)
-    data = _on_device(recipe.make_data() if data is None else data, device)
-    settings = RunSettings(recipe=recipe, policy=policy, seed=seed, steps=steps,
-                           end=steps if stop_at is None else stop_at, device=device, rank=rank,
-                           world_size=world_size, out=out, checkpoint_every=checkpoint_every, keep=keep,
-                           max_skips_in_a_row=max_skips_in_a_row)
+    if (resume is not False or overwrite) and out is None:
+        raise ValueError("resume and overwrite need the run's folder (out=...)")
+    if out is not None:
+        check_writable(out)
+    with contextlib.ExitStack() as held:
+        if out is not None and rank == 0:  # one process per run folder; under torchrun rank 0 holds it
+            held.enter_context(run_folder_lock(out, warn=lambda line: warnings.warn(line, stacklevel=6)))
+        source, checkpoint, replaced = _open_run_folder(out, resume, overwrite, rank)
+        if checkpoint is not None:
+            check_same_run(checkpoint, recipe, policy, seed, steps, None if plan is None else str(plan))
+        data = _on_device(recipe.make_data() if data is None else data, device)
+        settings = RunSettings(recipe=recipe, policy=policy, seed=seed, steps=steps,
+                               end=steps if stop_at is None else stop_at, device=device, rank=rank,
+                               world_size=world_size, out=out, checkpoint_every=checkpoint_every, keep=keep,
+                               max_skips_in_a_row=max_skips_in_a_row, faults=None if plan is None else str(plan))
 
-    with process_group(device, world_size), isolated_rng(seed), torch_threads(threads):
-        # Every rank draws the same initial weights and, step by step, the same random numbers, so the
-        # RNG state rank 0 checkpoints is every rank's.
-        run = RunState(settings, data, plan, log if log is not None and rank == 0 else _no_log)  # rank 0 logs
-        run.begin(checkpoint)
-        run.train()
-        memory, memory_source, memory_held = run.measure_memory()
+        with process_group(device, world_size), isolated_rng(seed), torch_threads(threads):
+            # Every rank draws the same initial weights and, step by step, the same random numbers, so the
+            # RNG state rank 0 checkpoints is every rank's.
+            run = RunState(settings, data, plan, log if log is not None and rank == 0 else _no_log)  # rank 0 logs
+            for path in replaced:  # --overwrite: the old run goes only now, every input checked, the new one built
+                path.unlink(missing_ok=True)
+            run.begin(checkpoint, source)
+            run.train()
+            memory, memory_source, memory_held = run.measure_memory()
     return _result(run, memory, memory_source, memory_held)
 
 
 # ----- the run's set-up and its result ----------------------------------------------------------------
 
 
-def _check_arguments(steps: int, stop_at: int | None, checkpoint_every: int | None, keep: int) -> None:
-    """ValueError for a number of steps, a stop, a checkpoint interval or a count kept out of range."""
+#: the most torch CPU threads a run takes: 4 per CPU (torch crashes on counts such as 100000)
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+
+
+def _check_arguments(steps: int, stop_at: int | None, checkpoint_every: int | None, keep: int,
+                     threads: int | None = None) -> None:
+    """ValueError for a number of steps, a stop, a checkpoint interval, a count kept or threads out of range."""
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"threads must be in 1..{MAX_THREADS} (4 per CPU of this machine's {os.cpu_count()}), "
+                         f"got {threads}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if stop_at is not None and not 0 < stop_at <= steps:
@@ -206,25 +237,26 @@ def _process_device(device: torch.device, world_size: int) -> torch.device:
     return device
 
 
-def _open_run_folder(out: Path | None, resume: bool | str | Path, overwrite: bool, rank: int) -> dict[str, Any] | None:
-    """Check ``out`` can be written and holds no other run (rank 0 prepares it); the checkpoint to resume
-    from, or None for a fresh run. Warns (on rank 0) about the newer damaged checkpoints it skipped."""
-    if (resume is not False or overwrite) and out is None:
-        raise ValueError("resume and overwrite need the run's folder (out=...)")
+def _open_run_folder(out: Path | None, resume: bool | str | Path, overwrite: bool,
+                     rank: int) -> tuple[Path | None, dict[str, Any] | None, list[Path]]:
+    """Check ``out`` holds no other run (rank 0 checks it): (the path and state of the checkpoint to resume
+    from, None and None for a fresh run, and the old run's files an overwrite is to remove). Warns (on
+    rank 0) about the newer damaged checkpoints it skipped (kept: never deleted)."""
     if out is None:
-        return None
-    check_writable(out)
+        return None, None, []
+    replaced = []
     if rank == 0:  # one process decides: the others start after it (the process group waits)
-        prepare_run_folder(out, resume=resume is not False, overwrite=overwrite)
+        replaced = check_run_folder(out, resume=resume is not False, overwrite=overwrite)
     if resume is False:
-        return None
+        return None, None, replaced
     if resume is True:
-        _, checkpoint, skipped = find_checkpoint(out)
+        path, checkpoint, skipped = find_checkpoint(out)
         for reason in skipped if rank == 0 else ():
             # stacklevel 3: the warning names the line that called train()
-            warnings.warn(f"{reason}; skipped it, resuming from an older checkpoint", stacklevel=3)
-        return checkpoint
-    return load_checkpoint(Path(resume))
+            warnings.warn(f"{reason}; skipped it, resuming from an older checkpoint (the file stays in the folder)",
+                          stacklevel=3)
+        return path, checkpoint, []
+    return Path(resume), load_checkpoint(Path(resume)), []
 
 
 def _on_device(data: Data, device: torch.device) -> Data:
@@ -250,7 +282,8 @@ def _result(run: RunState, memory: dict[str, int], memory_source: str, memory_he
         skipped_steps=int(last["skipped_steps"]), final_loss_scale=last["loss_scale"],
         seconds_per_step=run.train_seconds / max(1, len(step_records)), memory=memory,
         memory_source=memory_source, data_info=dict(run.data.info), world_size=settings.world_size,
-        history=history, memory_held=memory_held,
+        history=history, memory_held=memory_held, faults=settings.faults,
+        max_skips_in_a_row=settings.max_skips_in_a_row,
     )
 
 
