@@ -18,6 +18,7 @@ from mixprec.cli import main
 from mixprec.harness.training import train
 from mixprec.numerics.watch import EXPONENTS
 from mixprec.recipes import get_recipe
+from mixprec.report.doctor import write_doctor_report
 
 
 def _values() -> torch.Tensor:
@@ -223,3 +224,39 @@ def test_cli_doctor_writes_the_report_and_prints_json(tmp_path, capsys):
     report = (tmp_path / "report.md").read_text()
     assert printed["policy"] in report and "![activation_grad](activation_grad.png)" in report
     assert json.loads((tmp_path / "diagnosis.json").read_text())["scale_ranges"]["fp16"]["k_min"] > 0
+
+
+def test_the_doctor_summary_quotes_the_shares_its_tables_show(tmp_path):
+    # Gradients around FP16's smallest subnormal: many flush, some in the binade below it round up.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1))
+    batches = [torch.randn(64, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    d = mp.doctor(model, batches, lambda m, x: m(x).pow(2).mean() * 2.0**-18)
+    act, wgt = d.totals["activation_grad"], d.totals["weight_grad"]
+    # Every share is of the non-zero values, and the unscaled flush share is the exact round-to-nearest count.
+    for kind, stats in d.totals.items():
+        assert d.shares["fp16"][kind] == {k: v / stats.nonzero for k, v in stats.formats["fp16"].items()}
+    fp16 = d.scale_ranges["fp16"]
+    both = (act.formats["fp16"]["underflow"] + wgt.formats["fp16"]["underflow"]) / (act.nonzero + wgt.nonzero)
+    assert fp16.lost_unscaled == both and 0.1 < both < 0.99
+    pct = {k: f"{100 * d.shares['fp16'][k]['underflow']:.3g}%" for k in ("activation_grad", "weight_grad")}
+    (summary,) = [e for e in d.evidence if e.startswith("gradients:")]
+    assert summary.startswith(f"gradients: {100 * both:.3g}% of the non-zero gradient values flush")
+    assert f"activation gradients {pct['activation_grad']}, weight gradients {pct['weight_grad']}" in summary
+
+    report = write_doctor_report(d, tmp_path, "test").read_text()
+    assert summary in report and "non-zero values" in report
+    lost = [line for line in report.split("## Values lost")[1].split("## ")[0].splitlines() if line.startswith("|")]
+    columns = lost[0].strip("| ").split(" | ")
+    fp16_row = next(line for line in lost if line.startswith("| fp16 |")).strip("| ").split(" | ")
+    for kind, title in (("activation_grad", "activation gradients"), ("weight_grad", "weight gradients")):
+        assert fp16_row[columns.index(title)].endswith(f"/ {pct[kind]}")  # overflow / subnormal / underflow
+    # The loss-scale table: every row as many cells as its header, no "(empty)" outside the cells.
+    assert d.scale_ranges["e4m3"].empty
+    scales = report.split("## Loss scales")[1].split("## ")[0]
+    table = [line for line in scales.splitlines() if line.startswith("|")]
+    assert "(empty)" not in report and len({line.count("|") for line in table}) == 1
+    e4m3 = next(line for line in table if line.startswith("| e4m3 |"))
+    r = d.scale_ranges["e4m3"]
+    assert f"none: 2^{r.k_min} needed to flush <= 0.1%, 2^{r.k_max} the most without overflow" in e4m3
+    assert f"| {100 * both:.3g}% |" in next(line for line in table if line.startswith("| fp16 |"))

@@ -10,21 +10,28 @@ import matplotlib.image
 import numpy as np
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+import mixprec as mp
+from mixprec.cli.demo import findings
 from mixprec.harness.training import Comparison, RunResult, compare
 from mixprec.report import (
     RunLogger,
     format_bytes,
     format_metric,
     format_scale,
+    markdown_tables,
     memory_table,
     render,
+    report_markdown,
     results_table,
+    short_policy,
     summarize,
     verdicts,
+    wrap_policy,
     write_report,
 )
-from mixprec.report.plots import _aligned, _running_mean
+from mixprec.report.plots import _aligned, _running_mean, curves_figure, loss_scale_figure
 
 
 def _run(policy: str, seed: int, final: float, initial: float = 0.1, steps: int = 4) -> RunResult:
@@ -154,3 +161,140 @@ def test_summarize_rows_carry_totals_and_verdict_text():
     rows = {r["policy"]: r for r in summarize(_toy_comparison())}
     assert rows["f32"]["memory_total"] == 9500
     assert rows["f16-master"]["verdict_text"] == "matches f32"
+
+
+# ----- long policy strings, legends, labels: figures that read ----------------------------------------
+
+LONG = [str(mp.Policy.parse(p)) for p in (
+    "f32", "f16-master,scaling=dynamic:16777216", "bf16-master,execution=emulated",
+    "f16-master,scaling=static:1024,rule=head:fp32", "f16-mixed,scaling=dynamic:4096,execution=emulated",
+    "f16-master-noscale")]
+
+
+def _long_comparison() -> Comparison:
+    finals = [0.95, 0.94, 0.95, 0.5, 0.93, 0.95]
+    runs = [_run(p, s, f + 0.001 * s, steps=40) for p, f in zip(LONG, finals, strict=True) for s in range(2)]
+    return Comparison("toy", "accuracy", True, LONG, [0, 1], runs)
+
+
+def _drawn(fig):
+    FigureCanvasAgg(fig).draw()  # lays the figure out (constrained layout) and measures its text
+    return fig.get_window_extent()
+
+
+def _inside(box, canvas) -> bool:
+    return box.x0 >= canvas.x0 - 1 and box.y0 >= canvas.y0 - 1 and box.x1 <= canvas.x1 + 1 and box.y1 <= canvas.y1 + 1
+
+
+def _disjoint(boxes) -> bool:
+    return not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def _labels(axis) -> list:
+    ticks = axis.get_majorticklabels() + axis.get_minorticklabels()
+    return [t.get_window_extent() for t in ticks if t.get_visible() and t.get_text()]
+
+
+def test_short_policy_is_the_same_policy_in_fewer_characters():
+    assert LONG[1].startswith("params=fp16,compute=fp16,output=fp32") and len(LONG[1]) > 90
+    assert [short_policy(p) for p in LONG] == [
+        "f32", "f16-master,scaling=dynamic:16777216", "bf16-master,execution=emulated",
+        "f16-master,scaling=static:1024,rule=head:fp32", "f16-mixed,scaling=dynamic:4096,execution=emulated",
+        "f16-master-noscale"]
+    assert all(mp.Policy.parse(short_policy(p)) == mp.Policy.parse(p) for p in LONG)
+    assert short_policy("not a policy") == "not a policy"
+    assert wrap_policy("f16-master,scaling=static:1024,rule=head:fp32", 24) == \
+        "f16-master,\nscaling=static:1024,\nrule=head:fp32"
+
+
+def test_terminal_tables_break_long_policies_after_commas():
+    text = render(results_table(_long_comparison())) + render(memory_table(_long_comparison()))
+    assert max(len(line) for line in text.splitlines()) <= 80
+    lines = [line.split()[0] for line in text.splitlines() if line.strip()]
+    assert "scaling=dynamic:16777216" in lines and "f16-master," in lines  # two lines, split where a comma is
+    assert "params=fp16" not in text
+    markdown = markdown_tables(_long_comparison())
+    assert "| `f16-master,scaling=dynamic:16777216` |" in markdown
+    assert f"`f16-master,scaling=dynamic:16777216` is `{LONG[1]}`" in markdown  # the full form is still said
+
+
+def test_curves_with_long_policies_keep_legend_titles_and_ticks_on_the_canvas():
+    fig = curves_figure(_long_comparison())
+    canvas = _drawn(fig)
+    (legend,) = fig.legends
+    box = legend.get_window_extent()
+    assert _inside(box, canvas)
+    assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes)  # below the axes, covering none
+    titles = [ax.title.get_window_extent() for ax in fig.axes]
+    assert _disjoint(titles) and all(_inside(t, canvas) for t in titles)
+    final = fig.axes[2]
+    ticks = _labels(final.xaxis)
+    assert len(ticks) == len(LONG) and _disjoint(ticks) and all(_inside(t, canvas) for t in ticks)
+    assert max(max(t.width, t.height) for t in ticks) < 0.2 * canvas.width  # no label as long as the figure
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert "f16-master,scaling=dynamic:16777216" in texts and not any("params=" in t for t in texts)
+
+
+def test_loss_scale_legend_sits_below_the_axes():
+    fig = loss_scale_figure(_long_comparison())
+    canvas = _drawn(fig)
+    (legend,) = fig.legends
+    assert _inside(legend.get_window_extent(), canvas)
+    assert not legend.get_window_extent().overlaps(fig.axes[0].get_window_extent())
+    assert fig.axes[0].get_legend() is None
+
+
+def test_log_loss_axis_labels_do_not_crowd():
+    runs = []
+    for policy in ("f32", "f16-master"):
+        run = _run(policy, 0, 0.9, steps=300)
+        for record in run.history:
+            if record["kind"] == "step":
+                record["loss"] = 2.3 * 0.975 ** record["step"] + 5e-4  # 2.3 down to ~1e-3: three decades
+        runs.append(run)
+    fig = curves_figure(Comparison("toy", "accuracy", True, ["f32", "f16-master"], [0], runs))
+    _drawn(fig)
+    loss_axis = fig.axes[1].yaxis
+    labels = _labels(loss_axis)
+    assert len(labels) >= 3 and _disjoint(labels)
+    assert {t.get_text() for t in loss_axis.get_majorticklabels() if t.get_text()} >= {"0.01", "0.1", "1"}
+
+
+def test_agreeing_policies_get_their_own_colour_style_and_marker_and_say_so():
+    runs = [_run(p, s, 0.9) for p in ("f32", "f16-master", "f16-master-noscale") for s in range(2)]
+    for run in runs:
+        if run.policy == "f16-master-noscale":
+            for record in run.history:
+                if record["kind"] == "step":
+                    record["loss"] *= 3.0  # a different loss curve: it does not lie on top of the others
+    c = Comparison("toy", "accuracy", True, ["f32", "f16-master", "f16-master-noscale"], [0, 1], runs)
+    fig = curves_figure(c)
+    _drawn(fig)
+    lines = [line for line in fig.axes[0].get_lines()]
+    looks = {(tuple(line.get_color()), line.get_linestyle(), line.get_marker(), line.get_linewidth()) for line in lines}
+    assert len(lines) == 3 and len(looks) == 3
+    assert len({tuple(line.get_color()) for line in lines}) == 3 and len({line.get_linestyle() for line in lines}) == 3
+    texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert texts[:3] == ["f32", "f16-master\n(overlaps f32)", "f16-master-noscale"]
+    scale_texts = [t.get_text() for t in loss_scale_figure(c).legends[0].get_texts()]
+    assert scale_texts[1] == "f16-master\n(x: 1 skipped step; overlaps f32)"
+
+
+def test_the_findings_state_the_test_the_verdict_passed():
+    # f16-master is 0.0049 above f32's mean: outside f32's tight min-max, within the tolerance (2% of the gain)
+    finals = {"f32": [0.9000, 0.9001, 0.9002], "f16-master": [0.905, 0.905, 0.905], "bf16-pure": [0.85, 0.85, 0.85]}
+    runs = [_run(p, s, v) for p, values in finals.items() for s, v in enumerate(values)]
+    c = Comparison("toy", "accuracy", True, list(finals), [0, 1, 2], runs)
+    rows = {r["policy"]: r for r in summarize(c)}
+    assert rows["f16-master"]["verdict"] == "matches" and not rows["f16-master"]["within_reference_range"]
+    assert rows["f16-master"]["tolerance_basis"] == "gain"
+    text = report_markdown([c], {}, {"date": "d", "device": "cpu", "device_name": "x", "torch": "t", "python": "p",
+                                     "mixprec": "m", "cpu_threads": 1})
+    matched = next(line for line in text.splitlines() if line.startswith("- `f16-master`"))
+    assert "outside" not in matched
+    assert "matches f32: mean 0.905 vs f32's 0.9001, 0.0049 apart, within the tolerance of 0.016 (2% of f32's gain" \
+        in matched
+    worse = next(line for line in text.splitlines() if line.startswith("- `bf16-pure`"))
+    assert "worse than f32" in worse and "beyond the tolerance of 0.016" in worse
+    assert findings(c, {"f16-master": "matches"}) == [
+        "ok  f16-master: matches f32 (accuracy 0.905 vs 0.9001, 0.0049 apart, tolerance 0.016)"]

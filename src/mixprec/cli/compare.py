@@ -24,6 +24,7 @@ from mixprec.report import (
     memory_table,
     render,
     results_table,
+    short_policy,
     write_report,
 )
 
@@ -86,7 +87,7 @@ def run_experiments(experiments: list[Experiment], out: Path, args: argparse.Nam
             runs = []
             for policy in experiment.policies:
                 for seed in experiment.seeds:
-                    task = progress.add(f"{policy} s{seed}", total=experiment.steps)
+                    task = progress.add(f"{short_policy(policy)} s{seed}", total=experiment.steps)
                     folder = out / "runs" / experiment.recipe.name / slug(policy) / f"seed{seed}"
                     with RunLogger(folder) as logger:
                         def log(record: dict, task: int = task, logger: RunLogger = logger) -> None:
@@ -114,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     check_writable(out)
     n_runs = len(experiment.policies) * len(experiment.seeds)
     print(f"mixprec compare: {experiment.recipe.name}, {n_runs} runs of {experiment.steps} steps "
-          f"({', '.join(experiment.policies)}; seeds {', '.join(map(str, experiment.seeds))}) -> {out}")
+          f"({'; '.join(map(short_policy, experiment.policies))}; seeds {', '.join(map(str, experiment.seeds))})"
+          f" -> {out}")
     start = time.perf_counter()
     comparisons = run_experiments([experiment], out, args)
     report = write_report(comparisons, out, device=default_device(args.device), threads=args.threads,

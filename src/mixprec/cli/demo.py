@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixprec.harness.training import Comparison
-from mixprec.report import reference_policy, summarize, write_report
+from mixprec.report import reference_policy, short_policy, summarize, write_report
 
 from . import device_name, positive_int
 from .compare import make_experiment, print_tables, run_experiments
@@ -84,14 +84,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def findings(comparison: Comparison, expect: dict[str, str]) -> list[str]:
-    """'ok  f16-master: matches f32 (accuracy 0.9861 vs 0.9870)', one line per expectation."""
+    """'ok  f16-master: matches f32 (accuracy 0.9861 vs 0.9870, 0.0009 apart, tolerance 0.0052)', one line
+    per expectation: the numbers the verdict was decided on (see `mixprec.report.verdict_sentence`)."""
     rows = {row["policy"]: row for row in summarize(comparison)}
     ref = rows[reference_policy(comparison)]
     lines = []
     for policy, word in expect.items():
         row = rows[policy]
         expected = row["verdict"] == word
-        lines.append(f"{'ok' if expected else 'UNEXPECTED'}  {policy}: {row['verdict_text']} ("
-                     f"{comparison.metric} {row['mean']:.4g} vs {ref['mean']:.4g})"
-                     + ("" if expected else f"; the paper predicts: {word}"))
+        numbers = f"{comparison.metric} {row['mean']:.4g} vs {ref['mean']:.4g}"
+        if row["verdict"] in ("matches", "better", "worse"):  # decided by the distance against the tolerance
+            numbers += f", {abs(row['difference']):.3g} apart, tolerance {row['tolerance']:.3g}"
+        lines.append(f"{'ok' if expected else 'UNEXPECTED'}  {short_policy(policy)}: {row['verdict_text']} "
+                     f"({numbers})" + ("" if expected else f"; the paper predicts: {word}"))
     return lines

@@ -13,6 +13,9 @@ round-to-nearest onto it):
   ``amax * 2^k`` below the overflow threshold; and at most `LOST` (0.1%, the paper's "all but 0.1%")
   of the non-zero gradient values may flush to zero: ``k >= k_min``. A dynamic scaler starts at
   ``2^clamp(16, k_min, k_max)`` (torch.amp's 2^16 unless the range says otherwise).
+* Every share reported is of the *non-zero* values of a kind (an exact zero is exact in every format,
+  so it is never lost): the table of shares lost per format, the share of gradients flushed unscaled
+  (counted exactly, from the watch's round-to-nearest counts) and the summary that quotes them.
 * Modules that must stay wider: those whose activations or weights overflow the format even before
   any scaling (the innermost ones: a parent whose output is its child's is not named again).
 * FP16 is recommended when a loss scale range exists and at most `MAX_RULES` modules need an FP32
@@ -47,8 +50,9 @@ class ScaleRange:
 
     k_min: int
     k_max: int
-    lost_unscaled: float  # share of non-zero gradient values flushed to zero at scale 1
-    lost_at_min: float  # ... at 2^k_min
+    lost_unscaled: float  # share of non-zero gradient values flushed to zero at scale 1 (exact where counted)
+    lost_at_min: float  # at most this share is flushed at 2^k_min (values in the binade below the smallest
+    # subnormal count as lost: the histogram cannot tell which of them round up)
 
     @property
     def empty(self) -> bool:
@@ -67,7 +71,8 @@ class Diagnosis:
     Attributes:
         policy: the recommended policy string (parses with `mp.Policy.parse`).
         evidence: one line per reason behind it.
-        shares: format name -> kind -> {"overflow", "subnormal", "underflow"}: shares of all values.
+        shares: format name -> kind -> {"overflow", "subnormal", "underflow"}: shares of the kind's
+            non-zero values (finite, not exactly zero; the same count the summary quotes).
         scale_ranges: format name -> `ScaleRange` (narrow-range formats only).
         wider: format name -> module names whose activations or weights overflow it (innermost).
         totals: kind -> `TensorStats` over the whole model; modules: (module, kind) -> `TensorStats`.
@@ -97,7 +102,7 @@ class Diagnosis:
     def __str__(self) -> str:
         lines = [f"recommended policy: {self.policy}", "", "why:"]
         lines += [f"  - {e}" for e in self.evidence]
-        lines += ["", "share of values lost per format (overflow / subnormal / underflow to zero):"]
+        lines += ["", "share of non-zero values lost per format (overflow / subnormal / underflow to zero):"]
         for name, kinds in self.shares.items():
             cells = [f"{kind} {_pct(s['overflow'])}/{_pct(s['subnormal'])}/{_pct(s['underflow'])}"
                      for kind, s in kinds.items()]
@@ -107,6 +112,20 @@ class Diagnosis:
 
 def _pct(share: float) -> str:
     return "0" if share == 0 else f"{100 * share:.3g}%"
+
+
+def nonzero_shares(stats: TensorStats, fmt: Format) -> dict[str, float]:
+    """The share of `stats`' non-zero values that would overflow, be subnormal, or flush to zero in `fmt`.
+
+    Example:
+        >>> import torch, mixprec as mp
+        >>> with mp.watch(torch.nn.Identity()) as w:
+        ...     _ = w.model(torch.tensor([0.0, 1e5, 1.0, 1e-6, 1e-9]))
+        >>> nonzero_shares(w.stats()["", "activation"], mp.F16)
+        {'overflow': 0.25, 'subnormal': 0.25, 'underflow': 0.25}
+    """
+    counts = stats.formats[fmt.name]
+    return {k: (v / stats.nonzero if stats.nonzero else 0.0) for k, v in counts.items()}
 
 
 def _stats_dict(s: TensorStats) -> dict[str, Any]:
@@ -142,7 +161,9 @@ def scale_range(gradients: TensorStats, fmt: Format, lost: float = LOST) -> Scal
         return float(gradients.histogram[EXPONENTS + k < survive_from].sum()) / nonzero
 
     k_min = next((k for k in range(-64, 201) if lost_share(k) <= lost), 201)
-    return ScaleRange(k_min, k_max, lost_share(0), lost_share(k_min))
+    counted = gradients.formats.get(fmt.name)  # the watch's exact count of values rounding to zero
+    unscaled = counted["underflow"] / nonzero if counted and nonzero else lost_share(0)
+    return ScaleRange(k_min, k_max, unscaled, lost_share(k_min))
 
 
 def _innermost(names: list[str]) -> list[str]:
@@ -197,7 +218,7 @@ def doctor(model: torch.nn.Module, batches: Iterable[Any], loss_fn: Callable[[to
     totals: dict[str, TensorStats] = {}
     for (_, kind), s in modules.items():
         totals[kind] = totals[kind].merge(s) if kind in totals else s
-    shares = {f.name: {k: totals[k].share(f) for k in KINDS if k in totals} for f in chosen}
+    shares = {f.name: {k: nonzero_shares(totals[k], f) for k in KINDS if k in totals} for f in chosen}
     grads = [totals[k] for k in _GRADIENTS if k in totals]
     gradients = grads[0].merge(grads[1]) if len(grads) == 2 else grads[0] if grads else None
     narrow = [f for f in chosen if f.exponent_bits < 8]
@@ -205,22 +226,24 @@ def doctor(model: torch.nn.Module, batches: Iterable[Any], loss_fn: Callable[[to
     wider = {f.name: _innermost(sorted({m for (m, k), s in modules.items()
                                         if k in _FORWARD and s.formats[f.name]["overflow"]}))
              for f in chosen}
-    policy, evidence = _recommend(ranges.get(F16.name), wider[F16.name], totals, lost)
+    policy, evidence = _recommend(ranges.get(F16.name), wider[F16.name], totals, shares[F16.name], lost)
     return Diagnosis(policy, evidence, shares, ranges, wider, totals, modules, steps)
 
 
 def _recommend(fp16: ScaleRange | None, overflowing: list[str], totals: dict[str, TensorStats],
-               lost: float) -> tuple[str, list[str]]:
+               fp16_shares: dict[str, dict[str, float]], lost: float) -> tuple[str, list[str]]:
     evidence = []
     amax = {k: s.amax for k, s in totals.items()}
     if "activation" in amax:
         evidence.append(f"largest activation {amax['activation']:.4g}, largest weight {amax.get('weight', 0):.4g} "
                         f"(FP16 max {F16.max:g})")
     if fp16 is not None:
+        kinds = ", ".join(f"{k.replace('_grad', '')} gradients {_pct(fp16_shares[k]['underflow'])}"
+                          for k in _GRADIENTS if k in fp16_shares)
         evidence.append(
-            f"gradients: {100 * fp16.lost_unscaled:.3g}% of non-zero values flush to zero in FP16 unscaled; loss "
-            f"scales 2^{fp16.k_min}..2^{fp16.k_max} flush at most {100 * lost:g}% and overflow nothing"
-            + (" (none: the range is empty)" if fp16.empty else ""))
+            f"gradients: {_pct(fp16.lost_unscaled)} of the non-zero gradient values flush to zero in FP16 unscaled "
+            f"({kinds}: the FP16 underflow shares in the table); loss scales 2^{fp16.k_min}..2^{fp16.k_max} flush "
+            f"at most {100 * lost:g}% and overflow nothing" + (" (none: the range is empty)" if fp16.empty else ""))
     if overflowing:
         evidence.append(f"FP16 overflows in the forward of {len(overflowing)} module(s): {', '.join(overflowing[:8])}")
     if fp16 is None or fp16.empty or len(overflowing) > MAX_RULES or "" in overflowing:

@@ -19,7 +19,18 @@ from mixprec.harness.training import Comparison
 from .markdown import report_markdown
 from .plots import plot_comparison
 from .progress import TrainingProgress
-from .summary import Verdict, format_bytes, format_metric, format_scale, reference_policy, summarize, verdicts
+from .summary import (
+    Verdict,
+    format_bytes,
+    format_metric,
+    format_scale,
+    reference_policy,
+    short_policy,
+    summarize,
+    verdict_sentence,
+    verdicts,
+    wrap_policy,
+)
 from .tables import markdown_tables, memory_table, render, results_table
 from .writers import RunLogger, clean_json, write_json
 
@@ -49,5 +60,6 @@ def write_report(comparisons: list[Comparison], folder: Path | str, *, device: s
 __all__ = [
     "RunLogger", "TrainingProgress", "Verdict", "clean_json", "environment", "format_bytes", "format_metric",
     "format_scale", "git_commit", "markdown_tables", "memory_table", "plot_comparison", "reference_policy", "render",
-    "report_markdown", "results_table", "summarize", "verdicts", "write_json", "write_report",
+    "report_markdown", "results_table", "short_policy", "summarize", "verdict_sentence", "verdicts", "wrap_policy",
+    "write_json", "write_report",
 ]

@@ -40,7 +40,7 @@ def plot_histograms(diagnosis: mp.Diagnosis, folder: Path) -> list[Path]:
     paths = []
     fp16_range = diagnosis.scale_ranges.get(mp.F16.name)
     for kind, stats in diagnosis.totals.items():
-        fig = Figure(figsize=(9, 3.8), layout="constrained")
+        fig = Figure(figsize=(11, 3.8), layout="constrained")
         ax = fig.subplots()
         nonzero = max(stats.nonzero, 1)
         share = stats.histogram / nonzero
@@ -72,7 +72,7 @@ def plot_histograms(diagnosis: mp.Diagnosis, folder: Path) -> list[Path]:
                ylabel="share of non-zero values",
                title=f"{TITLES.get(kind, kind)}: {stats.count:,} values, {100 * zeros:.3g}% exact zeros, "
                      f"max |x| {stats.amax:.3g}")
-        ax.legend(fontsize=7, loc="upper left")
+        fig.legend(fontsize=7, loc="outside right upper", frameon=False)  # beside the axes: it hides no bar
         path = folder / f"{kind}.png"
         fig.savefig(path, dpi=110)
         paths.append(path)
@@ -93,8 +93,9 @@ def write_doctor_report(diagnosis: mp.Diagnosis, folder: Path | str, title: str,
     lines += ["", f"Watched: {diagnosis.steps} FP32 steps; mixprec {env.get('mixprec')}, torch {env.get('torch')}, "
               f"{env.get('device_name', device)}, commit {env.get('git_commit')}, {env.get('date')}.", "",
               "## Values lost per format", "",
-              "Share of all values of each kind that would overflow / be subnormal / flush to zero when rounded "
-              "to nearest onto the format (no loss scaling).", "",
+              "Share of the non-zero values of each kind (exact zeros are exact in every format) that would "
+              "overflow / be subnormal / flush to zero when rounded to nearest onto the format (no loss scaling); "
+              "the summary above quotes the same shares.", "",
               "| format | " + " | ".join(TITLES.get(k, k) for k in diagnosis.totals) + " |",
               "|---|" + "---:|" * len(diagnosis.totals)]
     for name, kinds in diagnosis.shares.items():
@@ -103,11 +104,14 @@ def write_doctor_report(diagnosis: mp.Diagnosis, folder: Path | str, title: str,
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if diagnosis.scale_ranges:
         lines += ["", "## Loss scales that bring the gradients into range", "",
-                  "| format | smallest (<= 0.1% flushed) | largest (no overflow) | flushed unscaled |",
-                  "|---|---:|---:|---:|"]
+                  "Activation and weight gradients together (a loss scale multiplies both), as shares of their "
+                  "non-zero values.", "",
+                  "| format | loss scales that fit | smallest (<= 0.1% flushed) | largest (no overflow) "
+                  "| flushed unscaled |",
+                  "|---|---|---:|---:|---:|"]
         for name, r in diagnosis.scale_ranges.items():
-            lines.append(f"| {name} | 2^{r.k_min} | 2^{r.k_max} | {_pct(r.lost_unscaled)} |"
-                         + (" (empty)" if r.empty else ""))
+            lines.append(f"| {name} | {_fits(r)} | {_power(r.k_min, 'none')} | {_power(r.k_max, 'any')} "
+                         f"| {_pct(r.lost_unscaled)} |")
     wide = {name: modules for name, modules in diagnosis.wider.items() if modules}
     if wide:
         lines += ["", "## Modules whose forward values overflow a format", ""]
@@ -118,6 +122,20 @@ def write_doctor_report(diagnosis: mp.Diagnosis, folder: Path | str, title: str,
     path = folder / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _fits(r: mp.numerics.ScaleRange) -> str:
+    """The loss scales that fit, or why none does."""
+    if not r.empty:
+        return f"2^{r.k_min} .. 2^{r.k_max}"
+    if r.k_min > 200:
+        return "none: no scale keeps the flushed share <= 0.1%"
+    return f"none: 2^{r.k_min} needed to flush <= 0.1%, 2^{r.k_max} the most without overflow"
+
+
+def _power(k: int, unbounded: str) -> str:
+    """2^k, or `unbounded` where the search found no bound (k past 200: nothing flushes / nothing overflows)."""
+    return unbounded if abs(k) >= 200 else f"2^{k}"
 
 
 def _pct(share: float) -> str:

@@ -7,13 +7,15 @@ from typing import Any
 
 from mixprec.harness.training import Comparison
 
-from .summary import reference_policy, summarize
+from .summary import reference_policy, short_policy, summarize, verdict_sentence
 from .tables import markdown_tables
 
 READING = """\
 How to read this: each policy trained the same model on the same data from the same seeds. *matches*
-means the mean final metric is within the reference's spread over seeds (or 2% of its gain from the
-initial metric, with one seed); *stalled* means it got less than half of the reference's gain.
+means the mean final metric is within a tolerance of the reference's mean: the reference's spread over
+seeds, or 2% of its gain from the initial metric where that is larger (one seed, or seeds that agree
+closely), so a policy can match while its mean is outside the reference's own min–max; *stalled* means
+it got less than half of the reference's gain.
 Execution *emulated* means values were rounded onto the format's grid with FP32 arithmetic (as the
 paper did to study FP16 without FP16 hardware); memory, counted from the real tensors by `mp.memory`,
 is then given in the policy's formats: the bytes the same tensors take natively (`memory_held` in
@@ -56,11 +58,8 @@ def _data_line(info: dict[str, Any]) -> str:
 
 def _findings(comparison: Comparison) -> list[str]:
     """One sentence per policy, in words, so the point of the table is not left to the reader."""
-    out = []
-    for row in summarize(comparison):
-        if row["verdict"] == "reference":
-            continue
-        strict = "inside" if row["within_reference_range"] else "outside"
-        out.append(f"- `{row['policy']}`: {row['verdict_text']} (mean {row['mean']:.4g}, {strict} the "
-                   f"reference's min–max over seeds; {max(row['gain'], 0.0):.0%} of its gain).")
+    rows = summarize(comparison)
+    ref = next(r for r in rows if r["verdict"] == "reference")
+    out = [f"- `{short_policy(row['policy'])}`: {verdict_sentence(row, ref)}."
+           for row in rows if row["verdict"] != "reference"]
     return out + [""] if out else []

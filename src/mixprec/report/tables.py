@@ -17,10 +17,11 @@ from rich.table import Table
 
 from mixprec.harness.training import Comparison
 
-from .summary import format_bytes, format_metric, format_scale, summarize
+from .summary import format_bytes, format_metric, format_scale, short_policy, summarize, wrap_policy
 
 MEMORY_COLUMNS = ("parameters", "masters", "gradients", "optimizer_state", "activations")  # mp.memory's categories
 MEMORY_HEADERS = ("params", "masters", "grads", "optim", "activ", "total")
+POLICY_WIDTH = 24  # a policy's lines in the terminal tables: its shortest form, broken after commas
 
 
 def results_table(comparison: Comparison) -> Table:
@@ -37,7 +38,7 @@ def results_table(comparison: Comparison) -> Table:
                          no_wrap=header != "policy", overflow="fold")
     for row in rows:
         table.add_row(
-            row["policy"], format_metric(row["mean"], row["std"], n, compact=True),
+            _policy_cell(row["policy"]), format_metric(row["mean"], row["std"], n, compact=True),
             row["verdict"].replace("reference", "ref"),
             f"{row['skipped_steps']:g}", format_scale(row["final_loss_scale"]),
             f"{1000 * row['seconds_per_step']:.1f}", _execution(row, short=True),
@@ -58,7 +59,7 @@ def memory_table(comparison: Comparison) -> Table:
     for row in rows:
         memory = row["memory"]
         total = sum(memory.get(k, 0) for k in MEMORY_COLUMNS)
-        table.add_row(row["policy"], *(format_bytes(memory.get(k, 0)) for k in MEMORY_COLUMNS),
+        table.add_row(_policy_cell(row["policy"]), *(format_bytes(memory.get(k, 0)) for k in MEMORY_COLUMNS),
                       format_bytes(total), *(format_bytes(memory[k]) for k in extra))
     return table
 
@@ -80,8 +81,9 @@ def markdown_tables(comparison: Comparison) -> str:
         "|---|---:|---:|---|---:|---:|---:|---|",
     ]
     for r in rows:
+        name = short_policy(r["policy"])
         lines.append(
-            f"| `{r['policy']}` | {format_metric(r['mean'], r['std'], n)} | {r['min']:.4g} – {r['max']:.4g} "
+            f"| `{name}` | {format_metric(r['mean'], r['std'], n)} | {r['min']:.4g} – {r['max']:.4g} "
             f"| {r['verdict_text']} | {r['skipped_steps']:g} | {format_scale(r['final_loss_scale'])} "
             f"| {1000 * r['seconds_per_step']:.1f} | {_execution(r)} |"
         )
@@ -91,9 +93,18 @@ def markdown_tables(comparison: Comparison) -> str:
               "|---|" + "---:|" * (len(memory_keys) + 1)]
     for r in rows:
         total = sum(r["memory"].get(k, 0) for k in MEMORY_COLUMNS)
-        lines.append(f"| `{r['policy']}` | " + " | ".join(format_bytes(r["memory"][k]) for k in memory_keys)
-                     + f" | {format_bytes(total)} |")
+        cells = [format_bytes(r["memory"][k]) for k in memory_keys]
+        lines.append(f"| `{short_policy(r['policy'])}` | " + " | ".join(cells) + f" | {format_bytes(total)} |")
+    shortened = [p for p in comparison.policies if short_policy(p) != p]
+    if shortened:
+        lines += ["", "Policies are shown as a preset with the keys that differ from it (each parses to the same "
+                  "policy): " + "; ".join(f"`{short_policy(p)}` is `{p}`" for p in shortened) + "."]
     return "\n".join(lines)
+
+
+def _policy_cell(policy: str) -> str:
+    """A policy in a terminal table: its shortest form, on lines of at most `POLICY_WIDTH` characters."""
+    return wrap_policy(short_policy(policy), POLICY_WIDTH)
 
 
 def _memory_source(rows: list[dict]) -> str:
