@@ -26,6 +26,7 @@ from mixprec.harness.checkpoints import list_checkpoints, load_checkpoint, save_
 from mixprec.harness.processes import LOCK_NAME, _proc_start, run_folder_lock
 from mixprec.harness.run_state import LOG_EVERY, NonFiniteWeightsError, nonfinite_weights
 from mixprec.harness.training import MAX_THREADS, train
+from mixprec.harness.validation import data_sha256
 from mixprec.recipes import get_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -335,3 +336,152 @@ def test_a_checkpoint_from_before_faults_were_recorded_still_resumes(tmp_path):
     result = train("tiny-updates", "f16-master", steps=6, out=run, resume=True, faults="grad:nan@5", threads=1)
     assert result.steps == 6 and result.faults == "grad:nan@5;seed=0" and result.skipped_steps == 1
     assert load_checkpoint(run / "checkpoint-000006.pt")["faults"] == "grad:nan@5;seed=0"
+
+
+# ----- 12. a folder (or pipe) with a checkpoint's name is not a checkpoint ---------------------------------
+
+
+def test_a_folder_or_pipe_with_a_checkpoints_name_is_skipped_never_read_nor_deleted(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoint-000099.pt").mkdir(parents=True)
+    (out / "checkpoint-000099.pt" / "notes.txt").write_text("mine")
+    (out / "checkpoint-000004.pt").mkdir()  # in the way of a checkpoint this run writes
+    (out / ".checkpoint-000002.pt.x.tmp").mkdir()  # a folder with a temporary file's name
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(out / "checkpoint-000050.pt")  # reading it would block forever
+    assert main([*TINY, "--steps", "6", "--stop-at", "4", "--checkpoint-every", "2", "--out", str(out)]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    skipped = "not a file: it is not a checkpoint, so it is skipped (it stays in the folder)"
+    fifo = [f"'{out / 'checkpoint-000050.pt'}' has a checkpoint's name but is a named pipe, {skipped}"] * hasattr(
+        os, "mkfifo")
+    assert lines == [f"mixprec train: warning: {line}" for line in [
+        f"'{out / 'checkpoint-000004.pt'}' has a checkpoint's name but is a directory, {skipped}", *fifo,
+        f"'{out / 'checkpoint-000099.pt'}' has a checkpoint's name but is a directory, {skipped}",
+        f"checkpoint '{out / 'checkpoint-000004.pt'}' is a directory, not a checkpoint, so this run's checkpoint of "
+        "the same step does not replace it: it is kept as 'checkpoint-000004.pt.unreadable'"]]
+    assert (out / "checkpoint-000004.pt.unreadable").is_dir() and (out / ".checkpoint-000002.pt.x.tmp").is_dir()
+    assert [s for s, _ in list_checkpoints(out)] == [2, 4]
+    assert main([*TINY, "--steps", "6", "--checkpoint-every", "2", "--out", str(out), "--resume"]) == 0
+    assert capsys.readouterr().err.count("is a directory, not a file: it is not a checkpoint") == 1
+    assert (out / "checkpoint-000099.pt" / "notes.txt").read_text() == "mine"
+    assert [s for s, _ in list_checkpoints(out)] == [4, 6]
+    with pytest.raises(ValueError, match="checkpoint-000099.pt' is a directory, not a checkpoint file$"):
+        load_checkpoint(out / "checkpoint-000099.pt")
+
+
+# ----- 7/11. a checkpoint whose contents do not fit the run is skipped like a damaged one -----------------
+
+
+def _rewrite(path: Path, state: dict) -> None:
+    """Write ``state`` into ``path`` as a checkpoint with a valid checksum (whatever its step says)."""
+    folder = path.parent / "rewrite"
+    folder.mkdir(exist_ok=True)
+    written = save_checkpoint(folder, state)
+    path.write_bytes(written.read_bytes())
+    shutil.rmtree(folder)
+
+
+def _edit(state: dict, case: str) -> tuple[dict, str]:
+    """``state`` edited as ``case`` says, and what the warning says is wrong."""
+    model, rng, history = dict(state["model"]), dict(state["rng"]), state["history"]
+    key = next(iter(model))
+    edits = {
+        "step past its history": ({"step": 8}, "its step is 8 but its history holds steps 1..6 (6 records); a "
+                                               "history of steps 1..8 was expected"),
+        "negative step": ({"step": -5}, "its step -5 is not in 0..8 (the run's steps)"),
+        "empty history": ({"history": []}, "its history does not begin with the evaluation at step 0 (it holds 0 "
+                                           "records), at step 6"),
+        "tensor shape": ({"model": {**model, key: torch.zeros(3, 3)}},
+                         f"its model state's {key!r} has shape (3, 3), the model's has {tuple(model[key].shape)}"),
+        "extra key": ({"model": {**model, "extra": torch.zeros(1)}}, "its model state has keys the model lacks "
+                                                                      "['extra'] and lacks keys []"),
+        "RNG state": ({"rng": {**rng, "torch": torch.zeros(3, dtype=torch.uint8)}},
+                      "its torch RNG state is not a torch.uint8 tensor of shape (5056,)"),
+        "python RNG state": ({"rng": {**rng, "python": [3, [1, 2], None]}}, "its RNG state does not load: "),
+        "scheduler state": ({"scheduler": {**state["scheduler"], "last_epoch": "abc"}},
+                            "its LR schedule state's 'last_epoch' is 'abc', not like "),
+    }
+    change, reason = edits[case]
+    return {**state, **change, "history": change.get("history", history)}, reason
+
+
+@pytest.fixture(scope="module")
+def whole_run():
+    return train("tiny-updates", "f16-master", steps=8, threads=1)
+
+
+@pytest.mark.parametrize("case", ["step past its history", "negative step", "empty history", "tensor shape",
+                                  "extra key", "RNG state", "python RNG state", "scheduler state"])
+def test_a_checkpoint_with_edited_contents_falls_back_to_the_older_one(case, whole_run, tmp_path):
+    run = tmp_path / "run"
+    train("tiny-updates", "f16-master", steps=8, stop_at=6, checkpoint_every=2, out=run, threads=1)  # 4 and 6
+    newest = run / "checkpoint-000006.pt"
+    edited, reason = _edit(load_checkpoint(newest), case)
+    _rewrite(newest, edited)
+    before = newest.read_bytes()
+    with pytest.warns(UserWarning) as caught:
+        result = train("tiny-updates", "f16-master", steps=8, out=run, resume=True, threads=1)
+    [message] = [str(w.message) for w in caught]
+    assert message.startswith(f"checkpoint '{newest}' does not fit this run: {reason}")
+    assert message.endswith("; skipped it, resuming from an older checkpoint (the file stays in the folder)")
+    assert result.history == whole_run.history  # resumed from step 4: no gap, no step trained twice
+    assert newest.read_bytes() == before  # skipped, not removed
+    if case == "step past its history":  # the command line: one line, then the run resumes from step 4
+        _rewrite(newest, edited)
+        assert main([*TINY, "--steps", "8", "--checkpoint-every", "2", "--out", str(run), "--resume"]) == 0
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_when_named_and_when_none_fits(tmp_path, capsys):
+    run = tmp_path / "run"
+    train("tiny-updates", "f16-master", steps=8, stop_at=4, checkpoint_every=2, out=run, threads=1)  # 2 and 4
+    for step in (2, 4):
+        path = run / f"checkpoint-00000{step}.pt"
+        _rewrite(path, {**load_checkpoint(path), "history": []})
+    with pytest.raises(ValueError, match=r"checkpoint '.*checkpoint-000002.pt' does not fit this run: its history "
+                                         r"does not begin with the evaluation at step 0"):
+        train("tiny-updates", "f16-master", steps=8, out=run, resume=run / "checkpoint-000002.pt", threads=1)
+    before = _files(run)
+    assert main([*TINY, "--steps", "8", "--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.count("does not fit this run") == 2 and "no intact checkpoint" in err
+    assert _files(run) == before
+
+
+# ----- 5. the data: made on one thread, its checksum recorded and checked on resume ------------------------
+
+
+def test_the_data_are_made_on_one_thread_recorded_and_checked_on_resume(tmp_path):
+    recipe = get_recipe("tiny-updates")
+    seen: list[int] = []
+
+    def make_data():
+        seen.append(torch.get_num_threads())
+        return recipe.make_data()
+
+    counting = dataclasses.replace(recipe, make_data=make_data)
+    run = tmp_path / "run"
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train(counting, "f16-master", steps=6, stop_at=3, out=run, threads=2)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]  # whatever the thread count outside and --threads
+    path = run / "checkpoint-000003.pt"
+    assert load_checkpoint(path)["data_sha256"] == data_sha256(recipe.make_data())
+
+    def other_data():
+        data = recipe.make_data()
+        return dataclasses.replace(data, train=(data.train[0] + 1e-3, *data.train[1:]))
+
+    with pytest.raises(ValueError, match=r"^the recipe's data differ from the data checkpoint '.*checkpoint-000003.pt' "
+                                         r"was trained on \(sha256 [0-9a-f]{12}\.\.\., now [0-9a-f]{12}\.\.\.\): its "
+                                         r"make_data has changed"):
+        train(dataclasses.replace(recipe, make_data=other_data), "f16-master", steps=6, out=run, resume=True,
+              threads=1)
+    state = load_checkpoint(path)
+    del state["data_sha256"]  # as mixprec wrote it before: not checked
+    _rewrite(path, state)
+    result = train(dataclasses.replace(recipe, make_data=other_data), "f16-master", steps=6, out=run, resume=True,
+                   threads=1)
+    assert result.steps == 6

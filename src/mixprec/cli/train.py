@@ -34,16 +34,11 @@ from typing import Any
 import torch
 
 import mixprec as mp
-from mixprec.harness.checkpoints import (
-    DEFAULT_KEEP,
-    check_run_folder,
-    check_same_run,
-    check_writable,
-    find_checkpoint,
-)
+from mixprec.harness.checkpoints import DEFAULT_KEEP, check_run_folder, check_writable, find_checkpoint
 from mixprec.harness.faults import FaultPlan
 from mixprec.harness.processes import rank_and_world_size, rows_per_process, run_folder_lock
 from mixprec.harness.training import MAX_THREADS, train
+from mixprec.harness.validation import check_same_run, content_check
 from mixprec.recipes import RECIPES, Recipe, get_recipe
 from mixprec.report import RunLogger, TrainingProgress, environment, format_scale, write_json
 
@@ -185,7 +180,7 @@ def _run_in(out: Path, args: argparse.Namespace, recipe: Recipe, policy: mp.Poli
     faults = None if args.inject_faults is None else str(args.inject_faults)
     resume_from, history = None, []
     if args.resume:
-        resume_from, checkpoint, skipped = find_checkpoint(out)
+        resume_from, checkpoint, skipped = find_checkpoint(out, content_check(recipe, steps))  # train() checks again
         check_same_run(checkpoint, recipe, policy, args.seed, steps, faults)
         history = checkpoint["history"]
         for reason in skipped if lead else ():

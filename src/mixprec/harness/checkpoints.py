@@ -18,9 +18,10 @@ only those it can read: one it cannot (another format version, damaged) is never
 A kill at any moment leaves every earlier checkpoint intact; at worst a temporary file, removed later.
 
 Reading: `load_checkpoint` raises a one-line ValueError naming the file and what is wrong with it
-(missing, empty, not a mixprec checkpoint, another format version, truncated, corrupted, refused
-pickle, missing keys); `find_checkpoint` returns the newest intact checkpoint and the files it
-skipped, with why.
+(missing, not a file, empty, not a mixprec checkpoint, another format version, truncated, corrupted,
+refused pickle, missing keys); `find_checkpoint` returns the newest intact checkpoint whose contents fit
+the run (`mixprec.harness.validation`) and the files it skipped, with why. A folder with a checkpoint's
+name is none: skipped, never removed (set aside if a checkpoint of its step is written).
 
 **Run folders.** `check_run_folder` refuses a folder that holds a run (metrics.jsonl, checkpoints,
 result.json, TensorBoard event files) unless asked to resume or overwrite it, removes temporary files
@@ -46,17 +47,16 @@ import io
 import os
 import pickle
 import re
+import stat
 import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import mixprec as mp
 from mixprec.harness.processes import LOCK_TEMP_PATTERN
-from mixprec.recipes import Recipe
 
 CHECKPOINT_FORMAT = "MIXPREC-CHECKPOINT"
 CHECKPOINT_VERSION = 2  # 1: a bare torch.save in checkpoint.pt (no header, no checksum, one file kept)
@@ -101,13 +101,28 @@ def checkpoint_path(folder: Path, step: int) -> Path:
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """The (step, path) of every checkpoint file in ``folder``, oldest first (intact or not)."""
+    """The (step, path) of every checkpoint file in ``folder``, oldest first (intact or not). Only files: a
+    folder (or pipe, ...) with a checkpoint's name is not a checkpoint (`not_checkpoints` names them)."""
     found = []
     for path in Path(folder).glob("checkpoint-*.pt"):
         match = CHECKPOINT_PATTERN.fullmatch(path.name)
-        if match:
+        if match and path.is_file():
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def not_checkpoints(folder: Path) -> list[str]:
+    """One line per thing in ``folder`` with a checkpoint's name that is not a file (a directory, say): what
+    it is, and that it is skipped and kept (`list_checkpoints` leaves it out; nothing removes it)."""
+    return [f"{str(path)!r} has a checkpoint's name but is {_kind_of(path)}, not a file: it is not a checkpoint, "
+            "so it is skipped (it stays in the folder)" for path in sorted(Path(folder).glob("checkpoint-*.pt"))
+            if CHECKPOINT_PATTERN.fullmatch(path.name) and not path.is_file()]
+
+
+def _kind_of(path: Path) -> str:
+    """'a directory', 'a named pipe', ... : what the non-file ``path`` is."""
+    kinds = {stat.S_IFDIR: "a directory", stat.S_IFLNK: "a broken symbolic link", stat.S_IFIFO: "a named pipe"}
+    return kinds.get(stat.S_IFMT(path.lstat().st_mode), "not a regular file")
 
 
 def save_checkpoint(folder: Path, state: dict[str, Any], keep: int = DEFAULT_KEEP,
@@ -137,8 +152,10 @@ def save_checkpoint(folder: Path, state: dict[str, Any], keep: int = DEFAULT_KEE
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
-        if path.exists() and not _can_read(path, readable):
-            _set_aside(path)  # a file of the same step this mixprec cannot read is kept, not replaced
+        if os.path.lexists(path) and not path.is_file():
+            _set_aside(path, f"is {_kind_of(path)}, not a checkpoint")  # a folder in the way: kept, not replaced
+        elif path.exists() and not _can_read(path, readable):
+            _set_aside(path, "cannot be read")  # a file of the same step this mixprec cannot read is kept, not replaced
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -172,12 +189,12 @@ def _can_read(path: Path, readable: dict[str, bool]) -> bool:
     return readable[path.name]
 
 
-def _set_aside(path: Path) -> None:
+def _set_aside(path: Path, problem: str) -> None:
     """Rename the unreadable checkpoint ``path`` to ``<name>.unreadable`` (never over a file), and say so."""
     kept = path.with_name(f"{path.name}.unreadable")
     kept = kept.with_name(f"{path.name}.{os.urandom(3).hex()}.unreadable") if kept.exists() else kept
     os.rename(path, kept)
-    warnings.warn(f"checkpoint {str(path)!r} cannot be read, so this run's checkpoint of the same step does not "
+    warnings.warn(f"checkpoint {str(path)!r} {problem}, so this run's checkpoint of the same step does not "
                   f"replace it: it is kept as {kept.name!r}", stacklevel=3)
 
 
@@ -204,6 +221,8 @@ def _bad(path: Path, problem: str) -> ValueError:
 
 def _read_bytes(path: Path) -> bytes:
     """The bytes of the checkpoint file ``path``; `_bad` if it is missing, unreadable or empty."""
+    if os.path.lexists(path) and not path.is_file():  # never read: a named pipe would block
+        raise _bad(path, f"is {_kind_of(path)}, not a checkpoint file")
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -265,9 +284,11 @@ def _unpickle(path: Path, payload: bytes) -> Any:
         raise _bad(path, f"cannot be unpacked by torch.load: {_reason(error)}") from None
 
 
-def find_checkpoint(folder: Path) -> tuple[Path, dict[str, Any], list[str]]:
+def find_checkpoint(folder: Path, check: Callable[[dict[str, Any], Path], None] | None = None
+                    ) -> tuple[Path, dict[str, Any], list[str]]:
     """The newest intact checkpoint in ``folder``: (path, state, skipped), where ``skipped`` holds one
-    line per newer file that could not be read, saying which and why (`load_checkpoint`'s message).
+    line per newer file that could not be read, saying which and why (`load_checkpoint`'s message), or
+    whose contents ``check(state, path)`` refused (its ValueError's message; see `mixprec.harness.validation`).
 
     Raises ValueError if there is no checkpoint, or none is intact (every file named, with why).
     """
@@ -278,7 +299,10 @@ def find_checkpoint(folder: Path) -> tuple[Path, dict[str, Any], list[str]]:
     skipped: list[str] = []
     for path in candidates:
         try:
-            return path, load_checkpoint(path), skipped
+            state = load_checkpoint(path)
+            if check is not None:
+                check(state, path)
+            return path, state, skipped
         except ValueError as error:
             skipped.append(str(error))
     if not skipped:
@@ -288,32 +312,6 @@ def find_checkpoint(folder: Path) -> tuple[Path, dict[str, Any], list[str]]:
                      f"changed (a checkpoint mixprec cannot read is never deleted){newer}; to keep these files, start "
                      "the run in another folder (--out, out=), or again here with --overwrite (overwrite=True), which "
                      "deletes them")
-
-
-def check_same_run(checkpoint: dict[str, Any], recipe: Recipe, policy: mp.Policy, seed: int,
-                   steps: int, faults: str | None = None) -> None:
-    """ValueError naming the differences if ``checkpoint`` is not of this recipe, policy, seed, steps and
-    faults (a `FaultPlan`'s text or None; not checked in a checkpoint older than the record of them).
-    The policy may differ in its master mode alone (``--resume --policy bf16-compact`` from bf16-master):
-    checkpoints keep FP32 weights and masters, which every master mode loads."""
-    wanted = {"recipe": recipe.name, "policy": str(policy), "seed": seed, "steps": steps, "faults": faults}
-    different = {k: (checkpoint[k], v) for k, v in wanted.items() if k in checkpoint and checkpoint[k] != v}
-    if "policy" in different and _same_but_master(checkpoint["policy"], policy):
-        del different["policy"]
-    if different:
-        what = ", ".join(f"faults (--inject-faults) {old or 'none'} (asked: {new or 'none'})" if k == "faults" else
-                         f"{k} {old!r} (asked: {new!r})" for k, (old, new) in different.items())
-        raise ValueError(f"the checkpoint is of another run: {what}; resume with the same settings")
-
-
-def _same_but_master(saved: Any, policy: mp.Policy) -> bool:
-    """Whether policy text `saved` is `policy` but for its master mode, both with masters."""
-    try:
-        old = mp.Policy.parse(saved)
-    except (TypeError, ValueError):
-        return False
-    with_masters = old.master is not None and policy.master is not None
-    return with_masters and old.replace(master="fp32") == policy.replace(master="fp32")
 
 
 def _reason(error: BaseException) -> str:
@@ -351,6 +349,8 @@ def remove_temp_files(folder: Path) -> list[Path]:
     removed = []
     for pattern in TEMP_FILE_PATTERNS:
         for path in Path(folder).glob(pattern):
+            if not path.is_file():  # a folder with a temporary file's name is none of mixprec's: left alone
+                continue
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path)

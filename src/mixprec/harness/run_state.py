@@ -61,6 +61,7 @@ class RunSettings:
     keep: int  # checkpoints kept in ``out``
     max_skips_in_a_row: int | str | None  # mp.step's NaN-storm guard
     faults: str | None = None  # the fault plan's text (recorded in checkpoints: a resume must inject the same)
+    data_sha256: str | None = None  # the data's checksum (recorded in checkpoints: a resume must have the same)
 
 
 def step_record(step: int, lr: float, loss_scale: float | torch.Tensor, applied: bool | torch.Tensor,
@@ -318,7 +319,7 @@ class RunState:
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "history": self.history,
             "train_seconds": self.train_seconds, "faults": settings.faults,
-            "max_skips_in_a_row": settings.max_skips_in_a_row,
+            "max_skips_in_a_row": settings.max_skips_in_a_row, "data_sha256": settings.data_sha256,
         }
 
     # ----- memory -------------------------------------------------------------------------------------

@@ -44,14 +44,7 @@ from typing import Any
 import torch
 
 import mixprec as mp
-from mixprec.harness.checkpoints import (
-    DEFAULT_KEEP,
-    check_run_folder,
-    check_same_run,
-    check_writable,
-    find_checkpoint,
-    load_checkpoint,
-)
+from mixprec.harness.checkpoints import DEFAULT_KEEP, check_writable
 from mixprec.harness.determinism import isolated_rng, torch_threads
 from mixprec.harness.faults import FaultPlan
 from mixprec.harness.processes import (
@@ -62,6 +55,7 @@ from mixprec.harness.processes import (
     run_folder_lock,
 )
 from mixprec.harness.run_state import LOG_EVERY, Log, Record, RunSettings, RunState
+from mixprec.harness.validation import check_same_data, check_same_run, content_check, data_sha256, open_run_folder
 from mixprec.recipes import Data, Recipe, get_recipe
 
 #: the names other modules import from here (LOG_EVERY, Record and Log live in `run_state`)
@@ -186,14 +180,20 @@ def train(
     with contextlib.ExitStack() as held:
         if out is not None and rank == 0:  # one process per run folder; under torchrun rank 0 holds it
             held.enter_context(run_folder_lock(out, warn=lambda line: warnings.warn(line, stacklevel=6)))
-        source, checkpoint, replaced = _open_run_folder(out, resume, overwrite, rank)
+        source, checkpoint, replaced = open_run_folder(out, resume, overwrite, rank, content_check(recipe, steps))
+        if data is None:
+            with torch_threads(1):  # the same data under any --threads (a matmul's sums depend on the count)
+                data = recipe.make_data()
+        digest = data_sha256(data)
         if checkpoint is not None:
             check_same_run(checkpoint, recipe, policy, seed, steps, None if plan is None else str(plan))
-        data = _on_device(recipe.make_data() if data is None else data, device)
+            check_same_data(checkpoint, source, digest)
+        data = _on_device(data, device)
         settings = RunSettings(recipe=recipe, policy=policy, seed=seed, steps=steps,
                                end=steps if stop_at is None else stop_at, device=device, rank=rank,
                                world_size=world_size, out=out, checkpoint_every=checkpoint_every, keep=keep,
-                               max_skips_in_a_row=max_skips_in_a_row, faults=None if plan is None else str(plan))
+                               max_skips_in_a_row=max_skips_in_a_row, faults=None if plan is None else str(plan),
+                               data_sha256=digest)
 
         with process_group(device, world_size), isolated_rng(seed), torch_threads(threads):
             # Every rank draws the same initial weights and, step by step, the same random numbers, so the
@@ -235,28 +235,6 @@ def _process_device(device: torch.device, world_size: int) -> torch.device:
     if world_size > 1 and device.type == "cuda" and device.index is None:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per process
     return device
-
-
-def _open_run_folder(out: Path | None, resume: bool | str | Path, overwrite: bool,
-                     rank: int) -> tuple[Path | None, dict[str, Any] | None, list[Path]]:
-    """Check ``out`` holds no other run (rank 0 checks it): (the path and state of the checkpoint to resume
-    from, None and None for a fresh run, and the old run's files an overwrite is to remove). Warns (on
-    rank 0) about the newer damaged checkpoints it skipped (kept: never deleted)."""
-    if out is None:
-        return None, None, []
-    replaced = []
-    if rank == 0:  # one process decides: the others start after it (the process group waits)
-        replaced = check_run_folder(out, resume=resume is not False, overwrite=overwrite)
-    if resume is False:
-        return None, None, replaced
-    if resume is True:
-        path, checkpoint, skipped = find_checkpoint(out)
-        for reason in skipped if rank == 0 else ():
-            # stacklevel 3: the warning names the line that called train()
-            warnings.warn(f"{reason}; skipped it, resuming from an older checkpoint (the file stays in the folder)",
-                          stacklevel=3)
-        return path, checkpoint, []
-    return Path(resume), load_checkpoint(Path(resume)), []
 
 
 def _on_device(data: Data, device: torch.device) -> Data:
@@ -387,7 +365,8 @@ def compare(
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list:
         raise ValueError("compare needs at least one seed")
-    data = recipe.make_data()
+    with torch_threads(1):  # as train makes it: the same data under any thread count
+        data = recipe.make_data()
     runs = []
     for name in names:
         for seed in seed_list:
