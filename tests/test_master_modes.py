@@ -318,3 +318,14 @@ def test_rules_give_modules_their_own_master_mode():
         assert torch.equal(p, q)
     held = {t.untyped_storage().nbytes() for t in opt.held_tensors()}
     assert held == {3 * 24 * 4, 3 * 4, 24 * 12 * 2, 24 * 2}  # FP32 head masters, int16 remainders
+
+
+def test_stochastic_bf16_fast_path_rounds_as_quantize_bits():
+    from mixprec.quantize import quantize_bits
+    m = torch.randn(50_000) * 3
+    m[:6] = torch.tensor([math.nan, math.inf, -math.inf, 3.4e38, -0.0, 1e-40])  # specials, an FP32 subnormal
+    bits = stochastic.noise(m.shape, seed=2, index=9, step=torch.tensor(4))
+    fast = torch.empty_like(m, dtype=torch.bfloat16)
+    stochastic.split_(m, fast, mp.BF16, bits)
+    general = quantize_bits(m, mp.BF16, "stochastic", noise=bits)
+    assert fast[0].isnan() and torch.equal(_bits(fast.float()[1:]), _bits(general[1:]))
