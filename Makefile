@@ -28,6 +28,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_quantize.py
+	$(BIN)/python benchmarks/bench_masters.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
