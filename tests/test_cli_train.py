@@ -168,3 +168,86 @@ def test_resume_skips_a_damaged_newest_checkpoint_saying_which_and_why(tmp_path,
     assert len(captured.err.strip().splitlines()) == 1
     assert "resuming at step 2 from checkpoint-000002.pt" in captured.out
     assert _records(part) == _records(whole)
+
+
+# ----- unclear errors (issue 28): one line that says what was wrong and how to fix it, nothing created ---------
+
+
+def test_resume_of_a_run_that_wrote_no_checkpoint_advises_what_the_tool_accepts(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"kind": "eval", "step": 0, "metric": 1.0}\n')
+    assert main([*TINY, "--steps", "2", "--out", str(out), "--resume"]) == 2
+    assert capsys.readouterr().err == (
+        f"mixprec train: error: no checkpoint to resume from in '{out}': it holds a run (metrics.jsonl) that wrote "
+        "none: start the run again with --overwrite, which deletes those files\n")
+    assert main([*TINY, "--steps", "2", "--out", str(out), "--overwrite"]) == 0  # the advice is accepted
+
+
+def test_a_checkpoint_of_another_recipe_is_named(tmp_path, capsys):
+    (tmp_path / "my_tasks.py").write_text(MY_TASKS)
+    out = tmp_path / "run"
+    assert main([*TINY, "--steps", "4", "--stop-at", "2", "--out", str(out)]) == 0
+    capsys.readouterr()
+    mine = ["--recipe", f"{tmp_path}/my_tasks.py:recipe", "--policy", "f16-master", "--steps", "4"]
+    assert main(["train", *mine, "--no-progress", "--out", str(out), "--resume"]) == 2
+    assert capsys.readouterr().err == (
+        "mixprec train: error: the checkpoint is of another run: recipe 'tiny-updates' (asked: 'mine') (checkpoint "
+        f"'{out / 'checkpoint-000002.pt'}'); resume with the same settings, or start this run in another folder "
+        "(--out, out=)\n")
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--out", ""], "argument --out: must name a folder, got ''"),
+    (["--policy", "f32"], "argument --policy: given twice ('f16-master' and 'f32'); give it once"),
+    (["--recipe", "digits"], "argument --recipe: given twice ('tiny-updates' and 'digits'); give it once"),
+    (["--seed", "1", "--seed", "2"], "argument --seed: given twice ('1' and '2'); give it once"),
+    (["--steps", "2", "--steps", "3"], "argument --steps: given twice ('2' and '3'); give it once"),
+], ids=["empty out", "policy", "recipe", "seed", "steps"])
+def test_an_empty_out_or_a_repeated_option_is_refused_and_nothing_is_written(extra, expected, tmp_path, monkeypatch,
+                                                                            capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*TINY, *extra] + (["--out", "run"] if "--out" not in extra else []))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--resume", "--overwrite"], "--resume continues the run in the folder and --overwrite replaces it: pass one"),
+    (["--resume"], "no checkpoint to resume from in '{out}': the folder does not exist (nothing was created); check "
+                   "its name, or start the run there without --resume"),
+    (["--inject-faults", "grad[nope]:nan@3"], "fault 'grad[nope]:nan@3': the model has no parameter named 'nope'"),
+], ids=["resume and overwrite", "resume a missing folder", "unknown fault target"])
+def test_refused_before_the_folder_is_made(extra, expected, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TINY, "--steps", "4", "--out", str(out), *extra]) == 2
+    captured = capsys.readouterr()
+    assert expected.format(out=out) in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert captured.out == "" and not out.exists()
+
+
+WARNING_TASKS = '''
+import dataclasses
+import torch
+import mixprec.recipes.tiny_updates as base
+
+def loss(model, batch):
+    torch.tensor(batch[0])  # torch warns: "To copy construct from a tensor, it is recommended to use ..."
+    return base.recipe().loss(model, batch)
+
+recipe = dataclasses.replace(base.recipe(), name="warns", loss=loss)
+'''
+
+
+@pytest.mark.parametrize("policy, where", [("f32", "UserWarning (warning_tasks.py:7): "), ("f16-master", "")])
+def test_torch_warnings_during_train_are_one_line_each_and_shown_once(policy, where, tmp_path, capsys):
+    # emulated, the warning's Python frame is mixprec's emulation (a torch function mode): shown as mixprec's
+    (tmp_path / "warning_tasks.py").write_text(WARNING_TASKS)
+    assert main(["train", "--recipe", f"{tmp_path}/warning_tasks.py:recipe", "--policy", policy, "--steps",
+                 "4", "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"mixprec train: warning: {where}To copy construct from a tensor, it is recommended"), err
+    assert len(err.strip().splitlines()) == 1  # 4 steps, one line

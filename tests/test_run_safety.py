@@ -5,12 +5,14 @@ resume refused unless it injects the faults its run was started with (docs/relia
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -319,7 +321,8 @@ def test_a_resume_must_inject_the_faults_its_run_was_started_with(tmp_path, caps
         assert main([*TINY, "--steps", "8", *other, "--out", str(part), "--resume"]) == 2
         assert capsys.readouterr().err == (
             f"mixprec train: error: the checkpoint is of another run: faults (--inject-faults) {recorded} (asked: "
-            f"{shown}); resume with the same settings\n")
+            f"{shown}) (checkpoint '{part / 'checkpoint-000004.pt'}'); resume with the same settings, or start this "
+            "run in another folder (--out, out=)\n")
         assert _files(part) == before
     assert main([*TINY, "--steps", "8", *faults, "--out", str(part), "--resume"]) == 0
     assert (part / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
@@ -485,3 +488,89 @@ def test_the_data_are_made_on_one_thread_recorded_and_checked_on_resume(tmp_path
     result = train(dataclasses.replace(recipe, make_data=other_data), "f16-master", steps=6, out=run, resume=True,
                    threads=1)
     assert result.steps == 6
+
+
+# ----- a full disk (ENOSPC): one line, exit status 1, nothing half-written, older checkpoints intact --------
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("target", ["checkpoint", "metrics.jsonl", "tensorboard"])
+def test_a_full_disk_stops_the_run_in_one_line_and_leaves_nothing_half_written(target, tmp_path, monkeypatch,
+                                                                                capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from mixprec.harness import checkpoints
+    out = tmp_path / "run"
+    second = out / "checkpoint-000002.pt"
+    if target == "checkpoint":  # the disk fills up while the step-4 checkpoint is written: its fsync fails
+        real_fsync = checkpoints.os.fsync
+
+        def fsync(fd):
+            if stat.S_ISREG(os.fstat(fd).st_mode) and second.exists():
+                _no_space()
+            real_fsync(fd)
+
+        monkeypatch.setattr(checkpoints.os, "fsync", fsync)
+    elif target == "metrics.jsonl":  # the 5th record is half written, then the disk is full
+        real_open, lines = Path.open, []
+
+        class HalfFull:
+            def __init__(self, file):
+                self.file = file
+
+            def write(self, data):
+                lines.append(data)
+                if len(lines) == 5:
+                    self.file.write(data[: len(data) // 2])
+                    _no_space()
+                return self.file.write(data)
+
+            def __getattr__(self, name):
+                return getattr(self.file, name)
+
+        def open_(path, mode="r", *args, **kwargs):
+            file = real_open(path, mode, *args, **kwargs)
+            return HalfFull(file) if path.name == "metrics.jsonl" and "a" in mode else file
+
+        monkeypatch.setattr(Path, "open", open_)
+    else:
+        real_add, calls = SummaryWriter.add_scalar, []
+
+        def add_scalar(self, *args, **kwargs):
+            calls.append(args)
+            if len(calls) > 12:
+                _no_space()
+            return real_add(self, *args, **kwargs)
+
+        monkeypatch.setattr(SummaryWriter, "add_scalar", add_scalar)
+    code = main([*TINY, "--steps", "8", "--checkpoint-every", "2", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("mixprec train: stopped: writing '") and "No space left on device" in err
+    assert not list(out.glob(".*.tmp")) and not (out / "result.json").exists()
+    assert all(line.endswith("}") for line in (out / "metrics.jsonl").read_text().split("\n")[:-1])
+    if target == "checkpoint":
+        assert f"writing '{out / 'checkpoint-000004.pt'}' failed" in err
+        assert [p.name for _, p in list_checkpoints(out)] == ["checkpoint-000002.pt"]
+        assert load_checkpoint(second)["step"] == 2
+        assert f"the newest, '{second}', is intact: free some space, then continue the run with --resume" in err
+        monkeypatch.undo()
+        assert main([*TINY, "--steps", "8", "--checkpoint-every", "2", "--out", str(out), "--resume"]) == 0
+    elif target == "metrics.jsonl":
+        assert f"writing '{out / 'metrics.jsonl'}' failed" in err
+        assert len((out / "metrics.jsonl").read_text().splitlines()) == 4  # the torn 5th line cut off
+    else:
+        assert "writing '" + str(out / "events.out.tfevents.") in err
+
+
+@pytest.mark.parametrize("kind", [None, "", 3])
+def test_a_scaler_state_dict_without_a_kind_says_what_was_expected(kind):
+    state = mp.DynamicScaler().state_dict()
+    state["kind"] = kind
+    with pytest.raises(ValueError) as error:
+        mp.DynamicScaler().load_state_dict(state)
+    assert str(error.value) == (f"this state dict's 'kind' is {kind!r}, not a scaler's name: expected 'DynamicScaler' "
+                                "(what DynamicScaler.state_dict() writes); load what a scaler's state_dict() returned")

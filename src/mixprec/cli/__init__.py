@@ -35,6 +35,20 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+class Once(argparse.Action):
+    """An option that defines the run and may be given once: argparse would keep the last of two silently
+    (``--policy f16-master ... --policy f32`` trains in f32), so a second one is a usage error naming both."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        given: dict[str, object] = namespace.__dict__.setdefault("_given_once", {})
+        if self.dest in given:
+            parser.error(f"argument {option_string}: given twice ({str(given[self.dest])!r} and {str(values)!r}); "
+                         "give it once")
+        given[self.dest] = values
+        setattr(namespace, self.dest, values)
+
+
 # ----- argument types: checked while parsing, so a bad value costs nothing and writes nothing ----------
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import re
 import sys
@@ -34,28 +35,28 @@ from typing import Any
 import torch
 
 import mixprec as mp
-from mixprec.harness.checkpoints import DEFAULT_KEEP, check_run_folder, check_writable, find_checkpoint
+from mixprec.harness.checkpoints import DEFAULT_KEEP, check_run_folder, check_writable, list_checkpoints
 from mixprec.harness.faults import FaultPlan
 from mixprec.harness.processes import rank_and_world_size, rows_per_process, run_folder_lock
 from mixprec.harness.training import MAX_THREADS, train
-from mixprec.harness.validation import check_same_run, content_check
+from mixprec.harness.validation import check_before_writing, check_same_run, content_check, find_resumable
 from mixprec.recipes import RECIPES, Recipe, get_recipe
 from mixprec.report import RunLogger, TrainingProgress, environment, format_scale, write_json
 
-from . import device_name, non_negative_int, positive_int, seed_int
+from . import Once, device_name, non_negative_int, positive_int, seed_int
 
 HELP = "Train one recipe under one policy: progress bar, JSONL + TensorBoard logs, checkpoints, --resume."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", required=True,
+    parser.add_argument("--recipe", required=True, action=Once,
                         help=f"a built-in ({', '.join(RECIPES)}) or module.path:object for your own Recipe")
-    parser.add_argument("--policy", required=True,
+    parser.add_argument("--policy", required=True, action=Once,
                         help=f"a preset ({', '.join(mp.PRESETS)}) or key=value pairs, e.g. 'f16-master,scaling=none'")
     add_run_arguments(parser)
-    parser.add_argument("--seed", type=seed_int, default=0,
+    parser.add_argument("--seed", type=seed_int, default=0, action=Once,
                         help=f"initial weights and batch order, 0..{2**32 - 1} (default 0)")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=out_folder, default=None, action=Once,
                         help="run folder (default runs/train/RECIPE-POLICY-seedSEED)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its newest intact checkpoint")
@@ -69,6 +70,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=non_negative_int, default=100, metavar="N",
                         help="steps between checkpoints (default 100; 0: only at the end, where one is "
                              "always written)")
+
+
+def out_folder(text: str) -> Path:
+    """argparse type: a run folder; an empty name is refused (Path("") is the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must name a folder, got {text!r}; give e.g. --out runs/mine, or leave "
+                                         "--out out for the default (runs/train/RECIPE-POLICY-seedSEED)")
+    return Path(text)
 
 
 def fault_plan(text: str) -> FaultPlan:
@@ -98,7 +107,7 @@ def storm_guard(text: str) -> int | str | None:
 
 def add_fault_arguments(parser: argparse.ArgumentParser) -> None:
     """Fault injection and the NaN-storm guard (train only)."""
-    parser.add_argument("--inject-faults", type=fault_plan, default=None, metavar="SPEC",
+    parser.add_argument("--inject-faults", type=fault_plan, default=None, metavar="SPEC", action=Once,
                         help="inject inf/NaN: ';'-joined KIND[TARGET]:VALUE@WHEN (KIND grad, loss or act; VALUE "
                              "inf, -inf or nan; WHEN steps 3,7,10-20 or rate=P) and seed=N, e.g. "
                              "'grad:inf@3,7;loss:nan@rate=0.01;seed=1'")
@@ -110,7 +119,8 @@ def add_fault_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by train, compare and demo."""
-    parser.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the recipe's)")
+    parser.add_argument("--steps", type=positive_int, default=None, action=Once,
+                        help="training steps (default: the recipe's)")
     parser.add_argument("--device", type=device_name, default=None, help="cpu or cuda[:N] (default: cuda if available)")
     parser.add_argument("--threads", type=thread_count, default=1,
                         help="torch CPU threads (default 1: these models are small, and more threads "
@@ -140,11 +150,30 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / "train" / f"{recipe.name}-{slug(str(policy))}-seed{args.seed}"
     rank, world_size = rank_and_world_size()  # torchrun's, or (0, 1)
     rows_per_process(recipe, world_size)
+    check_before_writing(out, args.resume, args.overwrite, recipe, args.inject_faults, cli=True)  # creates nothing
     check_writable(out)
-    if rank != 0:  # under torchrun rank 0 alone takes the folder's lock (train() does not take it again)
-        return _run_in(out, args, recipe, policy, device, execution, steps)
-    with run_folder_lock(out, cli=True, warn=_warn):  # one run per folder, from these checks to result.json
-        return _run_in(out, args, recipe, policy, device, execution, steps)
+    try:
+        if rank != 0:  # under torchrun rank 0 alone takes the folder's lock (train() does not take it again)
+            return _run_in(out, args, recipe, policy, device, execution, steps)
+        with run_folder_lock(out, cli=True, warn=_warn):  # one run per folder, from these checks to result.json
+            return _run_in(out, args, recipe, policy, device, execution, steps)
+    except OSError as error:  # a full disk, say: one line, not a traceback
+        return _write_failed(out, error)
+
+
+def _write_failed(out: Path, error: OSError) -> int:
+    """Say in one line that a write into ``out`` failed (what, why, what is left, what to do); exit status 1.
+    The writes leave nothing half-written: a checkpoint's or result.json's temporary file is removed, a torn
+    metrics.jsonl line cut off (a resume rewrites metrics.jsonl and the TensorBoard file from its checkpoint)."""
+    what = f"writing {error.filename!r}" if error.filename is not None else f"a write into {str(out)!r}"
+    found = list_checkpoints(out)
+    left = (f"the newest, {str(found[-1][1])!r}, is intact: {{}}, then continue the run with --resume (which "
+            "rewrites the logs from it)" if found else "none was written yet: {}, then start the run again with "
+            "--overwrite")
+    fix = "free some space" if error.errno == errno.ENOSPC else "fix that"
+    print(f"mixprec train: stopped: {what} failed: {error.strerror or error}; no checkpoint is half-written, and "
+          + left.format(fix), file=sys.stderr)
+    return 1
 
 
 def _warn(line: str) -> None:
@@ -153,17 +182,21 @@ def _warn(line: str) -> None:
 
 @contextlib.contextmanager
 def _warnings_in_one_line() -> Iterator[None]:
-    """Inside the block, mixprec's own warnings (a checkpoint set aside, say) print as one line, like the
-    command's; others as Python prints them. The warnings module's settings are restored afterwards."""
+    """Inside the block, every warning the filters let through prints once, as one line like the command's:
+    mixprec's own (a checkpoint set aside, say) as they are; others (torch's lr_scheduler, a UserWarning of
+    torch's or a recipe's) with their category and where they come from. The warnings module's settings are
+    restored afterwards."""
     with warnings.catch_warnings():
-        default = warnings.showwarning
+        seen: set[str] = set()
 
         def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
                  line: str | None = None) -> None:
-            if "mixprec" in Path(filename).parts:
-                _warn(str(message))
-            else:
-                default(message, category, filename, lineno, file, line)
+            text = " ".join(str(message).split())  # one line, whatever the message's own line breaks
+            if "mixprec" not in Path(filename).parts:
+                text = f"{category.__name__} ({Path(filename).name}:{lineno}): {text}"
+            if text not in seen:  # a warning repeated at every step is shown once
+                seen.add(text)
+                _warn(text)
 
         warnings.showwarning = show
         yield
@@ -180,8 +213,8 @@ def _run_in(out: Path, args: argparse.Namespace, recipe: Recipe, policy: mp.Poli
     faults = None if args.inject_faults is None else str(args.inject_faults)
     resume_from, history = None, []
     if args.resume:
-        resume_from, checkpoint, skipped = find_checkpoint(out, content_check(recipe, steps))  # train() checks again
-        check_same_run(checkpoint, recipe, policy, args.seed, steps, faults)
+        resume_from, checkpoint, skipped = find_resumable(out, content_check(recipe, steps), cli=True)  # train() too
+        check_same_run(checkpoint, recipe, policy, args.seed, steps, faults, resume_from)
         history = checkpoint["history"]
         for reason in skipped if lead else ():
             print(f"mixprec train: warning: {reason}; skipped it, resuming from an older checkpoint (the file "

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 import mixprec as mp
-from mixprec.harness.checkpoints import save_checkpoint
+from mixprec.harness.checkpoints import checkpoint_path, save_checkpoint
 from mixprec.harness.determinism import rng_state, set_rng_state
 from mixprec.harness.faults import FaultInjector, FaultPlan
 from mixprec.harness.processes import shard
@@ -304,7 +304,12 @@ class RunState:
             bad = nonfinite_weights(state, self.weight_names)
             if bad:  # never saved as a good state, nor rotating a finite one away
                 raise self._weights_error(done, bad)
-            path = save_checkpoint(settings.out, state, keep=settings.keep, readable=self.readable)
+            try:
+                path = save_checkpoint(settings.out, state, keep=settings.keep, readable=self.readable)
+            except OSError as error:  # a full disk: its temporary file is removed, the older checkpoints intact
+                if error.filename is None:  # a failed write names no file: name the checkpoint it was to be
+                    raise OSError(error.errno, error.strerror, str(checkpoint_path(settings.out, done))) from None
+                raise
             self.last_finite = path
         if settings.world_size > 1:
             dist.barrier()  # no rank goes on (and no resume reads) before the checkpoint is whole

@@ -55,7 +55,14 @@ from mixprec.harness.processes import (
     run_folder_lock,
 )
 from mixprec.harness.run_state import LOG_EVERY, Log, Record, RunSettings, RunState
-from mixprec.harness.validation import check_same_data, check_same_run, content_check, data_sha256, open_run_folder
+from mixprec.harness.validation import (
+    check_before_writing,
+    check_same_data,
+    check_same_run,
+    content_check,
+    data_sha256,
+    open_run_folder,
+)
 from mixprec.recipes import Data, Recipe, get_recipe
 
 #: the names other modules import from here (LOG_EVERY, Record and Log live in `run_state`)
@@ -175,6 +182,7 @@ def train(
     out = Path(out) if out is not None else None
     if (resume is not False or overwrite) and out is None:
         raise ValueError("resume and overwrite need the run's folder (out=...)")
+    check_before_writing(out, resume, overwrite, recipe, plan)  # before the folder is made: nothing created
     if out is not None:
         check_writable(out)
     with contextlib.ExitStack() as held:
@@ -186,7 +194,7 @@ def train(
                 data = recipe.make_data()
         digest = data_sha256(data)
         if checkpoint is not None:
-            check_same_run(checkpoint, recipe, policy, seed, steps, None if plan is None else str(plan))
+            check_same_run(checkpoint, recipe, policy, seed, steps, None if plan is None else str(plan), source)
             check_same_data(checkpoint, source, digest)
         data = _on_device(data, device)
         settings = RunSettings(recipe=recipe, policy=policy, seed=seed, steps=steps,

@@ -29,8 +29,17 @@ from typing import Any
 import torch
 
 import mixprec as mp
-from mixprec.harness.checkpoints import check_run_folder, find_checkpoint, load_checkpoint, not_checkpoints
+from mixprec.harness.checkpoints import (
+    LEGACY_CHECKPOINT_NAME,
+    check_run_folder,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    not_checkpoints,
+    run_files,
+)
 from mixprec.harness.determinism import isolated_rng, rng_state, set_rng_state
+from mixprec.harness.faults import FaultInjector, FaultPlan
 from mixprec.recipes import Data, Recipe
 
 #: checks a loaded checkpoint (its state, its path) and raises a one-line ValueError if it does not fit
@@ -38,9 +47,10 @@ ContentCheck = Callable[[dict[str, Any], Path], None]
 
 
 def check_same_run(checkpoint: dict[str, Any], recipe: Recipe, policy: mp.Policy, seed: int,
-                   steps: int, faults: str | None = None) -> None:
-    """ValueError naming the differences if ``checkpoint`` is not of this recipe, policy, seed, steps and
-    faults (a `FaultPlan`'s text or None; not checked in a checkpoint older than the record of them).
+                   steps: int, faults: str | None = None, path: Path | None = None) -> None:
+    """ValueError naming the checkpoint's file (``path``) and the differences if ``checkpoint`` is not of this
+    recipe, policy, seed, steps and faults (a `FaultPlan`'s text or None; not checked in a checkpoint older
+    than the record of them). Every checkpoint in a folder is of its one run: no older one would fit better.
     The policy may differ in its master mode alone (``--resume --policy bf16-compact`` from bf16-master):
     checkpoints keep FP32 weights and masters, which every master mode loads."""
     wanted = {"recipe": recipe.name, "policy": str(policy), "seed": seed, "steps": steps, "faults": faults}
@@ -50,7 +60,9 @@ def check_same_run(checkpoint: dict[str, Any], recipe: Recipe, policy: mp.Policy
     if different:
         what = ", ".join(f"faults (--inject-faults) {old or 'none'} (asked: {new or 'none'})" if k == "faults" else
                          f"{k} {old!r} (asked: {new!r})" for k, (old, new) in different.items())
-        raise ValueError(f"the checkpoint is of another run: {what}; resume with the same settings")
+        which = f" (checkpoint {str(path)!r})" if path is not None else ""
+        raise ValueError(f"the checkpoint is of another run: {what}{which}; resume with the same settings, or start "
+                         "this run in another folder (--out, out=)")
 
 
 def _same_but_master(saved: Any, policy: mp.Policy) -> bool:
@@ -61,6 +73,35 @@ def _same_but_master(saved: Any, policy: mp.Policy) -> bool:
         return False
     with_masters = old.master is not None and policy.master is not None
     return with_masters and old.replace(master="fp32") == policy.replace(master="fp32")
+
+
+def check_before_writing(out: Path | None, resume: bool | str | Path, overwrite: bool, recipe: Recipe,
+                         plan: FaultPlan | None, cli: bool = False) -> None:
+    """What can be refused before the run folder is made (nothing is created if it is): resume and overwrite
+    together, a resume of a folder that does not exist, and faults aimed at what the model lacks (checked on
+    a fresh model, under its own seed: no RNG state outside changes). ``cli`` words it with the options."""
+    resume_opt, overwrite_opt = ("--resume", "--overwrite") if cli else ("resume=True", "overwrite=True")
+    if resume is not False and overwrite:
+        raise ValueError(f"{resume_opt} continues the run in the folder and {overwrite_opt} replaces it: "
+                         "pass one of them")
+    if resume is True and out is not None and not Path(out).is_dir():
+        raise ValueError(f"no checkpoint to resume from in {str(out)!r}: the folder does not exist (nothing was "
+                         f"created); check its name, or start the run there without {resume_opt}")
+    if plan is not None and plan.faults:
+        with isolated_rng(0):
+            FaultInjector(plan, recipe.make_model())  # raises naming the fault whose target the model lacks
+
+
+def find_resumable(out: Path, check: ContentCheck, cli: bool = False) -> tuple[Path, dict[str, Any], list[str]]:
+    """`find_checkpoint`, with advice that fits a folder holding no checkpoint at all: start the run without
+    resume if the folder holds no run, or again with overwrite if it holds one (a start without is refused)."""
+    if not list_checkpoints(out) and not (Path(out) / LEGACY_CHECKPOINT_NAME).exists():
+        resume_opt, overwrite_opt = ("--resume", "--overwrite") if cli else ("resume=True", "overwrite=True")
+        files = sorted({p.name for p in run_files(out)})
+        advice = (f"it holds a run ({', '.join(files)}) that wrote none: start the run again with {overwrite_opt}, "
+                  "which deletes those files" if files else f"start the run without {resume_opt}")
+        raise ValueError(f"no checkpoint to resume from in {str(out)!r}: {advice}")
+    return find_checkpoint(out, check)
 
 
 def open_run_folder(out: Path | None, resume: bool | str | Path, overwrite: bool, rank: int,
@@ -79,7 +120,7 @@ def open_run_folder(out: Path | None, resume: bool | str | Path, overwrite: bool
     if resume is False:
         return None, None, replaced
     if resume is True:
-        path, checkpoint, skipped = find_checkpoint(out, check)
+        path, checkpoint, skipped = find_resumable(out, check)
         for reason in skipped if rank == 0 else ():
             # stacklevel 3: the warning names the line that called train()
             warnings.warn(f"{reason}; skipped it, resuming from an older checkpoint (the file stays in the folder)",

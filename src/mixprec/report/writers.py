@@ -11,6 +11,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
@@ -48,9 +50,17 @@ def _write_atomically(path: Path, text: str) -> None:
             f.write(text)
         os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)  # mkstemp's is 0o600
         os.replace(tmp, path)
+    except OSError as error:  # a full disk, say: the old file stays whole, the temporary one goes
+        Path(tmp).unlink(missing_ok=True)
+        raise named(error, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def named(error: OSError, path: Path | str) -> OSError:
+    """``error`` naming the file it failed to write (a failed ``write`` names none), for a one-line message."""
+    return error if error.filename is not None else OSError(error.errno, error.strerror, str(path))
 
 
 def _json_line(record: dict[str, Any]) -> str:
@@ -74,8 +84,9 @@ class RunLogger:
         self.folder.mkdir(parents=True, exist_ok=True)
         history = history or []
         _write_atomically(self.folder / METRICS_NAME, "".join(_json_line(r) for r in history))
-        self._file = (self.folder / METRICS_NAME).open("a", buffering=1)  # line-buffered
-        self._writer = None
+        # Unbuffered bytes: each record is one write, and one that fails (a full disk) is cut off again.
+        self._file = (self.folder / METRICS_NAME).open("ab", buffering=0)
+        self._writer: Any = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -88,8 +99,18 @@ class RunLogger:
                 self._add_scalars(record)
 
     def __call__(self, record: dict[str, Any]) -> None:
-        self._file.write(_json_line(record))
-        self._add_scalars(record)
+        line, end = _json_line(record).encode(), self._file.tell()
+        try:
+            if self._file.write(line) != len(line):  # a short write: the disk is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as error:  # no torn line is left: the file ends with the last whole record
+            with contextlib.suppress(OSError):
+                self._file.truncate(end)
+            raise named(error, self.folder / METRICS_NAME) from None
+        try:
+            self._add_scalars(record)
+        except OSError as error:  # TensorBoard's reader stops at a torn last record; a resume rewrites the file
+            raise named(error, self._writer.file_writer.event_writer._file_name) from None
 
     def _add_scalars(self, record: dict[str, Any]) -> None:
         if self._writer is None:
@@ -106,10 +127,17 @@ class RunLogger:
     def close(self) -> None:
         self._file.close()
         if self._writer is not None:
-            self._writer.close()
+            try:
+                self._writer.close()
+            except OSError as error:
+                raise named(error, self._writer.file_writer.event_writer._file_name) from None
 
     def __enter__(self) -> RunLogger:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if kind is None:
+            self.close()
+            return
+        with contextlib.suppress(OSError):  # closing after a failed write: the first error is the one to tell
+            self.close()

@@ -250,6 +250,10 @@ class LossScaler:
             raise ValueError(
                 f"this dict has no 'kind': it is not a mixprec scaler state dict (keys: {sorted(state_dict)}); "
                 f"load what a scaler's state_dict() returned")
+        if not isinstance(state_dict["kind"], str) or not state_dict["kind"]:
+            raise ValueError(
+                f"this state dict's 'kind' is {state_dict['kind']!r}, not a scaler's name: expected {self.kind!r} "
+                f"(what {self.kind}.state_dict() writes); load what a scaler's state_dict() returned")
         if state_dict["kind"] != self.kind:
             raise ValueError(
                 f"this state dict is for {state_dict['kind']!r}, not {self.kind!r}: load it into a "
