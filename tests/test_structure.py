@@ -21,7 +21,7 @@ LAYERS = [
     ["policy", "master"],  # policy names its scaler through scaling (make_scaler)
     ["execution.hooks", "state", "outcome", "stepped"],
     ["execution.native", "execution.emulated", "execution.emulated_module", "execution", "distributed", "memory",
-     "step", "fp32_view", "ema"],
+     "step", "fp32_view", "ema", "wrapping"],
     ["apply"],
     ["numerics"],
     ["__init__"],

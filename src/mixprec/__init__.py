@@ -24,12 +24,14 @@ from .scaling import DynamicScaler, LossScaleFloorError, LossScaler, NoScaler, S
 from .state import PreparedState, prepared_state
 from .step import NaNStormError, StepInfo, step, unscale_
 from .wrapper import OptimizerWrapper
+from .wrapping import prepare_optimizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AveragedModel",
     "fp32_state_dict",
+    "prepare_optimizer",
     "BF16",
     "E4M3",
     "E5M2",

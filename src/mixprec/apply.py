@@ -43,6 +43,7 @@ from .precisions import parameter_master_modes
 from .scaling import LossScaler
 from .state import _STATE_ATTR, PreparedState, is_dtensor, is_sharded, prepared_state, unwrap
 from .step import refuse_unscaled_step
+from .wrapping import wrap_optimizer
 
 __all__ = ["prepare", "autocast", "unprepare"]
 
@@ -121,13 +122,14 @@ def prepare(
     formats = list(named.values())
 
     handles: list[Any] = []
+    kept = None
     if not sharded:  # FSDP2 keeps FP32 shards (the masters) and casts them for compute itself
         modes = parameter_master_modes(model, precisions) if any(r.master for r in policy.rules) else {}
-        optimizer, handles = _apply(model, policy, execution, formats, optimizer, modes)
+        optimizer, handles, kept = _apply(model, policy, execution, formats, optimizer, modes)
     state = PreparedState(policy, execution, device, precisions,
                           {name: fmt for name, (_, fmt) in named.items()}, handles=handles,
                           master_weights=optimizer if isinstance(optimizer, MasterWeights) else None,
-                          sharded=sharded, rounding=rounding)
+                          sharded=sharded, rounding=rounding, originals=kept)
     if policy.compute != F32 and state.mode != "emulated-module":
         state.autocast_dtype = (native.dtype_of if execution == "native" else emulated.carrier_of)(policy.compute)
     state.handles += _recompute_hooks(model, state)
@@ -204,11 +206,13 @@ def _recompute_hooks(model: torch.nn.Module, state: PreparedState) -> list[Remov
 
 def _apply(model: torch.nn.Module, policy: Policy, execution: str, formats: list[tuple[torch.nn.Parameter, Format]],
            optimizer: torch.optim.Optimizer | None, modes: dict[int, str]
-           ) -> tuple[torch.optim.Optimizer | None, list[RemovableHandle]]:
+           ) -> tuple[torch.optim.Optimizer | None, list[RemovableHandle], dict[int, torch.Tensor] | None]:
     """Store the parameters in their formats, wrap the optimizer, add the gradient hooks: all or nothing.
 
     The masters start from the parameters' values before rounding (the FP32 originals, as in the paper),
     and anything that raises half-way leaves the parameters, their gradients and the optimizer as they were.
+    Without an optimizer, a policy with masters keeps the originals for `mixprec.prepare_optimizer`
+    (returned third: 4 bytes a parameter until then).
     """
     narrow = [p for p, fmt in formats if fmt != F32]
     # Native casting replaces p.data (keeping a reference is free); emulation rounds in place (copy).
@@ -220,16 +224,8 @@ def _apply(model: torch.nn.Module, policy: Policy, execution: str, formats: list
         else:
             hooks.round_parameters_(formats)
         if optimizer is not None and narrow:
-            mode = policy.master_mode
-            # Emulated: per parameter, FP32 islands stay FP32 (their own masters), the rest emulate their format.
-            optimizer = MasterWeights(optimizer, mode=mode,
-                                      param_format=None if execution == "native" else dict(formats),
-                                      master_modes={p: modes[id(p)] for p, _ in formats if id(p) in modes})
-            with torch.no_grad():
-                for slot in optimizer.grad_slots:
-                    optimizer.set_master_(slot, originals[id(slot.param)][0].float())
-            if mode != "none" or modes or execution == "emulated":  # a second, plain optimizer would step them wrongly
-                optimizer.claim(p for p in narrow if p.requires_grad)
+            optimizer = wrap_optimizer(optimizer, policy, execution, formats, modes,
+                                       {i: data for i, (data, _) in originals.items()})
         if execution == "emulated":
             # MasterWeights rounds the gradients of the parameters it steps; round the others' here.
             stepped = {id(p) for p in optimizer.model_params} if isinstance(optimizer, MasterWeights) else set()
@@ -249,7 +245,8 @@ def _apply(model: torch.nn.Module, policy: Policy, execution: str, formats: list
         for handle in handles:
             handle.remove()
         raise
-    return optimizer, handles
+    keep = optimizer is None and narrow and (policy.master is not None or bool(modes))
+    return optimizer, handles, {i: data for i, (data, _) in originals.items()} if keep else None
 
 
 def _sharded_execution(policy: Policy, device: torch.device) -> str:

@@ -80,6 +80,10 @@ def register_comm_hook(ddp: torch.nn.parallel.DistributedDataParallel) -> bool:
                         "on the model first, then wrap it in DistributedDataParallel")
     if getattr(ddp, _HOOK_ATTR, False):
         return False
+    if state.originals is not None:  # the masters are yet to come: the hook would not know them
+        raise RuntimeError("the model inside this DistributedDataParallel was prepared without an optimizer: call "
+                           "optimizer = mp.prepare_optimizer(model, optimizer, scaler) before the first "
+                           "mp.autocast(ddp) (which registers mixprec's gradient reduction)")
     slots = {id(slot.param): slot for slot in state.grad_slots}
     storage = {id(p): state.param_formats[name] for name, p in ddp.module.named_parameters()}
     reduce = state.policy.reduce if isinstance(state.policy.reduce, Format) else None  # normalized by Policy

@@ -48,6 +48,8 @@ class PreparedState:
         autocast_dtype: the dtype `autocast` enters torch.autocast with (None: it enters none).
         recomputing_in: per-op emulation: the module whose recomputation in backward (activation
             checkpointing) runs under OpEmulation now, and that mode; or None.
+        originals: prepared without an optimizer: each 16-bit parameter's FP32 value before rounding
+            (by id), which `mixprec.prepare_optimizer` starts the masters from (then None).
         is_copy: this is the state of a copy of a prepared model (``copy.deepcopy``, ``torch.save``, an
             ``AveragedModel``'s): no masters, no hooks of its own; its weights may be wider than their
             formats (an EMA's FP32 averages), and `autocast` rounds them onto their formats for its block.
@@ -66,12 +68,13 @@ class PreparedState:
     autocast_dtype: torch.dtype | None = None
     recomputing_in: tuple[torch.nn.Module, Any] | None = field(default=None, repr=False)
     is_copy: bool = False
+    originals: dict[int, torch.Tensor] | None = field(default=None, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy of the model (copy.deepcopy, torch.save, an AveragedModel's) is its weights and the policy:
         # it takes neither the optimizer and its masters nor the hook handles, which belong to the original.
         return {**self.__dict__, "master_weights": None, "handles": [], "recomputing_in": None, "in_autocast": False,
-                "is_copy": True}
+                "is_copy": True, "originals": None}
 
     @property
     def mode(self) -> str:

@@ -1,0 +1,93 @@
+"""The optimizer side of `mixprec.prepare`: wrapping it in `MasterWeights`, now or after the model.
+
+`mixprec.prepare(model, optimizer, policy)` does both at once. Frameworks that wrap the model (DDP, FSDP)
+before the optimizer exists (Lightning) prepare the model first, ``mp.prepare(model, None, policy)``,
+which keeps each 16-bit parameter's FP32 original, and the optimizer later with `prepare_optimizer`:
+the masters start from those originals, so the result is the one-call prepare's, bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .formats import F32, Format
+from .master import MasterWeights
+from .policy import Policy
+from .precisions import parameter_master_modes
+from .scaling import LossScaler
+from .state import prepared_state, unwrap
+from .step import refuse_unscaled_step
+
+__all__ = ["wrap_optimizer", "prepare_optimizer"]
+
+
+def wrap_optimizer(optimizer: torch.optim.Optimizer, policy: Policy, execution: str,
+                   formats: list[tuple[torch.nn.Parameter, Format]], modes: dict[int, str],
+                   originals: dict[int, torch.Tensor]) -> MasterWeights:
+    """`optimizer` in a MasterWeights for `policy`'s master mode (`modes`: per parameter, from rules), its
+    masters set to the parameters' FP32 `originals`; the stored parameters claimed (a second, plain
+    optimizer over them is refused)."""
+    mode = policy.master_mode
+    # Emulated: per parameter, FP32 islands stay FP32 (their own masters), the rest emulate their format.
+    wrapped = MasterWeights(optimizer, mode=mode, param_format=None if execution == "native" else dict(formats),
+                            master_modes={p: modes[id(p)] for p, _ in formats if id(p) in modes})
+    with torch.no_grad():
+        for slot in wrapped.grad_slots:
+            wrapped.set_master_(slot, originals[id(slot.param)].float())
+    if mode != "none" or modes or execution == "emulated":  # a second, plain optimizer would step them wrongly
+        wrapped.claim(p for p, fmt in formats if fmt != F32 and p.requires_grad)
+    return wrapped
+
+
+def prepare_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      scaler: LossScaler | None = None) -> torch.optim.Optimizer:
+    """The optimizer to train a model prepared without one (``mp.prepare(model, None, policy)``) with.
+
+    Build `optimizer` over the model's parameters after prepare (their Parameter objects are the same);
+    this wraps it as the one-call ``mp.prepare(model, optimizer, policy)`` would have, the masters
+    starting from the FP32 weights before prepare rounded them. Give the `scaler` prepare returned, so
+    that ``optimizer.step()`` on still-scaled gradients is refused as after the one-call prepare.
+    Under DDP: call it before mixprec's gradient hook is registered (before the first ``mp.autocast(ddp)``).
+
+    Raises:
+        RuntimeError: the model is not prepared, or its optimizer was prepared already.
+
+    Example:
+        >>> import mixprec as mp
+        >>> model = torch.nn.Linear(2, 2)
+        >>> model, _, scaler = mp.prepare(model, None, "f16-master")
+        >>> opt = mp.prepare_optimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), scaler)
+        >>> type(opt).__name__, opt.param_groups[0]["params"][0].dtype
+        ('MasterWeights', torch.float32)
+    """
+    inner = unwrap(model)
+    state = prepared_state(inner)
+    if state is None:
+        raise RuntimeError("prepare_optimizer needs a prepared model: model, _, scaler = mp.prepare(model, None, "
+                           "policy) first")
+    if state.master_weights is not None:
+        raise RuntimeError("this model's optimizer is prepared already (by mp.prepare or prepare_optimizer): "
+                           "step the optimizer it returned")
+    result: torch.optim.Optimizer = optimizer
+    if not state.sharded:
+        formats = [(p, state.param_formats[name]) for name, p in inner.named_parameters()]
+        narrow = _narrow(formats)
+        if narrow:
+            modes = _rule_modes(inner, state)
+            result = wrap_optimizer(optimizer, state.policy, state.execution, formats, modes, state.originals or {})
+            state.master_weights = result
+    state.originals = None
+    if scaler is not None:
+        state.handles.append(result.register_step_pre_hook(refuse_unscaled_step(scaler)))
+    return result
+
+
+def _narrow(formats: Iterable[tuple[torch.nn.Parameter, Format]]) -> list[torch.nn.Parameter]:
+    return [p for p, fmt in formats if fmt != F32]
+
+
+def _rule_modes(model: torch.nn.Module, state: Any) -> dict[int, str]:
+    return parameter_master_modes(model, state.precisions) if any(r.master for r in state.policy.rules) else {}
