@@ -70,14 +70,14 @@ class FP32Masters:
                 put_first(p._post_accumulate_grad_hooks, handles[-1])
         return handles
 
-    def settle_(self, trust_fp32: bool) -> None:
+    def settle_(self, trust_fp32: bool, trust_masters: bool = True) -> None:
         """Once per step: take each FP32 gradient where it still rounds to ``param.grad`` (all of it from
-        ``param.grad`` unless `trust_fp32` or mixprec's DDP hook reduced it), and sync the masters."""
+        ``param.grad`` unless `trust_fp32` or mixprec's DDP hook reduced it), and sync the masters (each
+        from its parameter unless `trust_masters`)."""
         for slot in self.slots:
             if not slot.settled:  # after this, mp.step unscales master.grad in place
-                trust = trust_fp32 or slot.reduced
-                slot.settle_(trust)
-                slot.sync_master_(trust)  # in the same pass: the masters the update starts from
+                slot.settle_(trust_fp32 or slot.reduced)
+                slot.sync_master_(trust_masters or slot.reduced)  # in the same pass: where the update starts
                 slot.settled = True
 
     def sync_(self, trust_fp32: bool) -> None:

@@ -106,12 +106,12 @@ class TransientMasters(FP32Masters):
         held.version = p._version
 
     # ----- per step -------------------------------------------------------------------------------------
-    def settle_(self, trust_fp32: bool) -> None:
+    def settle_(self, trust_fp32: bool, trust_masters: bool = True) -> None:
         for slot in self.slots:
             if not slot.settled:
                 slot.settle_(trust_fp32 or slot.reduced)
                 slot.settled = True
-        self.sync_(trust_fp32)
+        self.sync_(trust_masters)
 
     @torch.no_grad()
     def sync_(self, trust_fp32: bool) -> None:

@@ -74,7 +74,8 @@ class MasterWeights(OptimizerWrapper):
         self.mode = check_mode(mode, "mode")
         self._assign = Assignment.parse(param_format, master_modes)
         self.param_format, self._formats_by_param = self._assign.param_format, self._assign.formats_by_param
-        self._trust_fp32 = True
+        self._trust_fp32 = True  # whether the masters are kept where they round to their parameters
+        self._masters_agree = False  # synced from the parameters once: equal on every rank from then on
         self._stepping = False  # inside step(): the inner optimizer may step
         # Mode "fp32": a GradSlot per parameter with an FP32 master; "compact", "kahan", "stochastic": one whose
         # master is rebuilt per step; "none", emulated: re-rounded.
@@ -209,9 +210,13 @@ class MasterWeights(OptimizerWrapper):
             >>> [g.dtype for g in opt.collect_grads_()], model.weight.grad.dtype
             ([torch.float32, torch.float32], torch.float16)
         """
-        self._trust_fp32 = trust_fp32  # the masters are checked against the model the same way
+        # Across ranks without mixprec's DDP hook, the FP32 gradients are this rank's own (not reduced): not
+        # trusted. The masters start from the parameters once (DDP gave every rank rank 0's); from then on
+        # every rank updates them alike from the same reduced param.grad, so they stay equal and are kept.
+        self._trust_fp32 = trust_fp32 or self._masters_agree
         for store in self._stores:
-            store.settle_(trust_fp32)
+            store.settle_(trust_fp32, self._trust_fp32)
+        self._masters_agree = True
         self._direct.round_grads_()
         return [t.grad for t in self.master_params if t.grad is not None]
 
