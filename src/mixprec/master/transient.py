@@ -67,7 +67,7 @@ class TransientMasters(FP32Masters):
     def add(self, slots: list[GradSlot], modes: list[str] | None = None, indices: list[int] | None = None) -> None:
         """Take more parameters (`modes`: each one's mode; `indices`: its position among the model's), their
         masters starting from their values."""
-        self.slots += slots
+        super().add(slots)  # the gradients: as FP32 masters' (one foreach copy per dtype group to publish)
         for slot, mode, index in zip(slots, modes or [], indices or [], strict=True):
             p = slot.param
             buffer = compact.remainder_for(p) if mode == "compact" else kahan.compensation_for(p) \
@@ -124,11 +124,6 @@ class TransientMasters(FP32Masters):
             if (not trusted or held.version != slot.param._version) and held.buffer is not None:
                 held.buffer.zero_()
             held.version = slot.param._version
-
-    def publish_(self, settled: bool) -> None:
-        for slot in self.slots:
-            slot.publish_()
-            slot.settled = settled and slot.settled
 
     def copy_to_model_(self, release_grads: bool) -> None:
         """Store the masters rebuilt for a step still running (an LBFGS closure) into the model."""
