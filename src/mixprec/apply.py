@@ -39,11 +39,10 @@ from .execution import emulated, emulated_module, hooks, native
 from .formats import F32, Format
 from .master import MasterWeights
 from .policy import Policy
-from .precisions import parameter_master_modes
 from .scaling import LossScaler
 from .state import _STATE_ATTR, PreparedState, is_dtensor, is_sharded, prepared_state, unwrap
 from .step import refuse_unscaled_step
-from .wrapping import wrap_optimizer
+from .wrapping import rule_modes, wrap_optimizer
 
 __all__ = ["prepare", "autocast", "unprepare"]
 
@@ -124,7 +123,7 @@ def prepare(
     handles: list[Any] = []
     kept = None
     if not sharded:  # FSDP2 keeps FP32 shards (the masters) and casts them for compute itself
-        modes = parameter_master_modes(model, precisions) if any(r.master for r in policy.rules) else {}
+        modes = rule_modes(model, policy, precisions)
         optimizer, handles, kept = _apply(model, policy, execution, formats, optimizer, modes)
     state = PreparedState(policy, execution, device, precisions,
                           {name: fmt for name, (_, fmt) in named.items()}, handles=handles,

@@ -8,20 +8,17 @@ the masters start from those originals, so the result is the one-call prepare's,
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
-
 import torch
 
 from .formats import F32, Format
 from .master import MasterWeights
 from .policy import Policy
-from .precisions import parameter_master_modes
+from .precisions import ModulePrecision, parameter_master_modes
 from .scaling import LossScaler
 from .state import prepared_state, unwrap
 from .step import refuse_unscaled_step
 
-__all__ = ["wrap_optimizer", "prepare_optimizer"]
+__all__ = ["wrap_optimizer", "prepare_optimizer", "rule_modes"]
 
 
 def wrap_optimizer(optimizer: torch.optim.Optimizer, policy: Policy, execution: str,
@@ -74,9 +71,8 @@ def prepare_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     result: torch.optim.Optimizer = optimizer
     if not state.sharded:
         formats = [(p, state.param_formats[name]) for name, p in inner.named_parameters()]
-        narrow = _narrow(formats)
-        if narrow:
-            modes = _rule_modes(inner, state)
+        if any(fmt != F32 for _, fmt in formats):
+            modes = rule_modes(inner, state.policy, state.precisions)
             result = wrap_optimizer(optimizer, state.policy, state.execution, formats, modes, state.originals or {})
             state.master_weights = result
     state.originals = None
@@ -85,9 +81,6 @@ def prepare_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return result
 
 
-def _narrow(formats: Iterable[tuple[torch.nn.Parameter, Format]]) -> list[torch.nn.Parameter]:
-    return [p for p, fmt in formats if fmt != F32]
-
-
-def _rule_modes(model: torch.nn.Module, state: Any) -> dict[int, str]:
-    return parameter_master_modes(model, state.precisions) if any(r.master for r in state.policy.rules) else {}
+def rule_modes(model: torch.nn.Module, policy: Policy, precisions: list[ModulePrecision]) -> dict[int, str]:
+    """The master mode of each parameter whose module a policy rule gives one (by id); empty without such rules."""
+    return parameter_master_modes(model, precisions) if any(r.master for r in policy.rules) else {}
