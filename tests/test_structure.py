@@ -15,13 +15,13 @@ SRC = Path(mp.__file__).parent
 # (a name stands for a module or a whole package: "numerics" is numerics/*). The library is the layers up
 # to "__init__"; above it are its first users, which import it only as `import mixprec as mp`.
 LAYERS = [
-    ["formats", "versions", "master_modes", "hardware"],
-    ["quantize", "nonfinite", "skips", "wrapper"],
+    ["formats", "versions", "master_modes", "hardware", "fp8.recipe"],
+    ["quantize", "nonfinite", "skips", "wrapper", "fp8.scales"],
     ["gradients", "scaling", "precisions"],  # scaling is scaling/*: the scalers carry the step's skip record (skips)
     ["policy", "master"],  # policy names its scaler through scaling (make_scaler)
-    ["execution.hooks", "state", "outcome", "stepped"],
+    ["execution.hooks", "state", "outcome", "stepped", "fp8.linear"],
     ["execution.native", "execution.emulated", "execution.emulated_module", "execution", "distributed", "memory",
-     "step", "fp32_view", "ema", "wrapping"],
+     "step", "fp32_view", "ema", "wrapping", "fp8.install", "fp8"],
     ["apply"],
     ["numerics"],
     ["__init__"],
@@ -244,4 +244,4 @@ def test_heavy_dependencies_are_extras_not_requirements():
     assert required == {"torch", "numpy"}
     cli = {d.split(">")[0].strip() for d in project["optional-dependencies"]["cli"]}
     assert {"rich", "matplotlib", "scikit-learn", "tensorboard"} <= cli
-    assert "mixprec[cli,lightning,hf]" in project["optional-dependencies"]["dev"]  # make test installs them
+    assert "mixprec[cli,lightning,hf,fp8]" in project["optional-dependencies"]["dev"]  # make test installs them

@@ -37,6 +37,8 @@ from .distributed import register_comm_hook
 from .ema import check_averaged, stored_weights
 from .execution import emulated, emulated_module, hooks, native
 from .formats import F32, Format
+from .fp8.install import Fp8Histories
+from .fp8.install import install as install_fp8
 from .master import MasterWeights
 from .policy import Policy
 from .scaling import LossScaler
@@ -120,21 +122,31 @@ def prepare(
     named = policy.parameter_formats(model, precisions)
     formats = list(named.values())
 
-    handles: list[Any] = []
+    fp8_names = [mp.name for mp in precisions if mp.fp8]  # FP8 matmuls: in place first (this may refuse)
+    fp8_layers, handles = install_fp8(model, fp8_names, policy.fp8, policy.fp8_execution(device)[0] == "native",
+                                      device, functools.partial(_fp8_active, model)) if policy.fp8 else ({}, [])
     kept = None
     if not sharded:  # FSDP2 keeps FP32 shards (the masters) and casts them for compute itself
         modes = rule_modes(model, policy, precisions)
-        optimizer, handles, kept = _apply(model, policy, execution, formats, optimizer, modes)
+        try:
+            optimizer, more, kept = _apply(model, policy, execution, formats, optimizer, modes)
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            raise
+        handles += more
     state = PreparedState(policy, execution, device, precisions,
                           {name: fmt for name, (_, fmt) in named.items()}, handles=handles,
                           master_weights=optimizer if isinstance(optimizer, MasterWeights) else None,
-                          sharded=sharded, rounding=rounding, originals=kept)
+                          sharded=sharded, rounding=rounding, originals=kept, fp8_layers=fp8_layers)
     if policy.compute != F32 and state.mode != "emulated-module":
         state.autocast_dtype = (native.dtype_of if execution == "native" else emulated.carrier_of)(policy.compute)
     state.handles += _recompute_hooks(model, state)
     state.handles.append(model.register_load_state_dict_pre_hook(_refuse_assign))
     setattr(model, _STATE_ATTR, state)
     scaler = policy.make_scaler(device)
+    if fp8_layers and policy.fp8 is not None and policy.fp8.delayed:  # the amax histories go with the scale
+        scaler.attach("fp8", Fp8Histories(policy.fp8, fp8_layers))
     if optimizer is not None:  # optimizer.step() by hand on scaled gradients: refused
         state.handles.append(optimizer.register_step_pre_hook(refuse_unscaled_step(scaler)))
     return given, optimizer, scaler
@@ -163,6 +175,12 @@ def _recomputing(state: PreparedState) -> bool:
         return False
     device, dtype = state.device.type, state.autocast_dtype
     return dtype is None or (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == dtype)
+
+
+def _fp8_active(model: torch.nn.Module) -> bool:
+    """Whether the FP8 Linear layers of `model` (a prepared model, or a copy of one) compute in FP8 now."""
+    state = getattr(model, _STATE_ATTR, None)
+    return state is not None and (state.in_autocast or _recomputing(state))
 
 
 def _forward_hooks(model: torch.nn.Module, state: PreparedState, storage: dict[int, Format],

@@ -7,6 +7,9 @@ an AMD EPYC), so ``auto`` emulates. AVX512-BF16 alone makes bfloat16 matmuls fas
 that EPYC, under load) but not yet the whole step, so ``auto`` leaves those CPUs emulated until measured
 end to end (``execution=native`` runs natively anywhere torch has the dtype).
 
+FP8 matmuls (`native_fp8`): native on CUDA GPUs with FP8 tensor cores (compute capability 8.9 and up:
+Ada, Hopper, Blackwell), through ``torch._scaled_mm``; emulated everywhere else.
+
 ``MIXPREC_NATIVE_CPU=0`` makes ``auto`` emulate on every CPU (the same numerics on every machine: the
 test suite sets it), ``=1`` treats every CPU as having AMX-BF16 and AMX-FP16.
 """
@@ -17,7 +20,7 @@ import os
 
 import torch
 
-__all__ = ["NATIVE_CPU_ENV", "cpu_features", "native_formats"]
+__all__ = ["NATIVE_CPU_ENV", "cpu_features", "native_formats", "native_fp8"]
 
 NATIVE_CPU_ENV = "MIXPREC_NATIVE_CPU"
 
@@ -53,3 +56,19 @@ def native_formats(device: torch.device | str) -> tuple[frozenset[str], str]:
     have = [f for f, on in flags.items() if on]
     why = f"CPU with {', '.join(f.upper().replace('_', '-') for f in have) or 'no 16-bit instructions'}"
     return frozenset(names), why + ("" if names else " (no AMX: 16-bit arithmetic slower than FP32)")
+
+
+def native_fp8(device: torch.device | str) -> tuple[bool, str]:
+    """(whether `device` multiplies FP8 natively, why): CUDA with compute capability >= 8.9.
+
+    Example:
+        >>> native_fp8("cpu")
+        (False, 'cpu: no FP8 matmul units')
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) >= (8, 9):
+            return True, f"CUDA sm_{major}{minor}: FP8 tensor cores"
+        return False, f"CUDA sm_{major}{minor}: no FP8 tensor cores (need sm_89+; emulated)"
+    return False, f"{device.type}: no FP8 matmul units"

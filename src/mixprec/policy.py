@@ -25,7 +25,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .formats import BF16, F16, F32, Format
-from .hardware import native_formats
+from .fp8.recipe import GRANULARITIES, Fp8Recipe
+from .hardware import native_formats, native_fp8
 from .master_modes import DESCRIPTIONS, MODES, TRANSIENT_MODES, master_bytes
 from .precisions import DEFAULT_FP32_TYPES, ModulePrecision, Rule, module_precisions, parameter_formats, precision_table
 from .scaling import LossScaler, make_scaler, parse_scaling
@@ -78,6 +79,9 @@ class Policy:
             the formats' grids; see docs/emulation.md) or ``"emulated-module"`` (rounding only where
             tensors cross module boundaries: faster, but blind to overflow inside a module's forward).
         rules: per-module rules, tried in order before the default FP32 islands.
+        fp8: an `Fp8Recipe` (or its string, e.g. ``"tensorwise"``, ``"delayed:history=16"``, ``"rowwise"``):
+            Linear layers run their matmuls on scaled FP8 operands (see `mixprec.fp8`); None (``"none"``) for
+            none. Which layers, and why the others are not, is in ``explain()``.
 
     Example:
         >>> Policy(params="f16", compute="f16", master="f32", scaling="static:1024") == Policy.parse(
@@ -94,8 +98,13 @@ class Policy:
     execution: str = "auto"
     rules: tuple[Rule, ...] = field(default=())
     master_mode: str = ""  # set from `master`: "fp32", "compact", "kahan", "stochastic" or "none"
+    fp8: Fp8Recipe | None = None  # given as a str too: resolved to an Fp8Recipe (or None)
 
     def __post_init__(self) -> None:
+        fp8 = self.fp8
+        if isinstance(fp8, str):
+            fp8 = None if fp8.strip().lower() in ("", "none") else Fp8Recipe.parse(fp8)
+        object.__setattr__(self, "fp8", fp8)
         for name in ("params", "compute", "output"):
             object.__setattr__(self, name, _fmt(getattr(self, name)))
         master = self.master
@@ -140,7 +149,7 @@ class Policy:
     def parse(cls, text: str | Policy) -> Policy:
         """A preset name, ``key=value`` pairs, or a preset followed by overrides, comma-separated.
 
-        Keys: params, compute, output, master, reduce, scaling, execution, rule (repeatable, in order).
+        Keys: params, compute, output, master, reduce, scaling, execution, fp8, rule (repeatable, in order).
 
         Example:
             >>> Policy.parse("f16-master,scaling=none") == Policy.parse("f16-master-noscale")
@@ -191,7 +200,7 @@ class Policy:
                 return name
         text = (f"params={self.params.spec},compute={self.compute.spec},output={self.output.spec},"
                 f"master={self._master_text()},reduce={_reduce_text(self.reduce)},"
-                f"scaling={self.scaling},execution={self.execution}")
+                f"scaling={self.scaling},execution={self.execution}") + (f",fp8={self.fp8}" if self.fp8 else "")
         return text + "".join(f",rule={r}" for r in self.rules)
 
     def _master_text(self) -> str:
@@ -258,6 +267,24 @@ class Policy:
         """
         return native_formats(device)[1]
 
+    def fp8_execution(self, device: torch.device | str = "cpu") -> tuple[str, str]:
+        """(``"native"`` or ``"emulated"``, why) for this policy's FP8 matmuls on `device`: native with
+        torch._scaled_mm on GPUs with FP8 tensor cores for tensorwise, delayed and rowwise scales (not under
+        execution=emulated), emulated elsewhere: the same FP8 values and scales, FP32 arithmetic.
+
+        Example:
+            >>> Policy.parse("fp8-tensorwise").fp8_execution("cpu")[0]
+            'emulated'
+        """
+        fast, why = native_fp8(device)
+        if self.fp8 is None:
+            return "native", "no FP8 layers"
+        if self.execution.startswith("emulated"):
+            return "emulated", f"execution={self.execution}"
+        if fast and self.fp8.granularity not in ("tensorwise", "delayed", "rowwise"):
+            return "emulated", f"{self.fp8.granularity} scales: torch._scaled_mm takes tensorwise and rowwise ones"
+        return ("native" if fast else "emulated"), why
+
     @property
     def emulation(self) -> str:
         """How this policy is emulated where it is: ``"per op"`` (execution auto or emulated: torch.autocast's
@@ -319,6 +346,10 @@ class Policy:
         header = (f"policy {self}: execution {ran}, loss scaling "
                   f"{self.scaling}, output {self.output.name}, reduce {_reduce_text(self.reduce)}, "
                   f"{self.weight_bytes:g} B a {self.params.name} weight with its master")
+        if self.fp8 is not None:
+            fp8_ran, why = self.fp8_execution(device)
+            how = ": FP8 values, FP32 arithmetic" if fp8_ran == "emulated" else ""
+            header += f", fp8 {self.fp8} matmuls {fp8_ran} ({why}{how})"
         return "\n".join([header, *precision_table(self, model, execution)])
 
     def make_scaler(self, device: torch.device | str | None = None) -> LossScaler:
@@ -331,7 +362,7 @@ class Policy:
         return make_scaler(self.scaling, device)
 
 
-_KEYS = ("params", "compute", "output", "master", "reduce", "scaling", "execution", "rule")
+_KEYS = ("params", "compute", "output", "master", "reduce", "scaling", "execution", "fp8", "rule")
 
 _PRESET_POLICIES: dict[str, Policy] = {
     "f32": Policy(),
@@ -345,6 +376,8 @@ _PRESET_POLICIES: dict[str, Policy] = {
     "bf16-compact": Policy(params=BF16, compute=BF16, master=F32, master_mode="compact"),
     "bf16-kahan": Policy(params=BF16, compute=BF16, master=F32, master_mode="kahan"),
     "bf16-sr": Policy(params=BF16, compute=BF16, master=F32, master_mode="stochastic"),
+    **{f"fp8-{g}": Policy(params=BF16, compute=BF16, master=F32, fp8=Fp8Recipe(g))
+       for g in GRANULARITIES},
 }
 
 #: Preset name -> one-line description.
@@ -360,4 +393,6 @@ PRESETS: dict[str, str] = {
     "bf16-compact": "bf16-master in 4 bytes a weight, not 6: the FP32 master's low 16 bits beside the BF16 weight",
     "bf16-kahan": "BF16 weights with a BF16 Kahan compensation buffer instead of an FP32 master (4 bytes a weight)",
     "bf16-sr": "BF16 weights without a master, updates rounded stochastically (2 bytes a weight)",
+    **{f"fp8-{g}": f"bf16-master with FP8 Linear matmuls (E4M3 forward, E5M2 gradients): {d}"
+       for g, d in GRANULARITIES.items()},
 }

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 
-from .formats import F32, Format
+from .formats import E4M3, E5M2, F32, Format
+from .fp8.recipe import Fp8Recipe
 from .master_modes import DESCRIPTIONS, MODES
 
 __all__ = ["Rule", "ModulePrecision", "DEFAULT_FP32_TYPES", "module_precisions", "parameter_formats",
@@ -108,6 +109,7 @@ class ModulePrecision:
     has_params: bool
     reason: str  # "policy default" | "default fp32 island (LayerNorm)" | "rule 1 (lm_head:fp32)" | ...
     master: str = "none"  # the master mode of its own parameters (a rule's, else the policy's)
+    fp8: str = ""  # the FP8 recipe its matmuls run under (an FP8 Linear), else ""
 
 
 class PolicyFormats(Protocol):
@@ -123,6 +125,8 @@ class PolicyFormats(Protocol):
     def master_mode(self) -> str: ...
     @property
     def rules(self) -> tuple[Rule, ...]: ...
+    @property
+    def fp8(self) -> Fp8Recipe | None: ...
 
 
 def module_precisions(policy: PolicyFormats, model: torch.nn.Module, *, warn: bool = True) -> list[ModulePrecision]:
@@ -155,12 +159,60 @@ def module_precisions(policy: PolicyFormats, model: torch.nn.Module, *, warn: bo
         has_params = any(p is not None for p in module._parameters.values())
         result.append(ModulePrecision(name, type(module).__name__, chosen[0], chosen[1], has_params,
                                       chosen[2], chosen[3]))
+    if policy.fp8 is not None:
+        result = _fp8_layers(policy, model, result)
     if warn:
         for rule, hits in zip(policy.rules, rule_hits, strict=True):
             if hits == 0:
                 warnings.warn(f"policy rule {str(rule)!r} matched no module of {type(model).__name__}; "
                               f"check the name/type glob (see policy.explain(model))", stacklevel=4)
     return result
+
+
+def _fp8_layers(policy: PolicyFormats, model: torch.nn.Module, found: list[ModulePrecision]) -> list[ModulePrecision]:
+    """Which Linear layers an FP8 policy runs in FP8, and why the others are not.
+
+    A rule (or an ancestor's) computing in an FP8 format (``e4m3``) asks for FP8 matmuls: its Linear layers
+    get them, and its modules compute the rest in the policy's compute format. Otherwise every nn.Linear
+    whose forward is nn.Linear's gets them except the first and last Linear layers (the most sensitive,
+    as in torchao's and Transformer Engine's recipes), layers whose dims are not multiples of 16 (FP8
+    tensor cores need them) and modules in FP32. Raises ValueError for a rule's layer that cannot be FP8."""
+    by_name = dict(model.named_modules())
+    linears = [mp.name for mp in found if isinstance(by_name[mp.name], torch.nn.Linear)]
+    ends = {linears[0]: "first", linears[-1]: "last"} if linears else {}
+    recipe = str(policy.fp8)
+    result = []
+    for mp in found:
+        module, asked = by_name[mp.name], mp.compute in (E4M3, E5M2)
+        if asked:  # the matmuls in FP8 (below), everything else in the policy's compute format
+            mp = replace(mp, compute=policy.compute, params=mp.params if mp.params != mp.compute else policy.params)
+        if not isinstance(module, torch.nn.Linear):
+            result.append(mp)
+            continue
+        why = _not_fp8(module, mp, policy.compute)
+        if why and asked:
+            raise ValueError(f"{mp.reason} asks for FP8 matmuls in {mp.name!r}, but {why}: "
+                             f"drop that module from the rule (e.g. a rule '{mp.name}:{policy.compute.spec}' first)")
+        ruled = mp.reason.startswith("rule")  # a rule in another format than FP8 keeps the layer out
+        if why is None and not asked and (ruled or mp.name in ends):
+            why = "" if ruled else f"the {ends[mp.name]} Linear layer"
+        if why is None:
+            mp = replace(mp, fp8=recipe, reason=f"{mp.reason}; fp8 {recipe}")
+        elif why and mp.compute != F32:
+            mp = replace(mp, reason=f"{mp.reason}; not fp8: {why}")
+        result.append(mp)
+    return result
+
+
+def _not_fp8(module: torch.nn.Linear, mp: ModulePrecision, default: Format) -> str | None:
+    """Why this Linear cannot run its matmuls in FP8 (None: it can)."""
+    if mp.compute == F32 and default != F32:
+        return "it computes in FP32"
+    if type(module).forward is not torch.nn.Linear.forward:
+        return f"{type(module).__name__} has its own forward (mixprec replaces nn.Linear's only)"
+    if module.in_features % 16 or module.out_features % 16:
+        return f"its dims {module.in_features}x{module.out_features} are not multiples of 16"
+    return None
 
 
 def parameter_formats(model: torch.nn.Module, precisions: list[ModulePrecision]
@@ -218,7 +270,8 @@ def precision_table(policy: PolicyFormats, model: torch.nn.Module, execution: st
             params.torch_dtype).replace("torch.", "")
         master = "-" if not mp.has_params or mp.master == "none" or params == F32 else mp.master
         rows.append((mp.name or "(root)", mp.type_name, params.name if mp.has_params else "-",
-                     stored if mp.has_params else "-", mp.compute.name, master, reason))
+                     stored if mp.has_params else "-", f"fp8/{mp.compute.name}" if mp.fp8 else mp.compute.name,
+                     master, reason))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return lines

@@ -16,6 +16,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.hooks import RemovableHandle
 
 from .formats import Format
+from .fp8.linear import Fp8Layer
 from .gradients import GradSlot
 from .master import MasterWeights
 from .policy import ModulePrecision, Policy
@@ -69,6 +70,7 @@ class PreparedState:
     recomputing_in: tuple[torch.nn.Module, Any] | None = field(default=None, repr=False)
     is_copy: bool = False
     originals: dict[int, torch.Tensor] | None = field(default=None, repr=False)
+    fp8_layers: dict[str, Fp8Layer] = field(default_factory=dict, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy of the model (copy.deepcopy, torch.save, an AveragedModel's) is its weights and the policy:

@@ -61,6 +61,13 @@ class LossScaler:
         self.device = torch.device(device)
         self._scale = torch.tensor(float(scale), dtype=torch.float32, device=self.device)
         self.skips = SkipRecord(self.device)  # mp.step's bookkeeping, saved with the scale
+        self.attached: dict[str, Any] = {}  # more scaling state saved with the scale (`attach`)
+
+    def attach(self, name: str, state: Any) -> None:
+        """Save `state` (with ``state_dict()``, ``check_state_dict(d)``, ``load_state_dict(d)``) in this scaler's
+        state dict under `name`: `mp.prepare` attaches FP8 delayed scaling's amax histories as ``"fp8"``, so the one
+        checkpoint of the scaler holds every scale of the run. A dict without the entry leaves it as it is."""
+        self.attached[name] = state
 
     # ----- the hot path -------------------------------------------------------------------------
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
@@ -226,7 +233,7 @@ class LossScaler:
             8.0
         """
         return {"version": STATE_VERSION, "kind": self.kind, "scale": self.loss_scale, **self.skips.state_dict(),
-                **self._config()}
+                **self._config(), **{name: state.state_dict() for name, state in self.attached.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore every field written by `state_dict` (the state stays on this scaler's device).
@@ -259,17 +266,29 @@ class LossScaler:
                 f"this state dict is for {state_dict['kind']!r}, not {self.kind!r}: load it into a "
                 f"{state_dict['kind']} (or create the scaler that wrote it)")
         check_version(state_dict.get("version"), STATE_VERSION, "scaler")
-        # Dicts written before the run of skips was saved restart it from 0.
-        if set(state_dict) | {"skipped_in_a_row"} != expected:
-            missing = sorted(expected - set(state_dict) - {"skipped_in_a_row"})
+        if "fp8" in state_dict and "fp8" not in self.attached:
+            raise ValueError("this scaler state dict holds FP8 delayed-scaling histories ('fp8'), but this scaler's "
+                             "model has no delayed FP8 layers: resume under the policy that wrote it (fp8=delayed), "
+                             "or delete the 'fp8' entry to start the new policy's scales afresh")
+        # Dicts written before the run of skips was saved restart it from 0; attached state missing from a
+        # dict stays as it is.
+        optional = {"skipped_in_a_row", *self.attached}
+        if set(state_dict) | optional != expected:
+            missing = sorted(expected - set(state_dict) - optional)
             extra = sorted(set(state_dict) - expected)
             raise ValueError(
                 f"{self.kind} state dict has missing keys {missing} and unexpected keys {extra}; "
                 f"expected exactly {sorted(expected)}")
         self.skips.check_state_dict(state_dict)  # all checked before anything is changed
+        for name, state in self.attached.items():
+            if name in state_dict:
+                state.check_state_dict(state_dict[name])
         self._load_config(state_dict)
         self._scale = torch.tensor(float(state_dict["scale"]), dtype=torch.float32, device=self.device)
         self.skips.load_state_dict(state_dict)
+        for name, state in self.attached.items():
+            if name in state_dict:
+                state.load_state_dict(state_dict[name])
 
     def _load_config(self, state_dict: dict[str, Any]) -> None:
         self._lowest_scale = check_loss_scale("scale", state_dict["scale"])
