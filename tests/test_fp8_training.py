@@ -1,0 +1,239 @@
+"""FP8 training everywhere training runs: which layers go FP8, resume, skipped steps, evaluation, compile,
+activation checkpointing, copies of the model, and DDP (2 gloo ranks) agreeing on delayed-scaling histories."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from helpers import results, run_workers
+
+import mixprec as mp
+from mixprec.fp8.linear import Fp8Forward
+from mixprec.state import prepared_state
+
+FP8_NAMES = {"2", "4"}  # the first (0) and last (6) Linear layers stay in 16 bits
+
+
+def make_model(seed: int = 0) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 64), torch.nn.GELU(),
+                               torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+
+
+def batch(step: int, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * rank + step % 4)  # 4 batches a rank, learnt by heart
+    x = torch.randn(24, 32, generator=g)
+    return x, (x[:, :16] * 3).argmax(dim=1)
+
+
+def prepared(policy: str, seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer, mp.LossScaler]:
+    model = make_model(seed)
+    return mp.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), policy)  # type: ignore[return-value]
+
+
+def train(model: Any, opt: Any, scaler: Any, steps: range, rank: int = 0, accumulate: int = 1) -> list[float]:
+    losses = []
+    for step in steps:
+        for micro in range(accumulate):
+            x, y = batch(step * accumulate + micro, rank)
+            with mp.autocast(model):
+                loss = torch.nn.functional.cross_entropy(model(x).float(), y) / accumulate
+            scaler.scale(loss).backward()
+        mp.step(opt, scaler, max_grad_norm=1.0)
+        opt.zero_grad()
+        losses.append(loss.item() * accumulate)
+    return losses
+
+
+def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in mp.distributed.unwrap(model).state_dict().items()}
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs by {(a[key].float() - b[key].float()).abs().max()}"
+
+
+@pytest.mark.parametrize("preset", ["fp8-tensorwise", "fp8-delayed", "fp8-rowwise", "fp8-blockwise", "fp8-mx"])
+def test_fp8_trains_close_to_bf16_master_and_differently(preset):
+    model, opt, scaler = prepared(preset)
+    assert set(prepared_state(model).fp8_layers) == FP8_NAMES
+    assert isinstance(model[2].forward, Fp8Forward) and "forward" not in vars(model[0])
+    losses = train(model, opt, scaler, range(25))
+    ref_model, ref_opt, ref_scaler = prepared("bf16-master")
+    ref = train(ref_model, ref_opt, ref_scaler, range(25))
+    assert losses[-1] < 0.7 * losses[0]  # it learns
+    assert abs(sum(losses[-5:]) - sum(ref[-5:])) < 0.1 * sum(ref[-5:])  # as bf16-master does
+    assert not torch.equal(model[2].weight, ref_model[2].weight)  # and the FP8 matmuls did run
+    assert torch.equal(params(model)["0.weight"].isfinite(), torch.ones(64, 32, dtype=torch.bool))
+
+
+def test_outside_autocast_an_fp8_layer_is_a_plain_linear_and_unprepare_takes_the_forward_away():
+    model, _, _ = prepared("fp8-tensorwise,execution=emulated")
+    x = torch.randn(5, 64)
+    plain = torch.nn.functional.linear(x, model[2].weight, model[2].bias)
+    assert torch.equal(model[2](x), plain)
+    with mp.autocast(model):
+        assert not torch.equal(model[2](x.bfloat16()).float(), plain)
+    mp.unprepare(model)
+    assert "forward" not in vars(model[2]) and torch.equal(model[2](x), plain)
+
+
+def test_a_rule_forces_or_refuses_fp8_and_a_taken_forward_is_refused():
+    model = make_model()
+    policy = mp.Policy.parse("fp8-tensorwise,rule=0:e4m3,rule=2:bf16")
+    names = {m.name for m in policy.module_precisions(model) if m.fp8}
+    assert names == {"0", "4"}
+    small = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 10), torch.nn.Linear(10, 16))
+    with pytest.raises(ValueError, match="not multiples of 16"):
+        mp.Policy.parse("fp8-tensorwise,rule=1:e4m3").module_precisions(small)
+    model[2].forward = lambda x: x  # another tool's instance forward
+    before = model[4].weight.detach().clone()
+    with pytest.raises(RuntimeError, match="instance forward"):
+        mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), "fp8-tensorwise")
+    assert prepared_state(model) is None and "forward" not in vars(model[4]) and torch.equal(model[4].weight, before)
+
+
+def test_delayed_scaling_resumes_bitwise_from_the_scaler_state_dict(tmp_path):
+    model, opt, scaler = prepared("fp8-delayed")
+    train(model, opt, scaler, range(8))
+    whole = params(model), scaler.state_dict()["fp8"]
+
+    model, opt, scaler = prepared("fp8-delayed")
+    train(model, opt, scaler, range(4))
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict()}, path)
+    model, opt, scaler = prepared("fp8-delayed", seed=7)
+    saved = torch.load(path, weights_only=True)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    scaler.load_state_dict(saved["scaler"])
+    train(model, opt, scaler, range(4, 8))
+    assert_same(params(model), whole[0])
+    assert scaler.state_dict()["fp8"] == whole[1]
+    history = whole[1]["layers"]["2"]["history"]
+    assert all(h[0] > 0 for h in history) and history[0][0] != history[0][1]  # amaxes were pushed, step by step
+
+
+def test_scaler_state_dicts_of_another_fp8_recipe_are_refused():
+    _, _, delayed = prepared("fp8-delayed")
+    _, _, tensorwise = prepared("fp8-tensorwise")
+    with pytest.raises(ValueError, match="delayed-scaling histories"):
+        tensorwise.load_state_dict(delayed.state_dict())
+    _, _, short = prepared("bf16-master,fp8=delayed:history=4")
+    with pytest.raises(ValueError, match="keeps 16 amaxes"):
+        short.load_state_dict(delayed.state_dict())
+    assert short.state_dict()["fp8"]["layers"]["2"]["history"] == [[0.0] * 4] * 3  # nothing loaded
+    before = delayed.state_dict()
+    delayed.load_state_dict({k: v for k, v in before.items() if k != "fp8"})  # an older dict: histories kept
+    assert delayed.state_dict() == before
+
+
+def test_a_skipped_step_pushes_no_inf_and_evaluation_records_nothing():
+    model, opt, scaler = prepared("bf16-master,fp8=delayed:history=4")
+    train(model, opt, scaler, range(2))
+    layer = prepared_state(model).fp8_layers["2"]
+    x, y = batch(5)
+    x[0, 0] = float("inf")
+    with mp.autocast(model):
+        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+    scaler.scale(loss).backward()
+    weights = params(model)
+    assert not mp.step(opt, scaler).applied
+    opt.zero_grad()
+    assert_same(params(model), weights)
+    history = layer.history.clone()
+    model.eval()
+    with torch.no_grad(), mp.autocast(model):
+        model(batch(6)[0])
+    model.train()
+    assert torch.equal(layer.history, history) and not layer.pending[1:].eq(0).all()  # eval: nothing pushed
+    train(model, opt, scaler, range(6, 8))  # the next training forward pushes; inf never enters the history
+    assert layer.history.isfinite().all() and not torch.equal(layer.history, history)
+    assert params(model)["2.weight"].isfinite().all()
+
+
+def test_gradient_accumulation_equals_one_big_batch_in_fp8_values():
+    # Accumulating 2 micro-batches: every FP8 matmul sees a micro-batch's own scales; the run trains as well.
+    model, opt, scaler = prepared("fp8-tensorwise")
+    losses = train(model, opt, scaler, range(12), accumulate=2)
+    assert losses[-1] < losses[0] and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("preset", ["fp8-tensorwise", "fp8-delayed"])
+def test_compiled_fp8_training_equals_eager(preset):
+    eager_model, opt, scaler = prepared(preset)
+    train(eager_model, opt, scaler, range(3))
+    model, opt, scaler = prepared(preset)
+    compiled = torch.compile(model, backend="aot_eager")
+    train(compiled, opt, scaler, range(3))
+    assert_same(params(compiled), params(eager_model))
+
+
+class Checkpointed(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Sequential, recompute: bool) -> None:
+        super().__init__()
+        self.inner, self.recompute = inner, recompute
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        head, body, tail = self.inner[:2], self.inner[2:6], self.inner[6:]
+        h = head(x)
+        h = torch.utils.checkpoint.checkpoint(body, h, use_reentrant=False) if self.recompute else body(h)
+        return tail(h)
+
+
+def test_activation_checkpointing_recomputes_the_fp8_matmuls():
+    runs = []
+    for recompute in (False, True):
+        model = Checkpointed(make_model(), recompute)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model, opt, scaler = mp.prepare(model, opt, "fp8-delayed")
+        train(model, opt, scaler, range(3))
+        runs.append(params(model))
+    assert_same(*runs)
+
+
+def test_a_copy_of_the_model_computes_in_fp8_inside_its_own_autocast():
+    model, opt, scaler = prepared("fp8-tensorwise")
+    train(model, opt, scaler, range(2))
+    twin = copy.deepcopy(model)
+    assert twin[2].forward.module is twin[2]
+    x = batch(3)[0]
+    with torch.no_grad():
+        with mp.autocast(model):
+            expected = model(x)
+        with mp.autocast(twin):
+            got = twin(x)
+        plain = twin(x)
+    assert torch.equal(got, expected) and not torch.equal(plain, expected)
+
+
+# ----- DDP: 2 gloo ranks, different data, delayed histories agreed ---------------------------------------------
+def ddp_worker(rank: int) -> dict[str, Any]:
+    model, opt, scaler = prepared("fp8-delayed")
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    train(ddp, opt, scaler, range(4), rank=rank)
+    layers = prepared_state(model).fp8_layers
+    pending = {name: layer.pending.tolist() for name, layer in layers.items()}  # this rank's own, not pushed yet
+    with mp.autocast(ddp):
+        ddp(batch(9, rank)[0]).float().sum().backward()  # a training forward pushes them, agreed across ranks
+    opt.zero_grad()
+    return {"params": params(model), "fp8": scaler.state_dict()["fp8"], "pending": pending}
+
+
+def test_ddp_ranks_agree_on_fp8_histories_and_weights(tmp_path):
+    r0, r1 = results(run_workers(ddp_worker, (), workdir=Path(tmp_path / "ddp"), timeout_s=180))
+    assert_same(r0["params"], r1["params"])
+    for name in FP8_NAMES:  # the histories agree (each rank's pending amaxes are its own until pushed)
+        assert r0["fp8"]["layers"][name]["history"] == r1["fp8"]["layers"][name]["history"]
+        newest = [row[0] for row in r0["fp8"]["layers"][name]["history"]]
+        assert newest == [max(a, b) for a, b in zip(r0["pending"][name], r1["pending"][name], strict=True)]
+        assert r0["pending"][name] != r1["pending"][name]  # the ranks saw different data
+        pushes = [row[:5] for row in r0["fp8"]["layers"][name]["history"]]  # at the 2nd-4th step and the last forward
+        assert all(row[3] > 0 and row[4] == 0 for row in pushes)
