@@ -224,11 +224,38 @@ def ddp_worker(rank: int) -> dict[str, Any]:
     with mp.autocast(ddp):
         ddp(batch(9, rank)[0]).float().sum().backward()  # a training forward pushes them, agreed across ranks
     opt.zero_grad()
-    return {"params": params(model), "fp8": scaler.state_dict()["fp8"], "pending": pending}
+    return {"params": params(model), "fp8": scaler.state_dict()["fp8"], "pending": pending,
+            "fsdp": fsdp_run(rank, "fp8-delayed"), "fsdp_bf16": fsdp_run(rank, "bf16-master"),
+            "ddp_bf16": ddp_run(rank, "bf16-master")}
 
 
-def test_ddp_ranks_agree_on_fp8_histories_and_weights(tmp_path):
-    r0, r1 = results(run_workers(ddp_worker, (), workdir=Path(tmp_path / "ddp"), timeout_s=180))
+def fsdp_run(rank: int, policy: str) -> dict[str, Any]:
+    """FSDP2: FP32 shards are the masters, FSDP casts them to BF16 for the forward; the FP8 matmuls run on
+    the unsharded BF16 weights."""
+    model = make_model()
+    mp.distributed.fully_shard(model, policy, modules=[model[2], model[4]])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, opt, scaler = mp.prepare(model, opt, policy)
+    train(model, opt, scaler, range(4), rank=rank)
+    sharded: list[Any] = list(model.parameters())
+    return {"weights": [p.full_tensor().float() for p in sharded], "fp8": sorted(prepared_state(model).fp8_layers),
+            "history": {n: layer.history.tolist() for n, layer in prepared_state(model).fp8_layers.items()}}
+
+
+def ddp_run(rank: int, policy: str) -> dict[str, Any]:
+    model, opt, scaler = prepared(policy)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    train(ddp, opt, scaler, range(4), rank=rank)
+    return {"weights": [p.detach().float() for p in model.parameters()]}
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return results(run_workers(ddp_worker, (), workdir=Path(tmp_path_factory.mktemp("ranks")), timeout_s=180))
+
+
+def test_ddp_ranks_agree_on_fp8_histories_and_weights(ranks):
+    r0, r1 = ranks
     assert_same(r0["params"], r1["params"])
     for name in FP8_NAMES:  # the histories agree (each rank's pending amaxes are its own until pushed)
         assert r0["fp8"]["layers"][name]["history"] == r1["fp8"]["layers"][name]["history"]
@@ -237,3 +264,18 @@ def test_ddp_ranks_agree_on_fp8_histories_and_weights(tmp_path):
         assert r0["pending"][name] != r1["pending"][name]  # the ranks saw different data
         pushes = [row[:5] for row in r0["fp8"]["layers"][name]["history"]]  # at the 2nd-4th step and the last forward
         assert all(row[3] > 0 and row[4] == 0 for row in pushes)
+
+
+def test_fsdp2_runs_fp8_layers_on_its_unsharded_weights(ranks):
+    r0, r1 = ranks
+    fsdp = r0["fsdp"]
+    assert fsdp["fp8"] == sorted(FP8_NAMES) and fsdp["history"] == r1["fsdp"]["history"]  # agreed across ranks
+    for a, b in zip(fsdp["weights"], r1["fsdp"]["weights"], strict=True):
+        assert torch.equal(a, b)
+    # As close to the DDP FP8 run as FSDP's bf16-master is to DDP's bf16-master (same data, same steps): FSDP
+    # rounds in other places (its FP32 shards are the masters), so the two differ by BF16 roundings, not FP8.
+    ddp_fp8 = list(r0["params"].values())
+    gap = max((a - b.float()).abs().max().item() for a, b in zip(fsdp["weights"], ddp_fp8, strict=True))
+    ref = max((a - b).abs().max().item() for a, b in zip(r0["fsdp_bf16"]["weights"], r0["ddp_bf16"]["weights"],
+                                                         strict=True))
+    assert gap <= 2 * max(ref, 2.0**-12)  # measured: both 2^-11

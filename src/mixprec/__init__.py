@@ -18,6 +18,7 @@ from .fp32_view import fp32_state_dict
 from .master import MasterWeights
 from .memory import MemoryReport, memory
 from .numerics import Diagnosis, TensorStats, Trace, Watch, doctor, trace_nonfinite, watch
+from .fp8.recipe import Fp8Recipe
 from .policy import PRESETS, Policy, Rule
 from .quantize import quantize
 from .scaling import DynamicScaler, LossScaleFloorError, LossScaler, NoScaler, StaticScaler
@@ -58,6 +59,7 @@ __all__ = [
     "OptimizerWrapper",
     "Policy",
     "Rule",
+    "Fp8Recipe",
     "StaticScaler",
     "StepInfo",
     "PreparedState",
