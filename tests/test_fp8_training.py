@@ -9,10 +9,9 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-from helpers import results, run_workers
 
 import mixprec as mp
+from helpers import results, run_workers
 from mixprec.fp8.linear import Fp8Forward
 from mixprec.state import prepared_state
 

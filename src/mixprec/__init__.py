@@ -14,11 +14,11 @@ from . import distributed, numerics
 from .apply import autocast, prepare, unprepare
 from .ema import AveragedModel
 from .formats import BF16, E4M3, E5M2, F16, F32, FORMATS, Format
+from .fp8.recipe import Fp8Recipe
 from .fp32_view import fp32_state_dict
 from .master import MasterWeights
 from .memory import MemoryReport, memory
 from .numerics import Diagnosis, TensorStats, Trace, Watch, doctor, trace_nonfinite, watch
-from .fp8.recipe import Fp8Recipe
 from .policy import PRESETS, Policy, Rule
 from .quantize import quantize
 from .scaling import DynamicScaler, LossScaleFloorError, LossScaler, NoScaler, StaticScaler

@@ -88,9 +88,11 @@ class Fp8Layer:
         return (amax_to_scale(used, dtype, self.recipe.pow2) / 2.0**self.recipe.margin).reshape(1, 1)
 
     def push_(self, amaxes: torch.Tensor) -> None:
-        """Push one amax per role onto the histories (a non-finite one is left out); clear `pending`."""
+        """Push one amax per role onto the histories (a non-finite one, or 0 for a role not cast since the
+        last push, is left out); clear `pending`."""
         rolled = torch.cat([amaxes[:, None], self.history[:, :-1]], dim=1)
-        self.history.copy_(torch.where(torch.isfinite(amaxes)[:, None], rolled, self.history))
+        pushed = torch.isfinite(amaxes) & (amaxes > 0)
+        self.history.copy_(torch.where(pushed[:, None], rolled, self.history))
         self.pending.zero_()
         self.recorded = False
 

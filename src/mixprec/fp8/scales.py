@@ -5,8 +5,9 @@ whole tensor (tensorwise, delayed), one row of it (rowwise), 1 x 128 or 128 x 12
 1 x 32 blocks (mx). Each block's scale ``s`` maps its amax onto the format's max; the FP8 bits are
 ``saturate(x * s)`` in torch's float8 dtype and the value they stand for is ``bits / s``, exactly as
 torchao.float8 (tensorwise, rowwise) and torchao.prototype.mx_formats (mx, "floor" scales) compute them.
-NaN stays NaN; an inf amax gives a zero scale, so a non-finite input gives non-finite products (and a
-step that skips) rather than finite garbage.
+Finite values beyond the max saturate; NaN stays NaN and an inf stays non-finite (inf in E5M2, NaN in
+E4M3, which has no inf), whatever the scale, so a non-finite input gives non-finite products (and a step
+that skips) rather than finite garbage.
 
 Example:
     >>> x = torch.tensor([[1.0, -2.0], [0.5, 4.0]])
@@ -133,4 +134,8 @@ def scaled_cast(x: torch.Tensor, dtype: torch.dtype, granularity: str, dim: int,
         scale = mx_scale(amax, dtype) if granularity == "mx" else amax_to_scale(amax, dtype, pow2)
     top = torch.finfo(dtype).max
     scaled = x.detach().to(torch.float32) * expand(scale, blocks, shape)
-    return Scaled(torch.clamp(scaled, -top, top).to(dtype), scale, blocks)
+    # Finite values beyond the max saturate (torchao's cast); an inf stays non-finite (E4M3 has no inf: NaN),
+    # also where the scale did not come from it (delayed scaling, a block's power of two), so the step skips.
+    kept = scaled if dtype == torch.float8_e5m2 else torch.full_like(scaled, float("nan"))
+    bits = torch.where(scaled.isinf(), kept, torch.clamp(scaled, -top, top)).to(dtype)
+    return Scaled(bits, scale, blocks)
