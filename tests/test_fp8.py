@@ -14,7 +14,7 @@ import torch
 
 from mixprec.fp8.linear import ROLES, Fp8Layer, commit_, fp8_linear
 from mixprec.fp8.recipe import Fp8Recipe
-from mixprec.fp8.scales import scaled_cast
+from mixprec.fp8.scales import on_grid, scaled_cast
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -258,9 +258,10 @@ def test_delayed_scaling_follows_the_model(spec):
                 assert got.scale.shape == (1, 1) and got.scale.item() == want, (spec, role, a)
                 seen.add(want)
                 fmax, scaled = torch.finfo(got.bits.dtype).max, t * want
-                inf = scaled if got.bits.dtype == torch.float8_e5m2 else torch.full_like(scaled, math.nan)
-                ref = torch.where(scaled.isinf(), inf, torch.clamp(scaled, -fmax, fmax))  # an inf stays non-finite
-                assert torch.equal(u8(got.bits), u8(ref.to(got.bits.dtype)))
+                nan = torch.full_like(scaled, math.nan)
+                ref = torch.where(scaled.isinf(), nan, torch.clamp(scaled, -fmax, fmax))  # an inf becomes NaN
+                torch.testing.assert_close(got.bits.float(), ref.to(got.bits.dtype).float(), rtol=0, atol=0,
+                                           equal_nan=True)  # a NaN's sign bit is not compared
         commit_([layer])
         model.commit()
         expected = torch.tensor([model.history[role] for role in ROLES], dtype=torch.float32)
@@ -363,3 +364,21 @@ def test_a_role_not_cast_since_the_last_push_pushes_nothing():
     layer.cast(torch.full((2, 16), 5.0), "input", 1)
     commit_([layer])
     assert layer.history.tolist() == [[5.0, 3.0], [3.0, 0.0], [3.0, 0.0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_rounding_onto_the_grid_in_fp32_is_torchs_cast_bit_for_bit(dtype):
+    # Every FP8 value, the midpoints between neighbours (ties to even) and the FP32 numbers either side of
+    # them, signed zeros, FP32 subnormals, values beyond the max, and a million values over 18 decades.
+    grid = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+    grid = grid[grid.isfinite()].unique()
+    mids = (grid[1:] + grid[:-1]) / 2
+    inf = torch.tensor(math.inf)
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(1_000_000, generator=g) * 10 ** torch.empty(1_000_000).uniform_(-12, 6, generator=g)
+    x = torch.cat([grid, -grid, mids, -mids, torch.nextafter(mids, inf), torch.nextafter(mids, -inf), wide,
+                   torch.tensor([0.0, -0.0, 1e-40, -1e-45, 500.0, -470.0, 1e6, -1e30])])
+    top = torch.finfo(dtype).max
+    expected = torch.clamp(x, -top, top).to(dtype).float()
+    assert torch.equal(on_grid(x, dtype).view(torch.int32), expected.view(torch.int32))
+    assert on_grid(torch.tensor([math.inf, -math.inf, math.nan]), dtype).isnan().all()
