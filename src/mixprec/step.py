@@ -381,6 +381,9 @@ def step(
     optimizers = _check_arguments(optimizer, scaler, max_grad_norm, sync)
     limit = _skip_limit(max_skips_in_a_row, scaler)
     checked = _unscale_check_agree(optimizers, scaler, max_grad_norm is not None, sync, _group_size(group), group)
+    for state in scaler.attached.values():  # more scaling state moving once a step: FP8 amax histories
+        if hasattr(state, "step_"):
+            state.step_(group)
     if max_grad_norm is not None:
         _clip_phase(checked, max_grad_norm)
     stepped.publish(optimizers)  # param.grad unscaled (and clipped) too, as torch.amp leaves it

@@ -2,9 +2,8 @@
 
 `install` gives each Linear the policy chose (`ModulePrecision.fp8`, see ``explain()``) an `Fp8Layer` and
 an `Fp8Forward` as its instance ``forward`` (nn.Linear's class and every other module are untouched;
-`unprepare` removes it), and, for delayed scaling, a forward pre-hook on the model that pushes the last
-step's amaxes (agreed across ranks) at each training forward inside mp.autocast. `Fp8Histories` is the
-delayed-scaling state a loss scaler carries in its state dict, so one checkpoint of the scaler holds it.
+`unprepare` removes it). `Fp8Histories` is delayed scaling's state, which the model's loss scaler carries:
+`mp.step` pushes the step's amaxes (agreed across ranks) through it, and its state dict holds them.
 """
 
 from __future__ import annotations
@@ -48,13 +47,6 @@ def install(model: torch.nn.Module, names: list[str], recipe: Fp8Recipe, native:
         module = modules[name]
         module.forward = Fp8Forward(module, layer, active)
         handles.append(_Restore(module))
-    if recipe.delayed and layers:
-        def push(module: torch.nn.Module, args: Any) -> None:
-            if active() and torch.is_grad_enabled() and module.training:
-                commit_(list(layers.values()))
-
-        # outside torch.compile's tracing: it reads host flags and may all-reduce
-        handles.append(model.register_forward_pre_hook(torch.compiler.disable(push, recursive=True)))
     return layers, handles
 
 
@@ -71,6 +63,11 @@ class Fp8Histories:
 
     def __init__(self, recipe: Fp8Recipe, layers: dict[str, Fp8Layer]) -> None:
         self.recipe, self.layers = recipe, layers
+
+    def step_(self, group: Any = None) -> None:
+        """Push the step's amaxes onto the histories, agreed across the ranks of `group` (`commit_`): called by
+        `mp.step` (every rank calls it), once per optimizer step, whether the step was applied or skipped."""
+        commit_(list(self.layers.values()), group)
 
     def state_dict(self) -> dict[str, Any]:
         """Version, recipe and each layer's histories (plain numbers). Syncs: yes."""

@@ -13,9 +13,10 @@ torchao's ``emulate=True``: an emulated run saturates and underflows where a nat
 with the same bits and scales (inverse scales applied after FP32 accumulation).
 
 `Fp8Layer` holds one layer's scaling state: delayed scaling's amax histories (input, weight, grad) and
-the amaxes seen since they were last pushed (`pending`), which `commit_` agrees across ranks (one
-all-reduce of every layer's 3 numbers) and pushes at the next training forward; a non-finite amax (an
-overflowing step) is not pushed. Evaluation (no grad, or ``model.eval()``) records nothing.
+the amaxes seen since they were last pushed (`pending`: the max over a step's micro-batches), which
+`commit_` agrees across ranks (one all-reduce of every layer's 3 numbers) and pushes once a step, from
+`mp.step`; a non-finite amax (an overflowing step) is not pushed. Evaluation (no grad, or
+``model.eval()``) records nothing.
 
 Example:
     >>> from mixprec.fp8.recipe import Fp8Recipe
@@ -194,14 +195,14 @@ class Fp8Forward:
         return fp8_linear(input, module.weight, self.layer, module.bias)
 
 
-def commit_(layers: Sequence[Fp8Layer]) -> None:
-    """Push every layer's pending amaxes onto its histories, agreed across ranks first (one all-reduce
-    MAX of 3 numbers a layer, when torch.distributed is initialised). Call it at the same point on every
-    rank (mixprec does: at each training forward of a prepared model). Syncs: no."""
+def commit_(layers: Sequence[Fp8Layer], group: Any = None) -> None:
+    """Push every layer's pending amaxes onto its histories, agreed across the ranks of `group` first (one
+    all-reduce MAX of 3 numbers a layer, when torch.distributed is initialised). Call it at the same point
+    on every rank (mixprec does: in `mp.step`, through the scaler). Syncs: no."""
     if not layers or not any(layer.recorded for layer in layers):
         return
     pending = torch.stack([layer.pending for layer in layers])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(pending, op=dist.ReduceOp.MAX)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(pending, op=dist.ReduceOp.MAX, group=group)
     for layer, amaxes in zip(layers, pending, strict=True):
         layer.push_(amaxes)

@@ -66,7 +66,8 @@ class LossScaler:
     def attach(self, name: str, state: Any) -> None:
         """Save `state` (with ``state_dict()``, ``check_state_dict(d)``, ``load_state_dict(d)``) in this scaler's
         state dict under `name`: `mp.prepare` attaches FP8 delayed scaling's amax histories as ``"fp8"``, so the one
-        checkpoint of the scaler holds every scale of the run. A dict without the entry leaves it as it is."""
+        checkpoint of the scaler holds every scale of the run. A dict without the entry leaves it as it is.
+        `mp.step` calls its ``step_(group)``, if it has one, once a step on every rank."""
         self.attached[name] = state
 
     # ----- the hot path -------------------------------------------------------------------------
