@@ -5,14 +5,15 @@
 #
 #   benchmarks/run_gpu.sh                 # the default parts, with .venv/bin/python if there is one
 #   benchmarks/run_gpu.sh tests eager     # some parts: tests (<= 4 min), eager (<= 3), fused (<= 3),
-#                                         # step (<= 1.5), compiled (<= 7)
+#                                         # step (<= 1.5), fp8 (<= 3), compiled (<= 7)
 #
-# The parts run in that order, most needed first; the default is all but compiled (their limits add up to
-# 11.5 min: a session with 15 minutes of device time runs compiled in a second call, if time is left).
+# The parts run in that order, most needed first; the default is tests, eager, fused and step (their limits
+# add up to 11.5 min): a session with 15 minutes of device time runs `fp8` (FP8 vs bf16-master, issue 22) and
+# then `compiled` in a second call, if time is left.
 #   PYTHON=python3 benchmarks/run_gpu.sh  # with a python that already has torch with CUDA (no install)
 #
-# Writes benchmarks/results/bench_cuda.json, bench_cuda_fused.json, step_overhead_cuda.json and
-# bench_cuda_compiled.json; if OUT
+# Writes benchmarks/results/bench_cuda.json, bench_cuda_fused.json, step_overhead_cuda.json,
+# bench_cuda_fp8.json and bench_cuda_compiled.json; if OUT
 # is set, copies them and the logs there. Exit status: the number of parts that failed.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +45,12 @@ fi
 if [[ $parts == *" step "* ]]; then
     timeout 90 "$PYTHON" benchmarks/bench_step.py --device cuda --iters 30 2>&1 \
         | tee "$LOGS/step_overhead_cuda.log" || failed=$((failed + 1))
+fi
+if [[ $parts == *" fp8 "* ]]; then
+    # FP8 (issue 22): native torch._scaled_mm (tensorwise, delayed, rowwise) against bf16-master, GPT-2 small.
+    timeout 180 "$PYTHON" benchmarks/bench_train.py --device cuda --steps 20 --warmup 3 \
+        --policies bf16-master,fp8-tensorwise,fp8-delayed,fp8-rowwise --out benchmarks/results/bench_cuda_fp8.json \
+        2>&1 | tee "$LOGS/bench_cuda_fp8.log" || failed=$((failed + 1))
 fi
 if [[ $parts == *" compiled "* ]]; then
     # Compiling takes most of this part (tens of seconds per policy): the policies the goals name.
