@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -112,12 +113,12 @@ def on_grid(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """
     mantissa, emin = _GRID[dtype]
     top = torch.finfo(dtype).max
-    clamped = torch.clamp(x, -top, top)
+    clamped = torch.clamp(torch.nan_to_num(x, nan=math.nan, posinf=math.nan, neginf=math.nan), -top, top)  # inf: NaN
     # Adding 1.5 * 2**(23 - mantissa) times the value's binade (at least the smallest normal's: subnormals)
     # leaves exactly the FP8 value's bits in FP32's mantissa, rounded to nearest even by the addition.
     binade = (clamped.view(torch.int32) & 0x7F800000).view(torch.float32)
     magic = torch.clamp(binade, min=2.0**emin) * (1.5 * 2.0 ** (23 - mantissa))
-    return torch.copysign((clamped + magic) - magic + (x - x), clamped)  # x - x: NaN for inf and NaN, else 0
+    return torch.copysign((clamped + magic) - magic, clamped)
 
 
 @dataclass
