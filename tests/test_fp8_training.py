@@ -13,6 +13,8 @@ import torch
 import mixprec as mp
 from helpers import results, run_workers
 from mixprec.fp8.linear import Fp8Forward
+from mixprec.harness.checkpoints import find_checkpoint
+from mixprec.harness.training import train as harness_train
 from mixprec.state import prepared_state
 
 FP8_NAMES = {"2", "4"}  # the first (0) and last (6) Linear layers stay in 16 bits
@@ -335,3 +337,13 @@ def test_native_fp8_on_cuda_runs_scaled_mm_and_trains_like_the_emulation(preset,
     assert calls and native[-1] < 0.8 * native[0]
     # Same FP8 bits and scales; the rest of the model is native BF16 in one run and emulated in the other.
     assert all(abs(a - b) <= 0.05 * abs(b) for a, b in zip(native, emulated, strict=True))
+
+
+def test_mixprec_train_stopped_and_resumed_under_fp8_delayed_is_the_uninterrupted_run(tmp_path):
+    whole = harness_train("gpt", "fp8-delayed", out=tmp_path / "whole", steps=10, threads=1)
+    harness_train("gpt", "fp8-delayed", out=tmp_path / "resumed", steps=10, stop_at=4, threads=1)
+    resumed = harness_train("gpt", "fp8-delayed", out=tmp_path / "resumed", steps=10, resume=True, threads=1)
+    (_, a, _), (_, b, _) = find_checkpoint(tmp_path / "whole"), find_checkpoint(tmp_path / "resumed")
+    assert a["scaler"]["fp8"] == b["scaler"]["fp8"] and a["scaler"]["fp8"]["layers"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert resumed.history == whole.history
