@@ -18,7 +18,7 @@ from .fp8.recipe import Fp8Recipe
 from .fp32_view import fp32_state_dict
 from .master import MasterWeights
 from .memory import MemoryReport, memory
-from .numerics import Diagnosis, TensorStats, Trace, Watch, doctor, trace_nonfinite, watch
+from .numerics import Diagnosis, Fp8Stats, TensorStats, Trace, Watch, doctor, trace_nonfinite, watch
 from .policy import PRESETS, Policy, Rule
 from .quantize import quantize
 from .scaling import DynamicScaler, LossScaleFloorError, LossScaler, NoScaler, StaticScaler
@@ -48,6 +48,7 @@ __all__ = [
     "MemoryReport",
     "Diagnosis",
     "TensorStats",
+    "Fp8Stats",
     "Trace",
     "Watch",
     "doctor",

@@ -4,8 +4,9 @@
     mixprec doctor --recipe my_task.py:recipe --batches 5 --json
 
 Runs a few FP32 training steps of the recipe under `mp.watch`, prints the recommended policy with its
-evidence (or JSON with --json), and writes report.md, diagnosis.json and one histogram PNG per kind of
-tensor (the paper's Figure 3, for your model) into --out.
+evidence (or JSON with --json), the FP8 policy its Linear layers' casts allow (`Diagnosis.fp8_policy`,
+with a per-layer table of saturated and flushed shares under each scaling), and writes report.md,
+diagnosis.json and one histogram PNG per kind of tensor (the paper's Figure 3, for your model) into --out.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from mixprec.report.doctor import write_doctor_report
 from . import positive_int, seed_int
 from .train import default_device
 
-HELP = "Watch a recipe's model in FP32 for a few steps; recommend a policy, with histograms and evidence."
+HELP = ("Watch a recipe's model in FP32 for a few steps; recommend a policy (and an FP8 one), with histograms and "
+        "evidence.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,5 +63,7 @@ def run(args: argparse.Namespace) -> int:
         print(diagnosis)
         print(f"\nreport, histograms and diagnosis.json in {out}  (try: mixprec train --recipe {args.recipe} "
               f"--policy '{diagnosis.policy}')")
+        if diagnosis.fp8_policy:
+            print(f"FP8 matmuls: mixprec train --recipe {args.recipe} --policy '{diagnosis.fp8_policy}'")
     return 0
 

@@ -19,12 +19,17 @@ round-to-nearest onto it):
 * Modules that must stay wider: those whose activations or weights overflow the format even before
   any scaling (the innermost ones: a parent whose output is its child's is not named again).
 * FP16 is recommended when a loss scale range exists and at most `MAX_RULES` modules need an FP32
-  rule; otherwise BF16, whose range is FP32's. FP8 is reported (shares lost) but not recommended:
-  mixprec's FP8 training (per-tensor scaling) is future work.
+  rule; otherwise BF16, whose range is FP32's (`Diagnosis.policy`).
+* FP8 matmuls, recommended apart (`Diagnosis.fp8_policy`): during the same steps every Linear layer's
+  input, weight and output gradient are cast as FP8 layers would cast them, under each granularity
+  (`fp8_casts.Fp8Survey`); a layer is safe when nothing saturates and at most `lost` of the non-zero
+  values flush to zero, and the policy is the preset of the coarsest granularity under which the most
+  layers are safe, with a BF16 rule for each layer that is not (`fp8_advice.recommend_fp8`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -34,6 +39,8 @@ import numpy as np
 import torch
 
 from ..formats import BF16, F16, FORMATS, Format
+from .fp8_advice import Fp8Verdict, recommend_fp8
+from .fp8_casts import Fp8Stats, Fp8Survey
 from .watch import EXPONENTS, KINDS, TensorStats, _Thresholds, watch
 
 __all__ = ["doctor", "Diagnosis", "LOST", "MAX_RULES"]
@@ -77,6 +84,11 @@ class Diagnosis:
         wider: format name -> module names whose activations or weights overflow it (innermost).
         totals: kind -> `TensorStats` over the whole model; modules: (module, kind) -> `TensorStats`.
         steps: how many batches were watched.
+        fp8_policy: the recommended FP8 policy string (parses with `mp.Policy.parse`), or None.
+        fp8_evidence: the reasons for it (or against FP8).
+        fp8_layers: per Linear layer that ran, an `Fp8Verdict`: its worst saturated and flushed shares per
+            granularity, whether it is safe, and whether `fp8_policy` runs it in FP8.
+        fp8_stats: (layer, role, granularity) -> `Fp8Stats` of the casts the survey made.
     """
 
     policy: str
@@ -87,6 +99,10 @@ class Diagnosis:
     totals: dict[str, TensorStats] = field(repr=False)
     modules: dict[tuple[str, str], TensorStats] = field(repr=False)
     steps: int = 0
+    fp8_policy: str | None = None
+    fp8_evidence: list[str] = field(default_factory=list)
+    fp8_layers: list[Fp8Verdict] = field(default_factory=list)
+    fp8_stats: dict[tuple[str, str, str], Fp8Stats] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -97,6 +113,9 @@ class Diagnosis:
             "wider": self.wider,
             "totals": {kind: _stats_dict(s) for kind, s in self.totals.items()},
             "modules": [{"module": m, "kind": k, **_stats_dict(s)} for (m, k), s in self.modules.items()],
+            "fp8_policy": self.fp8_policy, "fp8_evidence": self.fp8_evidence,
+            "fp8_layers": [v.to_dict() for v in self.fp8_layers],
+            "fp8_stats": [s.to_dict() for s in self.fp8_stats.values()],
         }
 
     def __str__(self) -> str:
@@ -107,7 +126,26 @@ class Diagnosis:
             cells = [f"{kind} {_pct(s['overflow'])}/{_pct(s['subnormal'])}/{_pct(s['underflow'])}"
                      for kind, s in kinds.items()]
             lines.append(f"  {name:6s} " + "  ".join(cells))
-        return "\n".join(lines)
+        return "\n".join(lines + self._fp8_lines())
+
+    def _fp8_lines(self) -> list[str]:
+        if not self.fp8_layers and not self.fp8_evidence:
+            return []
+        lines = ["", f"recommended FP8 policy: {self.fp8_policy or 'none'}", "", "why:"]
+        lines += [f"  - {e}" for e in self.fp8_evidence]
+        if self.fp8_layers:
+            granularities = list(self.fp8_layers[0].shares)
+            width = max(5, *(len(v.layer) for v in self.fp8_layers))
+            cells = {v.layer: [v.cell(g) for g in granularities] for v in self.fp8_layers}
+            widths = [max(len(g), *(len(c[i]) for c in cells.values())) for i, g in enumerate(granularities)]
+            header = [f"{'layer':{width}s}", "fp8", *(f"{g:{w}s}" for g, w in zip(granularities, widths, strict=True))]
+            lines += ["", "FP8 per Linear layer (saturated / flushed: the worst operand's share of its non-zero "
+                      "values):", ("  " + "  ".join(header)).rstrip()]
+            for v in self.fp8_layers:
+                row = [f"{v.layer:{width}s}", "yes" if v.fp8 else "no ",
+                       *(f"{c:{w}s}" for c, w in zip(cells[v.layer], widths, strict=True))]
+                lines.append(("  " + "  ".join(row) + (f"  ({v.default})" if v.default else "")).rstrip())
+        return lines
 
 
 def _pct(share: float) -> str:
@@ -173,7 +211,7 @@ def _innermost(names: list[str]) -> list[str]:
 
 def doctor(model: torch.nn.Module, batches: Iterable[Any], loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
            optimizer: torch.optim.Optimizer | None = None, formats: Iterable[Format | str] | None = None,
-           lost: float = LOST) -> Diagnosis:
+           lost: float = LOST, fp8: bool = True) -> Diagnosis:
     """Run each batch in FP32 under `watch` and recommend a policy for `model` (see module doc).
 
     Args:
@@ -183,7 +221,9 @@ def doctor(model: torch.nn.Module, batches: Iterable[Any], loss_fn: Callable[[to
         optimizer: if given, ``optimizer.step()`` follows each backward (the doctor then sees a few
             training steps; your model's weights change). Without it the weights are left as they are.
         formats: formats to report on; default every named format (`mp.FORMATS`).
-        lost: the share of non-zero gradient values a loss scale may flush to zero (default 0.1%).
+        lost: the share of non-zero gradient values a loss scale may flush to zero (default 0.1%); also
+            the share of an FP8 operand's non-zero values that may flush for its layer to be safe in FP8.
+        fp8: survey the FP8 casts of the Linear layers and recommend an FP8 policy (`fp8_policy`).
 
     Gradients are cleared (set to None) at the end. Syncs: yes (the loss check per batch, one read of
     the statistics at the end).
@@ -199,7 +239,7 @@ def doctor(model: torch.nn.Module, batches: Iterable[Any], loss_fn: Callable[[to
     chosen = list(FORMATS.values()) if formats is None else [Format.parse(f) for f in formats]
     chosen = list(dict.fromkeys([*chosen, F16, BF16]))  # the recommendation needs these two
     steps = 0
-    with watch(model, chosen) as w:
+    with watch(model, chosen) as w, Fp8Survey(model) if fp8 else contextlib.nullcontext() as survey:
         for batch in batches:
             loss = loss_fn(model, batch)
             if not torch.isfinite(loss).all():
@@ -211,6 +251,7 @@ def doctor(model: torch.nn.Module, batches: Iterable[Any], loss_fn: Callable[[to
                 optimizer.zero_grad()
             steps += 1
         modules = w.stats()
+        fp8_stats = survey.stats() if survey is not None else {}
     model.zero_grad(set_to_none=True)
     if not steps:
         raise ValueError("doctor got no batches: pass a few (e.g. a list of 3 batches) to watch")
@@ -227,7 +268,9 @@ def doctor(model: torch.nn.Module, batches: Iterable[Any], loss_fn: Callable[[to
                                         if k in _FORWARD and s.formats[f.name]["overflow"]}))
              for f in chosen}
     policy, evidence = _recommend(ranges.get(F16.name), wider[F16.name], totals, shares[F16.name], lost)
-    return Diagnosis(policy, evidence, shares, ranges, wider, totals, modules, steps)
+    fp8_policy, fp8_evidence, fp8_layers = recommend_fp8(model, fp8_stats, lost) if fp8 else (None, [], [])
+    return Diagnosis(policy, evidence, shares, ranges, wider, totals, modules, steps, fp8_policy, fp8_evidence,
+                     fp8_layers, fp8_stats)
 
 
 def _recommend(fp16: ScaleRange | None, overflowing: list[str], totals: dict[str, TensorStats],

@@ -38,6 +38,13 @@ gradient) and torch's random state are restored; hooks and modes are removed, al
 raises. Other tensor hooks registered on parameters run, as in any ``torch.autograd.grad`` call.
 Dropout draws different masks than the failing step unless ``run`` seeds them itself.
 
+FP8 layers (a model prepared with an FP8 policy): the replay's FP8 casts are counted on the device, and
+the trace names those that saturated (`Trace.fp8_saturated`: ``"layer (role)"``: finite values the cast
+clamped to the format's max), beside the op it blames. Delayed scaling's state (histories, pending
+amaxes) is restored after the replay, so the amaxes it recorded are not pushed by the next `mp.step`.
+Its scales are those of the histories as the trace finds them: after `mp.step` pushed the failing
+step's finite amaxes, they can be larger than the ones the step used.
+
 Cost: a re-run of one step with a small reduction per op output, holding the step's op outputs
 until it returns (about the activations training keeps).
 
@@ -49,11 +56,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
 from ..formats import F32
+from ..state import prepared_state
+from .fp8_casts import Fp8Observers
 from .trace_culprits import backward_culprit, forward_culprit
 from .trace_recording import Recorder, RecordingMode, add_module_hooks
 from .trace_result import Trace
@@ -104,7 +114,21 @@ def trace_nonfinite(model: torch.nn.Module, run: Callable[[], torch.Tensor], *,
         ('backward', '1', 'linear', '1.weight')
     """
     _check_arguments(model, run)
-    loss_scale = _positive_scale(loss_scale)
+    scale = _positive_scale(loss_scale)
+    state = prepared_state(model)
+    casts = Fp8Observers(state.fp8_layers.values(), replay=True) if state is not None and state.fp8_layers else None
+    try:
+        trace = _traced(model, run, scale)
+    finally:
+        if casts is not None:
+            casts.remove()  # the layers' observers and delayed-scaling state as they were
+    if trace is not None and casts is not None:
+        trace = replace(trace, fp8_saturated=tuple(casts.saturated()))
+    return trace
+
+
+def _traced(model: torch.nn.Module, run: Callable[[], torch.Tensor], loss_scale: float) -> Trace | None:
+    """The trace itself (see `trace_nonfinite`)."""
     rec = Recorder(model)
     handles: list[RemovableHandle] = []
     inner: list[RecordingMode] = []
@@ -153,7 +177,7 @@ def _checked_replay(rec: Recorder, trace: Trace | None) -> Trace | None:
     if trace is None:
         raise RuntimeError(f"trace_nonfinite found no inf or NaN, and cannot have reproduced the step: {what}. {fix}.")
     warnings.warn(f"trace_nonfinite: {what}; the trace shows where that run went non-finite, which may not be "
-                  f"where the step did. {fix}.", RuntimeWarning, stacklevel=3)
+                  f"where the step did. {fix}.", RuntimeWarning, stacklevel=4)
     return trace
 
 

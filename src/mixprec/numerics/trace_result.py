@@ -28,6 +28,8 @@ class Trace:
             the parameter (or buffer) that already held non-finite values when the op read it.
         inputs_finite: False when the op read non-finite values that no recorded op had made (a
             parameter, a buffer, the model's input): the values were bad before the step began.
+        fp8_saturated: on a model prepared with an FP8 policy, ``"layer (role)"`` of each FP8 cast that
+            saturated in the replayed step (finite values clamped to the format's max), in layer order.
 
     Example:
         >>> print(Trace("forward", "h.0.attn", "matmul", 17, ("float16",), ("float16",), 12, 0))
@@ -44,8 +46,13 @@ class Trace:
     nan: int
     parameter: str | None = None
     inputs_finite: bool = True
+    fp8_saturated: tuple[str, ...] = ()
 
     def __str__(self) -> str:
+        saturated = self.fp8_saturated
+        return self._where() + (f"; FP8 casts that saturated in this step: {', '.join(saturated)}" if saturated else "")
+
+    def _where(self) -> str:
         where = ("outside the model" if self.module is None else
                  "in the model's own forward" if self.module == "" else f"in module '{self.module}'")
         what = f"op {self.op_index} '{self.op}'" if self.op_index is not None else f"autograd node '{self.op}'"

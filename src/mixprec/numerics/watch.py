@@ -14,6 +14,11 @@ included), exact zeros and non-finite values counted apart, the largest |x|, and
 of values that would overflow (round beyond its largest value: to inf, or saturate), land on a
 subnormal, or underflow (round to zero) when rounded to nearest. Everything is accumulated on the
 tensors' device with no host sync per tensor; the numbers reach the host once, in `Watch.stats`.
+
+On a model prepared with an FP8 policy, the watch also counts every FP8 cast of its FP8 layers (their
+`Fp8Layer.observer`, put back on exit): per (layer, role) the amax, the scales, and the values saturated
+and flushed to zero (`Watch.fp8_stats`, `Watch.fp8_saturated`; see `fp8_casts`), read in the same
+transfer as `stats`.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from torch.utils.hooks import RemovableHandle
 
 from ..execution.hooks import map_floats
 from ..formats import FORMATS, Format
+from ..state import prepared_state
+from .fp8_casts import Fp8Observers, Fp8Stats
 
 __all__ = ["watch", "Watch", "TensorStats", "KINDS", "EXPONENTS"]
 
@@ -201,16 +208,22 @@ class Watch:
     only read tensors."""
 
     def __init__(self, model: torch.nn.Module, formats: list[Format], kinds: tuple[str, ...],
-                 modules: str | None) -> None:
+                 modules: str | None, fp8: bool = True) -> None:
         self.model, self.formats, self.kinds = model, formats, kinds
         self._accumulators: dict[tuple[str, str], _Accumulator] = {}
         self._measured: dict[int, tuple] = {}  # see _Accumulator.add
         self._handles: list[RemovableHandle] = []
         self._removed = False  # gradient hooks on past forwards' outputs check it (they die with the tensors)
+        self._added = 0  # tensors added: with the FP8 casts counted, what tells `_read` its last read is current
+        self._last_read: tuple[tuple[int, int], dict, dict] | None = None
         named = [(n, m) for n, m in model.named_modules() if modules is None or fnmatch.fnmatchcase(n, modules)]
         if not named:
             raise ValueError(f"no module of this {type(model).__name__} matches modules={modules!r}; "
                              f"names look like {[n for n, _ in model.named_modules()][:4]}")
+        state = prepared_state(model) if fp8 else None
+        layers = [layer for name, layer in (state.fp8_layers.items() if state is not None else ())
+                  if modules is None or fnmatch.fnmatchcase(name, modules)]
+        self._fp8 = Fp8Observers(layers) if layers else None
         for name, module in named:
             if "activation" in kinds or "activation_grad" in kinds:
                 self._handles.append(module.register_forward_hook(self._forward_hook(name)))
@@ -225,6 +238,7 @@ class Watch:
         if self._removed:
             return
         key = (name, kind)
+        self._added += 1
         if key not in self._accumulators:
             self._accumulators[key] = _Accumulator(self.formats, x.device)
         self._accumulators[key].add(x, self._measured)
@@ -268,13 +282,35 @@ class Watch:
             >>> sorted(kind for _, kind in w.stats())
             ['activation', 'activation_grad', 'weight', 'weight_grad']
         """
-        if not self._accumulators:
-            return {}
-        keys = list(self._accumulators)
-        accs = [self._accumulators[k] for k in keys]
-        counts = torch.stack([a.counts.cpu() for a in accs]).numpy()  # one transfer per device in practice
-        amaxes = torch.stack([a.amax.cpu() for a in accs]).tolist()
-        return {k: a.to_stats(c, m) for k, a, c, m in zip(keys, accs, counts, amaxes, strict=True)}
+        return dict(self._read()[0])
+
+    def fp8_stats(self) -> dict[tuple[str, str], Fp8Stats]:
+        """A prepared FP8 model's FP8 casts so far, by (layer name, role ``input``/``weight``/``grad``): amax,
+        scales, values saturated and flushed (`Fp8Stats`); empty without FP8 layers. Syncs: yes, once, in the
+        same transfer as `stats` (none when `stats` was read since the last cast)."""
+        return dict(self._read()[1])
+
+    def fp8_saturated(self) -> list[Fp8Stats]:
+        """The FP8 casts that saturated (finite values clamped to the format's max), the largest share first:
+        each names its layer and role (``str(s)``: ``"2 (input, e4m3, delayed): 12 of 768 ... saturated"``).
+        Syncs: as `fp8_stats`."""
+        return sorted((s for s in self._read()[1].values() if s.saturated), key=lambda s: -s.share()["saturated"])
+
+    def _read(self) -> tuple[dict[tuple[str, str], TensorStats], dict[tuple[str, str], Fp8Stats]]:
+        """Both kinds of statistics, brought to the host together; the last read again if nothing was added."""
+        token = (self._added, self._fp8.seen if self._fp8 is not None else 0)
+        if self._last_read is not None and self._last_read[0] == token:
+            return self._last_read[1], self._last_read[2]
+        fp8 = self._fp8.stats() if self._fp8 is not None else {}
+        found: dict[tuple[str, str], TensorStats] = {}
+        if self._accumulators:
+            keys = list(self._accumulators)
+            accs = [self._accumulators[k] for k in keys]
+            counts = torch.stack([a.counts.cpu() for a in accs]).numpy()  # one transfer per device in practice
+            amaxes = torch.stack([a.amax.cpu() for a in accs]).tolist()
+            found = {k: a.to_stats(c, m) for k, a, c, m in zip(keys, accs, counts, amaxes, strict=True)}
+        self._last_read = (token, found, fp8)
+        return found, fp8
 
     def totals(self) -> dict[str, TensorStats]:
         """Per kind, the statistics of every watched module together. Syncs: yes, once."""
@@ -287,11 +323,16 @@ class Watch:
         """Forget what was seen (the hooks stay)."""
         self._accumulators.clear()
         self._measured.clear()
+        self._last_read = None
+        if self._fp8 is not None:
+            self._fp8.reset()
 
     def remove(self) -> None:
         """Take every hook off the model (gradient hooks on outputs of past forwards go quiet)."""
         self._removed = True
         self._measured.clear()
+        if self._fp8 is not None:
+            self._fp8.remove()  # the FP8 layers' observers are theirs again
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -304,7 +345,7 @@ class Watch:
 
 
 def watch(model: torch.nn.Module, formats: Iterable[Format | str] | None = None,
-          kinds: Iterable[str] = KINDS, modules: str | None = None) -> Watch:
+          kinds: Iterable[str] = KINDS, modules: str | None = None, fp8: bool = True) -> Watch:
     """Collect, per module, the range of its activations, weights and gradients against `formats`.
 
     Args:
@@ -314,6 +355,8 @@ def watch(model: torch.nn.Module, formats: Iterable[Format | str] | None = None,
         kinds: a subset of `KINDS`.
         modules: a glob on qualified module names (``"h.*.attn"``); default every module, the root
             included (name ``""``).
+        fp8: on a model prepared with an FP8 policy, count its FP8 layers' casts too (those matching
+            `modules`): `Watch.fp8_stats`.
 
     Returns a `Watch`: use it as a context manager, or call `Watch.remove`. Syncs: no (until `stats`).
 
@@ -331,4 +374,4 @@ def watch(model: torch.nn.Module, formats: Iterable[Format | str] | None = None,
     if unknown or not kinds:
         raise ValueError(f"unknown kinds {unknown or kinds}; valid: {', '.join(KINDS)}")
     chosen = list(FORMATS.values()) if formats is None else [Format.parse(f) for f in formats]
-    return Watch(model, list(dict.fromkeys(chosen)), kinds, modules)
+    return Watch(model, list(dict.fromkeys(chosen)), kinds, modules, fp8)

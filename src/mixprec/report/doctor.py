@@ -117,11 +117,46 @@ def write_doctor_report(diagnosis: mp.Diagnosis, folder: Path | str, title: str,
         lines += ["", "## Modules whose forward values overflow a format", ""]
         for name, modules in wide.items():
             lines.append(f"- {name}: " + ", ".join(f"`{m or '(root)'}`" for m in modules))
+    lines += _fp8_section(diagnosis)
     lines += ["", "## Histograms", ""]
     lines += [f"![{p.stem}]({p.name})" for p in pictures]
     path = folder / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _fp8_section(diagnosis: mp.Diagnosis) -> list[str]:
+    """The FP8 recommendation, its evidence, the per-layer table under each scaling and the per-operand one
+    under the recommended scaling (tensorwise when none is recommended)."""
+    if not diagnosis.fp8_layers and not diagnosis.fp8_evidence:
+        return []
+    policy = f"`{diagnosis.fp8_policy}`" if diagnosis.fp8_policy else "none"
+    lines = ["", "## FP8 matmuls", "", f"Recommended FP8 policy: {policy}", ""]
+    lines += [f"- {e}" for e in diagnosis.fp8_evidence]
+    if not diagnosis.fp8_layers:
+        return lines
+    granularities = list(diagnosis.fp8_layers[0].shares)
+    lines += ["", "Per Linear layer and scaling: the largest share of an operand's non-zero values that saturated / "
+              "flushed to zero, over every cast a step of FP8 matmuls makes (input and weight onto E4M3, output "
+              "gradient onto E5M2), as measured on this run's FP32 values.", "",
+              "| layer | FP8 under the recommendation | " + " | ".join(granularities) + " |",
+              "|---|---|" + "---:|" * len(granularities)]
+    for v in diagnosis.fp8_layers:
+        fp8 = "yes" if v.fp8 else f"no: {v.default}" if v.default else "no: kept in BF16 by a rule" if (
+            diagnosis.fp8_policy) else "no"
+        lines.append(f"| `{v.layer}` | {fp8} | " + " | ".join(v.cell(g) for g in granularities) + " |")
+    chosen = mp.Policy.parse(diagnosis.fp8_policy).fp8 if diagnosis.fp8_policy else None
+    granularity = chosen.granularity if chosen is not None else "tensorwise"
+    lines += ["", f"Per operand under {granularity} scaling (every cast of the steps watched together):", "",
+              "| layer | operand | format | casts | amax | scales | saturated | flushed |",
+              "|---|---|---|---:|---:|---|---:|---:|"]
+    for s in diagnosis.fp8_stats.values():
+        if s.granularity == granularity:
+            share = s.share()
+            lines.append(f"| `{s.layer}` | {s.role} | {s.format} | {s.casts} | {s.amax:.4g} | "
+                         f"{s.scale_min:.4g} .. {s.scale_max:.4g} | {_pct(share['saturated'])} | "
+                         f"{_pct(share['flushed'])} |")
+    return lines
 
 
 def _fits(r: mp.numerics.ScaleRange) -> str:
