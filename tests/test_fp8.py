@@ -381,4 +381,9 @@ def test_rounding_onto_the_grid_in_fp32_is_torchs_cast_bit_for_bit(dtype):
     top = torch.finfo(dtype).max
     expected = torch.clamp(x, -top, top).to(dtype).float()
     assert torch.equal(on_grid(x, dtype).view(torch.int32), expected.view(torch.int32))
-    assert on_grid(torch.tensor([math.inf, -math.inf, math.nan]), dtype).isnan().all()
+    assert on_grid(torch.tensor([math.inf, -math.inf, math.nan]), dtype)[:2].tolist() == [top, -top]  # saturated
+    assert on_grid(torch.tensor([math.nan]), dtype).isnan().all()
+    # In a scaled cast, an inf in the input is NaN (the step skips); a finite value whose product with a
+    # (delayed) scale overflows FP32 saturates.
+    cast = scaled_cast(torch.tensor([[math.inf, 1e30, 1.0]]), dtype, "tensorwise", 1, scale=torch.tensor([[1e10]]))
+    assert cast.values[0, 0].isnan() and cast.values[0, 1:].tolist() == [top, top]

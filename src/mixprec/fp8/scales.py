@@ -103,17 +103,17 @@ _GRID = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}  # mantissa 
 
 
 def on_grid(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Round FP32 `x` to nearest even onto the FP8 `dtype`'s values, in FP32: finite values beyond the max
-    saturate, inf and NaN give NaN. Bitwise what ``clamp(x).to(dtype).float()`` gives for finite x (signed
-    zeros too), without torch's float8 conversions (slow on CPUs: 5-10x a multiply). Syncs: no.
+    """Round FP32 `x` to nearest even onto the FP8 `dtype`'s values, in FP32: values beyond the max (inf
+    too) saturate, NaN stays NaN. Bitwise what ``clamp(x, -max, max).to(dtype).float()`` gives (signed zeros
+    too), without torch's float8 conversions (slow on CPUs: 5-10x a multiply). Syncs: no.
 
     Example:
         >>> on_grid(torch.tensor([0.30, 17.0, 500.0, -float("inf")]), torch.float8_e4m3fn).tolist()
-        [0.3125, 16.0, 448.0, nan]
+        [0.3125, 16.0, 448.0, -448.0]
     """
     mantissa, emin = _GRID[dtype]
     top = torch.finfo(dtype).max
-    clamped = torch.clamp(torch.nan_to_num(x, nan=math.nan, posinf=math.nan, neginf=math.nan), -top, top)  # inf: NaN
+    clamped = torch.clamp(x, -top, top)
     # Adding 1.5 * 2**(23 - mantissa) times the value's binade (at least the smallest normal's: subnormals)
     # leaves exactly the FP8 value's bits in FP32's mantissa, rounded to nearest even by the addition.
     binade = (clamped.view(torch.int32) & 0x7F800000).view(torch.float32)
@@ -161,7 +161,9 @@ def scaled_cast(x: torch.Tensor, dtype: torch.dtype, granularity: str, dim: int,
     if scale is None:
         amax = block_amax(x.detach(), blocks).to(torch.float32)
         scale = mx_scale(amax, dtype) if granularity == "mx" else amax_to_scale(amax, dtype, pow2)
-    # Finite values beyond the max saturate (torchao's cast); an inf becomes NaN, also where the scale did
-    # not come from it (delayed scaling, a block's power of two), so the step skips.
-    scaled = x.detach().to(torch.float32) * expand(scale, blocks, shape)
+    # Finite values beyond the max saturate (torchao's cast), also where x * scale overflows FP32 (a delayed
+    # scale from smaller amaxes); an inf in x becomes NaN, also where the scale did not come from it (delayed
+    # scaling, a block's power of two), so the step skips.
+    finite = torch.nan_to_num(x.detach().to(torch.float32), nan=math.nan, posinf=math.nan, neginf=math.nan)
+    scaled = finite * expand(scale, blocks, shape)
     return Scaled(on_grid(scaled, dtype), scale, blocks, dtype)
