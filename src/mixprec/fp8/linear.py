@@ -174,7 +174,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, layer: Fp8Layer,
     if torch.is_autocast_enabled(device):
         x = x.to(torch.get_autocast_dtype(device))
     flat = x.reshape(-1, x.shape[-1])
-    out: torch.Tensor = _Fp8Linear.apply(flat, weight, layer)
+    with torch._C.DisableTorchFunction():  # per-op emulation's mode has nothing to do in here: skip its Python
+        out: torch.Tensor = _Fp8Linear.apply(flat, weight, layer)
     out = out.reshape(*x.shape[:-1], out.shape[-1])
     return out if bias is None else out + bias.to(out.dtype)
 
