@@ -93,3 +93,15 @@ def test_cli_lists_fp8_presets_and_explains_a_recipe(capsys):
     assert sum("fp8 tensorwise" in line for line in lines) >= 6
     assert main(["policies", "--recipe", "gpt"]) == 2
     assert "name the policy too" in capsys.readouterr().err
+
+
+def test_multihead_attention_out_proj_is_not_claimed_as_fp8():
+    # nn.MultiheadAttention reads out_proj.weight inside F.multi_head_attention_forward: out_proj.forward never
+    # runs, so an FP8 forward there would be a claim explain() could not keep.
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(32, 64), "attn": torch.nn.MultiheadAttention(64, 4),
+                                 "b": torch.nn.Linear(64, 64), "c": torch.nn.Linear(64, 32)})
+    rows = {m.name: m for m in mp.Policy.parse("fp8-tensorwise").module_precisions(model)}
+    assert not rows["attn.out_proj"].fp8 and "MultiheadAttention uses its weight" in rows["attn.out_proj"].reason
+    assert [n for n, m in rows.items() if m.fp8] == ["b"]
+    with pytest.raises(ValueError, match="MultiheadAttention uses its weight"):
+        mp.Policy.parse("fp8-tensorwise,rule=attn.out_proj:e4m3").module_precisions(model)

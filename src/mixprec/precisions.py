@@ -189,7 +189,10 @@ def _fp8_layers(policy: PolicyFormats, model: torch.nn.Module, found: list[Modul
         if not isinstance(module, torch.nn.Linear):
             result.append(mp)
             continue
-        why = _not_fp8(module, mp, policy.compute)
+        parent = by_name[mp.name.rpartition(".")[0]] if mp.name else None
+        why = _not_fp8(module, mp, policy.compute) or (
+            "MultiheadAttention uses its weight in its own function, not through its forward"
+            if isinstance(parent, torch.nn.MultiheadAttention) else None)
         if why and asked:
             raise ValueError(f"{mp.reason} asks for FP8 matmuls in {mp.name!r}, but {why}: "
                              f"drop that module from the rule (e.g. a rule '{mp.name}:{policy.compute.spec}' first)")
