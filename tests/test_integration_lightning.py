@@ -235,7 +235,7 @@ def test_clear_errors():
         fit(epochs=1, gradient_clip_val=1.0, gradient_clip_algorithm="value")
 
     plugin = Precision("f16-master")
-    with pytest.raises(TypeError, match="single-device strategy"):  # e.g. a DDP wrapper
+    with pytest.raises(TypeError, match="on one device or under DDP"):  # e.g. an FSDP wrapper
         plugin.connect(torch.nn.Sequential(Regression()), [], [])
     module = Regression()
     two = [torch.optim.SGD(module.net[0].parameters(), lr=0.1), torch.optim.SGD(module.net[2].parameters(), lr=0.1)]

@@ -2,7 +2,8 @@
 
 The plugin does, inside Lightning's loop, what the README loop does by hand:
 
-    model, optimizer, scaler = mp.prepare(model, optimizer, policy)   # connect(): once per fit/validate/...
+    model, _, scaler = mp.prepare(model, None, policy)                # convert_module(): before any DDP wrapper
+    optimizer = mp.prepare_optimizer(model, optimizer, scaler)        # connect(): once the optimizer exists
     with mp.autocast(model):                                          # forward_context(): every *_step
         loss = ...
     scaler.scale(loss).backward()                                     # pre_backward()
@@ -51,18 +52,22 @@ class Precision(pl.plugins.Precision):
 
     What it changes in Lightning's loop:
 
-    * ``mp.prepare`` runs on the LightningModule and its optimizer when the trainer sets them up, and
-      ``mp.unprepare`` when the trainer tears down (the model keeps its rounded weights).
+    * ``mp.prepare`` runs on the LightningModule and ``mp.prepare_optimizer`` on its optimizer when the trainer
+      sets them up, and ``mp.unprepare`` when the trainer tears down (the model keeps its rounded weights).
     * ``Trainer(gradient_clip_val=...)`` clips by norm inside `mp.step`, on unscaled gradients;
       ``gradient_clip_algorithm="value"`` raises.
     * Schedulers with ``"interval": "step"`` do not step after a skipped optimizer step (automatic
       optimization). ``trainer.global_step`` still counts every step, applied or skipped.
     * The scaler's state is saved in checkpoints (key ``"Precision"``) and restored on resume.
 
-    Limits: one optimizer; a single-device strategy (under DDP, Lightning wraps the model before the
-    optimizers exist, and `mp.prepare` must come before the wrapper); ``on_before_optimizer_step`` sees
-    the scaled 16-bit gradients (`mp.step` unscales them); ``trainer.precision`` reads ``"32-true"``
-    (Lightning knows only its own strings: ``plugin.policy`` says what runs).
+    Strategies: one device, or DDP (``strategy="ddp"``, any number of devices or nodes): the module is
+    prepared before Lightning wraps it (`convert_module`), its optimizer once Lightning builds it (`connect`),
+    and mixprec's gradient reduction is registered on the DDP wrapper; every rank agrees on each skip.
+
+    Limits: one optimizer; no FSDP or DeepSpeed strategy (they shard parameters their own way);
+    ``on_before_optimizer_step`` sees the scaled 16-bit gradients (`mp.step` unscales them);
+    ``trainer.precision`` reads ``"32-true"`` (Lightning knows only its own strings: ``plugin.policy`` says
+    what runs).
 
     Example:
         >>> plugin = Precision("f16-master")
@@ -87,20 +92,43 @@ class Precision(pl.plugins.Precision):
         self._saved_scaler_state: dict[str, Any] | None = None  # a checkpoint read before setup
 
     # ----- setup ------------------------------------------------------------------------------------
+    def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Prepare the LightningModule under the policy, on its device, before the strategy wraps it (DDP) or
+        builds the optimizer: the first half of a split ``mp.prepare`` (Lightning calls this once per run)."""
+        if not isinstance(module, pl.LightningModule):
+            raise TypeError(f"mixprec's Lightning plugin prepares the LightningModule, but the strategy handed it a "
+                            f"{type(module).__name__}")
+        if mp.prepared_state(module) is not None:
+            raise RuntimeError(
+                "this LightningModule is already prepared (mp.prepare was called on it): the plugin prepares it "
+                "itself; pass the plain module, or call mp.unprepare(module) first")
+        device = _root_device(module)
+        if device is not None:
+            module.to(device)  # the strategy would move it next: the masters and the scaler go where it trains
+        _, _, self.scaler = mp.prepare(module, None, self.policy)
+        self._module = module
+        if self._saved_scaler_state is not None:
+            self.scaler.load_state_dict(self._saved_scaler_state)
+            self._saved_scaler_state = None
+        return module
+
     def connect(self, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
                 lr_schedulers: list[Any]) -> tuple[torch.nn.Module, list[torch.optim.Optimizer], list[Any]]:
-        """Prepare the module and its optimizer under the policy (Lightning calls this once per run).
+        """Prepare the optimizer for the module `convert_module` prepared (``mp.prepare_optimizer``), and under
+        DDP register mixprec's gradient reduction on the wrapper (Lightning calls this once the optimizers exist).
 
         The optimizer comes back as `mixprec.MasterWeights` when parameters are stored in 16 bits; step-interval
         schedulers come back wrapped so that they hold on skipped steps.
         """
-        if not isinstance(model, pl.LightningModule):
+        ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        module = model.module if ddp else model
+        if not isinstance(module, pl.LightningModule):
             raise TypeError(
-                f"mixprec's Lightning plugin prepares the LightningModule itself, but the strategy handed it a "
-                f"{type(model).__name__}: mp.prepare must run before a wrapper (DDP, FSDP, DeepSpeed) is applied, "
-                f"and Lightning wraps before it builds the optimizers. Use a single-device strategy "
-                f"(devices=1), or train with mixprec in your own loop (docs/distributed.md)")
-        fitting = _fitting(model)
+                f"mixprec's Lightning plugin trains a LightningModule on one device or under DDP "
+                f"(strategy='ddp'), but the strategy handed it a {type(model).__name__}: FSDP and DeepSpeed "
+                f"strategies shard the parameters their own way; use DDP, or mixprec's FSDP2 support in your own "
+                f"loop (docs/distributed.md)")
+        fitting = _fitting(module)
         if not fitting:
             # validate / test / predict build no optimizer (any here are left from an earlier fit): the model alone.
             optimizers = []
@@ -108,17 +136,12 @@ class Precision(pl.plugins.Precision):
             raise ValueError(
                 f"mixprec's Lightning plugin supports one optimizer, configure_optimizers returned {len(optimizers)}: "
                 f"return one optimizer (several param groups are fine)")
-        if mp.prepared_state(model) is not None:
-            raise RuntimeError(
-                "this LightningModule is already prepared (mp.prepare was called on it): the plugin prepares it "
-                "itself; pass the plain module, or call mp.unprepare(module) first")
-        optimizer = optimizers[0] if optimizers else None
-        _, optimizer, self.scaler = mp.prepare(model, optimizer, self.policy)  # in place: `model` is prepared
-        self._module = model
-        if self._saved_scaler_state is not None:
-            self.scaler.load_state_dict(self._saved_scaler_state)
-            self._saved_scaler_state = None
-        if fitting and model.automatic_optimization:  # manual optimization: the user steps schedulers
+        if self._module is not module:  # called without convert_module (a direct call): prepare it now
+            self.convert_module(module)
+        optimizer = mp.prepare_optimizer(module, optimizers[0], self.scaler) if optimizers else None
+        if ddp:
+            mp.distributed.register_comm_hook(model)  # the policy's reduce format (FP32 sums of the gradients)
+        if fitting and module.automatic_optimization:  # manual optimization: the user steps schedulers
             for config in lr_schedulers:
                 if config.interval == "step":
                     config.scheduler = _StepIfApplied(config.scheduler, self)
@@ -205,6 +228,14 @@ class Precision(pl.plugins.Precision):
         if self.scaler is None:
             raise RuntimeError("mixprec's Lightning plugin has no scaler yet: the trainer has not set the model up")
         return self.scaler
+
+
+def _root_device(module: pl.LightningModule) -> torch.device | None:
+    """The device the module's trainer trains it on (None without a trainer: leave it where it is)."""
+    try:
+        return torch.device(module.trainer.strategy.root_device)
+    except RuntimeError:  # not attached to a Trainer
+        return None
 
 
 def _fitting(module: pl.LightningModule) -> bool:
