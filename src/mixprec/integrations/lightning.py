@@ -139,7 +139,7 @@ class Precision(pl.plugins.Precision):
         if self._module is not module:  # called without convert_module (a direct call): prepare it now
             self.convert_module(module)
         optimizer = mp.prepare_optimizer(module, optimizers[0], self.scaler) if optimizers else None
-        if ddp:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             mp.distributed.register_comm_hook(model)  # the policy's reduce format (FP32 sums of the gradients)
         if fitting and module.automatic_optimization:  # manual optimization: the user steps schedulers
             for config in lr_schedulers:
