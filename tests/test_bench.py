@@ -162,6 +162,14 @@ def test_gpt2_small_has_gpt2_small_shapes_and_size():
     assert recipe.optimizer == "adamw" and recipe.metric == "bits/token"
 
 
+def test_gpt_medium_is_sized_for_16_bit_cpu_hardware():
+    recipe = get_recipe("gpt-medium")
+    with torch.device("meta"):
+        model = recipe.make_model()
+    assert (model.config.n_layer, model.config.n_embd, model.config.block_size) == (4, 512, 256)
+    assert 13e6 < sum(p.numel() for p in model.parameters()) < 15e6 and model.head.weight is model.tok_emb.weight
+
+
 def test_synthetic_tokens_follow_a_sparse_chain():
     tokens = markov_tokens(rows=64, length=33, vocab_size=100, seed=5)
     assert torch.equal(tokens, markov_tokens(rows=64, length=33, vocab_size=100, seed=5))

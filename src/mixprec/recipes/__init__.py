@@ -32,6 +32,7 @@ RECIPES: dict[str, tuple[str, str]] = {
     "tiny-updates": ("tiny_updates", "updates below 2^-11 of the weights: needs FP32 master weights"),
     "gpt": ("gpt", "GPT-2-shaped, tiny, on synthetic tokens (for `mixprec bench` on a CPU); bits per token"),
     "gpt2-small": ("gpt2_small", "GPT-2 small (124M, seq 1024) on synthetic tokens, to fill a GPU; bits per token"),
+    "gpt-medium": ("gpt_medium", "GPT-2-shaped, 4 layers x 512, seq 256: where 16-bit CPU hardware (AMX) matters"),
 }
 
 
