@@ -238,9 +238,10 @@ def test_clear_errors():
     with pytest.raises(TypeError, match="on one device or under DDP"):  # e.g. an FSDP wrapper
         plugin.connect(torch.nn.Sequential(Regression()), [], [])
     module = Regression()
-    two = [torch.optim.SGD(module.net[0].parameters(), lr=0.1), torch.optim.SGD(module.net[2].parameters(), lr=0.1)]
-    with pytest.raises(ValueError, match="one optimizer"):
-        plugin.connect(module, two, [])
+    shared = [torch.optim.SGD(module.net[0].parameters(), lr=0.1), torch.optim.SGD(module.parameters(), lr=0.1)]
+    with pytest.raises(ValueError, match="share parameters"):
+        plugin.connect(module, shared, [])
+    assert mp.prepared_state(module) is None  # refused before anything was prepared
     mp.prepare(module, None, "f16-master")
     with pytest.raises(RuntimeError, match="already prepared"):
         plugin.connect(module, [], [])

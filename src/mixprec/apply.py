@@ -300,8 +300,8 @@ def unprepare(model: torch.nn.Module) -> None:
         raise RuntimeError("unprepare inside mp.autocast for the same model: leave the autocast block first")
     for handle in state.handles:
         handle.remove()
-    if state.master_weights is not None:
-        state.master_weights.remove_hooks()
+    for weights in state.all_master_weights:
+        weights.remove_hooks()
     delattr(model, _STATE_ATTR)
 
 

@@ -94,10 +94,9 @@ def register_comm_hook(ddp: torch.nn.parallel.DistributedDataParallel) -> bool:
     group = ddp.process_group
     with torch.no_grad():  # rank 0's masters, as DDP gave every rank rank 0's parameters
         source = dist.get_global_rank(group, 0)
-        weights = state.master_weights
-        for t in [] if weights is None else weights.held_tensors():  # FP32 masters, remainders, compensations
-            dist.broadcast(t, src=source, group=group)
-        if weights is not None:
+        for weights in state.all_master_weights:
+            for t in weights.held_tensors():  # FP32 masters, remainders, compensations
+                dist.broadcast(t, src=source, group=group)
             weights.restamp_()
     try:
         ddp.register_comm_hook(_Reduction(group, reduce, state.execution, storage, slots), _reduce_bucket)

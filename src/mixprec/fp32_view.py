@@ -21,13 +21,13 @@ def fp32_weights(model: torch.nn.Module) -> list[torch.Tensor]:
     rounds to it, else the parameter (widened to FP32 if narrower). Reads only; no host sync."""
     model = unwrap(model)
     state = prepared_state(model)
-    weights = None if state is None else state.master_weights
-    slots = {} if weights is None else {id(slot.param): slot for slot in weights.grad_slots}
+    slots = {id(slot.param): (weights, slot) for weights in ([] if state is None else state.all_master_weights)
+             for slot in weights.grad_slots}
     values = []
     with torch.no_grad():
         for p in model.parameters():
-            slot = slots.get(id(p))
-            value = p.detach() if slot is None or weights is None else weights.master_value(slot)
+            found = slots.get(id(p))
+            value = p.detach() if found is None else found[0].master_value(found[1])
             if value.is_floating_point() and value.element_size() < 4:
                 value = value.to(torch.float32)
             values.append(value)

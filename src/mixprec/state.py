@@ -42,6 +42,7 @@ class PreparedState:
         param_formats: qualified parameter name -> storage format of its values (emulated: the grid
             the float32 tensor's values lie on; native: the tensor's dtype).
         in_autocast: whether an `autocast` for this model is open.
+        more_master_weights: those `mixprec.prepare_optimizer` made for more optimizers, over other parameters.
         master_weights: the `MasterWeights` prepare wrapped the optimizer in (its gradient hooks are
             removed by `unprepare`), or None.
         sharded: FSDP2 manages the parameters (its sharded FP32 parameters are the masters).
@@ -64,6 +65,7 @@ class PreparedState:
     in_autocast: bool = False
     handles: list[RemovableHandle] = field(default_factory=list, repr=False)
     master_weights: MasterWeights | None = field(default=None, repr=False)
+    more_master_weights: list[MasterWeights] = field(default_factory=list, repr=False)
     sharded: bool = False
     rounding: dict[torch.dtype, Format] = field(default_factory=dict, repr=False)
     autocast_dtype: torch.dtype | None = None
@@ -75,7 +77,8 @@ class PreparedState:
     def __getstate__(self) -> dict[str, Any]:
         # A copy of the model (copy.deepcopy, torch.save, an AveragedModel's) is its weights and the policy:
         # it takes neither the optimizer and its masters nor the hook handles, which belong to the original.
-        return {**self.__dict__, "master_weights": None, "handles": [], "recomputing_in": None, "in_autocast": False,
+        return {**self.__dict__, "master_weights": None, "more_master_weights": [], "handles": [],
+                "recomputing_in": None, "in_autocast": False,
                 "is_copy": True, "originals": None}
 
     @property
@@ -91,7 +94,13 @@ class PreparedState:
     @property
     def grad_slots(self) -> list[GradSlot]:
         """The parameters with FP32 masters and their FP32 gradients (read by the DDP hook)."""
-        return [] if self.master_weights is None else self.master_weights.grad_slots
+        return [slot for weights in self.all_master_weights for slot in weights.grad_slots]
+
+    @property
+    def all_master_weights(self) -> list[MasterWeights]:
+        """Every `MasterWeights` of the model: the one prepare (or the first `prepare_optimizer`) made, and
+        those of more optimizers prepared for other parameters (a GAN's generator and discriminator)."""
+        return ([] if self.master_weights is None else [self.master_weights]) + self.more_master_weights
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready summary: policy string, execution, device, and parameter counts per format."""

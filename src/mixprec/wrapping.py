@@ -48,9 +48,12 @@ def prepare_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     starting from the FP32 weights before prepare rounded them. Give the `scaler` prepare returned, so
     that ``optimizer.step()`` on still-scaled gradients is refused as after the one-call prepare.
     Under DDP: call it before mixprec's gradient hook is registered (before the first ``mp.autocast(ddp)``).
+    Several optimizers over disjoint parameters (a GAN's generator and discriminator): call it for each;
+    the FP32 originals of parameters not yet given to an optimizer are kept until one is.
 
     Raises:
-        RuntimeError: the model is not prepared, or its optimizer was prepared already.
+        RuntimeError: the model is not prepared, some of the optimizer's parameters are stepped by an
+            optimizer prepared already, or the model was prepared with its optimizer in one call.
 
     Example:
         >>> import mixprec as mp
@@ -65,17 +68,33 @@ def prepare_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     if state is None:
         raise RuntimeError("prepare_optimizer needs a prepared model: model, _, scaler = mp.prepare(model, None, "
                            "policy) first")
-    if state.master_weights is not None:
-        raise RuntimeError("this model's optimizer is prepared already (by mp.prepare or prepare_optimizer): "
-                           "step the optimizer it returned")
+    mine = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    taken = {id(slot.param) for slot in state.grad_slots} | {
+        id(p) for weights in state.all_master_weights for p in weights.model_params}
+    if mine & taken:
+        raise RuntimeError("parameters of this optimizer are stepped by an optimizer prepared already (by mp.prepare "
+                           "or prepare_optimizer): step the optimizer it returned; several optimizers (a GAN's "
+                           "generator and discriminator) are prepared one by one, each over its own parameters")
     result: torch.optim.Optimizer = optimizer
     if not state.sharded:
         formats = [(p, state.param_formats[name]) for name, p in inner.named_parameters()]
-        if any(fmt != F32 for _, fmt in formats):
-            modes = rule_modes(inner, state.policy, state.precisions)
+        narrow = [id(p) for p, fmt in formats if fmt != F32 and id(p) in mine]
+        modes = rule_modes(inner, state.policy, state.precisions)
+        masters = state.policy.master is not None or any(modes.get(i, "none") != "none" for i in narrow)
+        if state.master_weights is not None and state.originals is None and narrow and masters:
+            raise RuntimeError("this model was prepared with its optimizer (mp.prepare(model, optimizer, policy)): "
+                               "the FP32 values another optimizer's masters would start from are gone. Prepare the "
+                               "model alone (mp.prepare(model, None, policy)), then each optimizer with "
+                               "mp.prepare_optimizer(model, optimizer, scaler)")
+        if narrow:
             result = wrap_optimizer(optimizer, state.policy, state.execution, formats, modes, state.originals or {})
-            state.master_weights = result
-    state.originals = None
+            if state.master_weights is None:
+                state.master_weights = result
+            else:
+                state.more_master_weights.append(result)
+    # The FP32 originals of parameters no optimizer steps yet stay for the next one (4 bytes a parameter).
+    left = {id(p) for p in inner.parameters()} - mine - taken
+    state.originals = {k: v for k, v in (state.originals or {}).items() if k in left} or None
     if scaler is not None:
         state.handles.append(result.register_step_pre_hook(refuse_unscaled_step(scaler)))
     return result

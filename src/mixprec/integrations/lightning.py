@@ -64,7 +64,10 @@ class Precision(pl.plugins.Precision):
     prepared before Lightning wraps it (`convert_module`), its optimizer once Lightning builds it (`connect`),
     and mixprec's gradient reduction is registered on the DDP wrapper; every rank agrees on each skip.
 
-    Limits: one optimizer; no FSDP or DeepSpeed strategy (they shard parameters their own way);
+    Several optimizers (a GAN's generator and discriminator, with manual optimization, as Lightning asks) are
+    prepared one by one, each over its own parameters; ``optimizer.step()`` runs `mp.step` for that optimizer.
+
+    Limits: no FSDP or DeepSpeed strategy (they shard parameters their own way);
     ``on_before_optimizer_step`` sees the scaled 16-bit gradients (`mp.step` unscales them);
     ``trainer.precision`` reads ``"32-true"`` (Lightning knows only its own strings: ``plugin.policy`` says
     what runs).
@@ -132,20 +135,18 @@ class Precision(pl.plugins.Precision):
         if not fitting:
             # validate / test / predict build no optimizer (any here are left from an earlier fit): the model alone.
             optimizers = []
-        if len(optimizers) > 1:
-            raise ValueError(
-                f"mixprec's Lightning plugin supports one optimizer, configure_optimizers returned {len(optimizers)}: "
-                f"return one optimizer (several param groups are fine)")
+        _check_disjoint(optimizers)  # before anything is prepared
         if self._module is not module:  # called without convert_module (a direct call): prepare it now
             self.convert_module(module)
-        optimizer = mp.prepare_optimizer(module, optimizers[0], self.scaler) if optimizers else None
+        # Each optimizer over its own parameters (a GAN's generator and discriminator: manual optimization).
+        prepared = [mp.prepare_optimizer(module, optimizer, self.scaler) for optimizer in optimizers]
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             mp.distributed.register_comm_hook(model)  # the policy's reduce format (FP32 sums of the gradients)
         if fitting and module.automatic_optimization:  # manual optimization: the user steps schedulers
             for config in lr_schedulers:
                 if config.interval == "step":
                     config.scheduler = _StepIfApplied(config.scheduler, self)
-        return model, [] if optimizer is None else [optimizer], lr_schedulers
+        return model, prepared, lr_schedulers
 
     def teardown(self) -> None:
         """Undo `mp.prepare` at the end of a run: hooks removed, the model keeps its (rounded) weights."""
@@ -228,6 +229,18 @@ class Precision(pl.plugins.Precision):
         if self.scaler is None:
             raise RuntimeError("mixprec's Lightning plugin has no scaler yet: the trainer has not set the model up")
         return self.scaler
+
+
+def _check_disjoint(optimizers: list[torch.optim.Optimizer]) -> None:
+    """Several optimizers must step disjoint parameters (each gets its own masters)."""
+    seen: set[int] = set()
+    for n, optimizer in enumerate(optimizers):
+        mine = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if mine & seen:
+            raise ValueError(f"configure_optimizers returned optimizers that share parameters (optimizer {n} steps "
+                             f"some an earlier one steps): mixprec gives each optimizer the masters of its own "
+                             f"parameters; give each parameter to one optimizer (several param groups are fine)")
+        seen |= mine
 
 
 def _root_device(module: pl.LightningModule) -> torch.device | None:
