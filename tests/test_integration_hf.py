@@ -146,10 +146,11 @@ def test_trainer_matches_the_plain_loop(tmp_path, reference):
     assert [h["step"] for h in logs] == list(range(1, STEPS + 1))
     run = record([h["loss"] for h in logs], [h["learning_rate"] for h in logs], [], trainer.model,
                  trainer.optimizer.optimizer)
-    run.update(loss_scale=[h["loss_scale"] for h in logs], grad_norm=[h["grad_norm"] for h in logs])
+    run.update(loss_scale=[h["mixprec/loss_scale"] for h in logs], grad_norm=[h["grad_norm"] for h in logs])
     assert_matches(run, reference)
     skipped = [not a for a in reference["applied"]]
-    assert [h["skipped_steps"] for h in logs] == [sum(skipped[:i]) for i in range(1, STEPS + 1)]
+    assert [h["mixprec/skipped_steps"] for h in logs] == [sum(skipped[:i]) for i in range(1, STEPS + 1)]
+    assert [repr(h["mixprec/grad_norm"]) for h in logs] == [repr(h["grad_norm"]) for h in logs]  # as Lightning logs
     assert trainer.lr_scheduler.last_epoch == STEPS - sum(skipped) and trainer.state.global_step == STEPS
     assert trainer.last_step_info.applied and mp.prepared_state(trainer.model).execution == "emulated"
 
@@ -164,7 +165,7 @@ def test_trainer_with_gradient_checkpointing_matches_the_plain_loop(tmp_path, re
     logs = [h for h in trainer.state.log_history if "loss" in h]
     run = record([h["loss"] for h in logs], [h["learning_rate"] for h in logs], [], trainer.model,
                  trainer.optimizer.optimizer)
-    run.update(loss_scale=[h["loss_scale"] for h in logs], grad_norm=[h["grad_norm"] for h in logs])
+    run.update(loss_scale=[h["mixprec/loss_scale"] for h in logs], grad_norm=[h["grad_norm"] for h in logs])
     assert_matches(run, reference)
 
 
@@ -309,7 +310,7 @@ trainer = hf.Trainer(policy=t.POLICY, model=t.tiny_gpt2(), args=args, train_data
 trainer.train()
 logs = [h for h in trainer.state.log_history if "loss" in h]
 torch.save({"world": args.world_size, "kind": type(trainer.model_wrapped).__name__,
-            "skipped": [h["skipped_steps"] for h in logs], "losses": [h["loss"] for h in logs],
+            "skipped": [h["mixprec/skipped_steps"] for h in logs], "losses": [h["loss"] for h in logs],
             "weights": [p.detach().clone() for p in trainer.model.parameters()],
             "masters": [m.detach().clone() for m in trainer.optimizer.optimizer.master_params]},
            f"{sys.argv[2]}/rank{args.process_index}.pt")

@@ -176,6 +176,8 @@ def test_fit_matches_the_readme_loop_bitwise_with_skipped_steps_and_held_lr_sche
     last = records[-1][1]
     assert trainer.callback_metrics["mixprec/loss_scale"].item() == last.loss_scale
     assert trainer.callback_metrics["mixprec/skipped_steps"].item() == last.skipped_steps == len(skipped)
+    assert set(mp.integrations.step_logs(last)) <= set(trainer.callback_metrics)  # the keys HF's Trainer logs too
+    assert trainer.callback_metrics["mixprec/grad_norm"].item() == pytest.approx(last.grad_norm)
 
 
 def test_tiny_gpt2_fit_matches_the_readme_loop_bitwise():

@@ -26,6 +26,8 @@ import torch
 
 import mixprec as mp
 
+from . import step_logs
+
 __all__ = ["Trainer", "check_accelerator", "prepare_accelerated"]  # noqa: F822 (Trainer: see __getattr__)
 
 _INSTALL = 'pip install "mixprec[hf]"'
@@ -202,7 +204,8 @@ class _TrainerMethods(_TrainerBase):
     * The optimizer step is ``mp.step``: unscale and check, clip to ``args.max_grad_norm`` (on the
       unscaled gradients; the Trainer's own clipping is off), step or skip, update the scale. The LR
       scheduler does not advance on a skipped step; ``state.global_step`` counts every step.
-    * Training logs gain ``loss_scale`` and ``skipped_steps``; ``grad_norm`` is the unscaled norm.
+    * Training logs gain ``mixprec/loss_scale``, ``mixprec/skipped_steps`` and ``mixprec/grad_norm`` (the keys
+      every integration logs); the Trainer's ``grad_norm`` is the unscaled norm.
     * The scaler's state is saved and restored with the optimizer's in Trainer checkpoints.
 
     Raises:
@@ -215,7 +218,7 @@ class _TrainerMethods(_TrainerBase):
         trainer = mixprec.integrations.hf.Trainer(policy="f16-master", model=model, args=args,
                                                   train_dataset=ds)
         trainer.train()
-        trainer.state.log_history[-2]    # {"loss": ..., "loss_scale": 65536.0, "skipped_steps": 2, ...}
+        trainer.state.log_history[-2]    # {"loss": ..., "mixprec/loss_scale": 65536.0, ...}
     """
 
     optimizer: Any  # the Trainer's; a _StepOptimizer once create_optimizer ran
@@ -286,8 +289,8 @@ class _TrainerMethods(_TrainerBase):
     def log(self, logs: dict[str, Any], *args: Any, **kwargs: Any) -> None:
         info = self.last_step_info
         if info is not None and "loss" in logs:  # a training log (evaluation logs have eval_loss)
-            logs = {**logs, "loss_scale": info.loss_scale, "skipped_steps": info.skipped_steps}
-            if info.grad_norm is not None:
+            logs = {**logs, **step_logs(info)}
+            if info.grad_norm is not None:  # the Trainer's own key, with the unscaled norm
                 logs["grad_norm"] = info.grad_norm
         super().log(logs, *args, **kwargs)
 

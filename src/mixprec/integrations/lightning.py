@@ -24,6 +24,8 @@ import torch
 
 import mixprec as mp
 
+from . import step_logs
+
 try:
     import lightning.pytorch as pl
 except ImportError:  # the standalone package: same classes under another name
@@ -42,8 +44,9 @@ class Precision(pl.plugins.Precision):
 
     Args:
         policy: a `mixprec.Policy` or its string (``"f16-master"``, ``"f16-master,scaling=static:1024"``).
-        log_metrics: log ``mixprec/loss_scale`` and ``mixprec/skipped_steps`` with ``LightningModule.log``
-            after every optimizer step (values already on the host: no extra sync).
+        log_metrics: log ``mixprec/loss_scale``, ``mixprec/skipped_steps`` and ``mixprec/grad_norm`` (when
+            clipping) with ``LightningModule.log`` after every optimizer step (values already on the host: no
+            extra sync).
 
     Attributes:
         policy: the parsed policy.
@@ -189,8 +192,8 @@ class Precision(pl.plugins.Precision):
         info = mp.step(optimizer, self._scaler(), max_grad_norm=max_grad_norm)
         self.last_step_info, self._hold_schedulers = info, not info.applied
         if self.log_metrics:
-            model.log("mixprec/loss_scale", info.loss_scale, on_step=True, on_epoch=False)
-            model.log("mixprec/skipped_steps", float(info.skipped_steps), on_step=True, on_epoch=False)
+            for key, value in step_logs(info).items():  # the keys every integration logs
+                model.log(key, value, on_step=True, on_epoch=False)
         return closure_result
 
     def clip_gradients(self, optimizer: torch.optim.Optimizer, clip_val: int | float = 0.0,
