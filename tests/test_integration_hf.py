@@ -362,3 +362,15 @@ def test_trainer_with_compact_masters_trains_as_with_fp32_masters(tmp_path):
     apart = [(a.view(torch.int32) - b.view(torch.int32)).abs() for a, b in zip(masters, masters2, strict=True)]
     assert all(int(d.max()) <= 4 for d in apart)
     assert sum(int((d > 0).sum()) for d in apart) <= sum(m.numel() for m in masters) * STEPS * 4 / 2**17
+
+
+def test_the_private_trainer_methods_overridden_are_checked_against_the_installed_transformers(tmp_path, monkeypatch):
+    # No public hook keeps the Trainer from clipping scaled gradients: mixprec overrides two private methods, and
+    # refuses a transformers where they are missing or take other arguments (instead of clipping wrongly).
+    import inspect
+
+    assert list(inspect.signature(transformers.Trainer._clip_grad_norm).parameters) == ["self", "model"]
+    assert list(inspect.signature(transformers.Trainer._get_grad_norm).parameters) == ["self", "model", "grad_norm"]
+    monkeypatch.setattr(transformers.Trainer, "_get_grad_norm", lambda self, model, grad_norm, extra=None: None)
+    with pytest.raises(RuntimeError, match=r"Trainer._get_grad_norm\(self, model, grad_norm, extra\)"):
+        hf.Trainer(policy=POLICY, model=tiny_gpt2(), args=training_args(tmp_path), train_dataset=examples())

@@ -20,6 +20,7 @@ imported only when ``Trainer`` is first used. See docs/integrations.md.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 import torch
@@ -155,7 +156,7 @@ class _StepOptimizer(mp.OptimizerWrapper):
 
 # The Trainer methods overridden below that are not part of transformers' documented API: checked at
 # construction, so that a transformers without them fails loudly instead of clipping scaled gradients.
-_PRIVATE_HOOKS = ("_clip_grad_norm", "_get_grad_norm")
+_PRIVATE_HOOKS = {"_clip_grad_norm": ["self", "model"], "_get_grad_norm": ["self", "model", "grad_norm"]}
 
 
 def _check_trainer_arguments(args: Any, policy: mp.Policy) -> None:
@@ -169,12 +170,15 @@ def _check_trainer_arguments(args: Any, policy: mp.Policy) -> None:
             f"TrainingArguments({', '.join(f + '=True' for f in flags)}) asks the Trainer to do mixed "
             f"precision itself, and mixprec's policy {policy} does it already: drop "
             f"{' and '.join(flags)} from the TrainingArguments")
-    missing = [name for name in _PRIVATE_HOOKS if not hasattr(transformers.Trainer, name)]
-    if missing:
-        raise RuntimeError(
-            f"this transformers ({transformers.__version__}) has no Trainer.{missing[0]}, which "
-            f"mixprec.integrations.hf.Trainer overrides to keep the Trainer from clipping scaled "
-            f"gradients; use a transformers version where it exists (tested: 5.24)")
+    for name, expected in _PRIVATE_HOOKS.items():
+        method = getattr(transformers.Trainer, name, None)
+        found = None if method is None else list(inspect.signature(method).parameters)
+        if found != expected:
+            shown = f"no Trainer.{name}" if found is None else f"Trainer.{name}({', '.join(found)})"
+            raise RuntimeError(
+                f"this transformers ({transformers.__version__}) has {shown}, which "
+                f"mixprec.integrations.hf.Trainer overrides as {name}({', '.join(expected)}) to keep the Trainer "
+                f"from clipping scaled gradients; use a transformers version where it is so (tested: 5.24, 5.25)")
 
 
 # For the type checker the base is anything (transformers.Trainer comes after it in the MRO at run time).
