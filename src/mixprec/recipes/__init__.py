@@ -7,7 +7,7 @@
 Example:
     >>> from mixprec.recipes import RECIPES, get_recipe
     >>> sorted(RECIPES)
-    ['digits', 'gpt', 'gpt2-small', 'lm', 'rnn', 'tiny-updates', 'underflow']
+    ['digits', 'gpt', 'gpt-medium', 'gpt2-small', 'lm', 'rnn', 'tiny-updates', 'underflow']
     >>> get_recipe("tiny-updates").name
     'tiny-updates'
 """
