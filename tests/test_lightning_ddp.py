@@ -3,6 +3,7 @@ loop under DDP on the same half of the data, bit for bit, and the ranks agree on
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,9 @@ def snapshot(module: torch.nn.Module, optimizer: Any, scaler: mp.LossScaler, inf
             "applied": [bool(i.applied) for i in infos], "scaler": scaler.state_dict()}
 
 
-def plugin_fit(rank: int, policy: str) -> dict[str, Any]:
-    torch.manual_seed(0)
+def plugin_fit(rank: int, policy: str, epochs: int = 1, accumulate: int = 1, folder: Path | None = None,
+               resume: Path | None = None) -> dict[str, Any]:
+    torch.manual_seed(1 if resume else 0)  # a resumed fit's weights all come from the checkpoint
     module, infos, batches = Net(), [], []
 
     class Record(pl.Callback):
@@ -67,38 +69,47 @@ def plugin_fit(rank: int, policy: str) -> dict[str, Any]:
             batches.append([t.clone() for t in batch])  # what Lightning's DistributedSampler gave this rank
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            infos.append(trainer.precision_plugin.last_step_info)
+            if (batch_idx + 1) % accumulate == 0:  # an optimizer step
+                infos.append(trainer.precision_plugin.last_step_info)
 
         def on_train_end(self, trainer, module):
             self.state = snapshot(module, trainer.optimizers[0], trainer.precision_plugin.scaler, infos)
             self.kind = type(trainer.strategy.model).__name__
 
     record = Record()
+    callbacks: list[Any] = [record]
+    if folder is not None:  # a checkpoint after every epoch (rank 0 writes it)
+        callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=folder, filename="{epoch}", every_n_epochs=1,
+                                                      save_top_k=-1))
     loader = torch.utils.data.DataLoader(dataset(), batch_size=BATCH, shuffle=False)
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", plugins=[Precision(policy)], max_epochs=1,
-                         gradient_clip_val=CLIP, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[record])
-    trainer.fit(module, loader)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", plugins=[Precision(policy)],
+                         max_epochs=epochs, accumulate_grad_batches=accumulate, gradient_clip_val=CLIP, logger=False,
+                         enable_progress_bar=False, enable_checkpointing=folder is not None,
+                         enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks)
+    trainer.fit(module, loader, ckpt_path=resume)
     return {**record.state, "wrapper": record.kind, "batches": batches}
 
 
-def readme_ddp(policy: str, batches: list) -> dict[str, Any]:
-    """The README loop under DDP on the batches Lightning gave this rank."""
+def readme_ddp(policy: str, batches: list, accumulate: int = 1) -> dict[str, Any]:
+    """The README loop under DDP on the batches Lightning gave this rank, stepping every `accumulate`
+    micro-batches (no_sync for the others, as Lightning does)."""
     torch.manual_seed(0)
     module = Net()
     model, optimizer, scaler = mp.prepare(module, module.configure_optimizers(), policy)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     infos = []
-    for x, y in batches:
-        with mp.autocast(ddp):
-            loss = torch.nn.functional.mse_loss(ddp(x).float(), y)
-        scaler.scale(loss).backward()
-        infos.append(mp.step(optimizer, scaler, max_grad_norm=CLIP))
-        optimizer.zero_grad()
+    for i, (x, y) in enumerate(batches):
+        last = (i + 1) % accumulate == 0
+        with contextlib.nullcontext() if last else ddp.no_sync(), mp.autocast(ddp):
+            loss = torch.nn.functional.mse_loss(ddp(x).float(), y) / accumulate
+            scaler.scale(loss).backward()
+        if last:
+            infos.append(mp.step(optimizer, scaler, max_grad_norm=CLIP))
+            optimizer.zero_grad()
     return snapshot(module, optimizer, scaler, infos)
 
 
-def worker(rank: int) -> dict[str, Any]:
+def worker(rank: int, folder: str) -> dict[str, Any]:
     # As torchrun would start it: Lightning sees the rank in the environment and launches no processes; the
     # process group (gloo) is already up.
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="2", NODE_RANK="0",
@@ -109,12 +120,19 @@ def worker(rank: int) -> dict[str, Any]:
         batches = fit.pop("batches")
         found[policy] = {"fit": fit, "loop": readme_ddp(policy, batches),
                          "poisoned": [bool(y.isinf().any()) for _, y in batches]}
+    accumulated = plugin_fit(rank, "f16-master", accumulate=2)
+    found["accumulate"] = {"fit": accumulated, "loop": readme_ddp("f16-master", accumulated.pop("batches"), 2)}
+    whole = plugin_fit(rank, "f16-master", epochs=2, folder=Path(folder))  # writes epoch=0.ckpt on the way
+    resumed = plugin_fit(rank, "f16-master", epochs=2, resume=Path(folder) / "epoch=0.ckpt")
+    found["resume"] = {"whole": whole, "resumed": resumed}
     return found
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    return results(run_workers(worker, (), workdir=Path(tmp_path_factory.mktemp("lightning-ddp")), timeout_s=240))
+    folder = tmp_path_factory.mktemp("checkpoints")
+    return results(run_workers(worker, (str(folder),), workdir=Path(tmp_path_factory.mktemp("lightning-ddp")),
+                               timeout_s=300))
 
 
 def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -144,3 +162,18 @@ def test_lightning_ddp_ranks_agree_and_skip_together(ranks, policy):
         assert a["masters"] and not all(a["applied"][:3])  # FP32 masters; the start scale overflowed first
     else:
         assert a["scaler"]["fp8"]["layers"].keys() == {"net.2"}  # FP8 histories, agreed across the ranks
+
+
+def test_lightning_ddp_accumulation_is_the_readme_loop_with_no_sync(ranks):
+    for rank, found in enumerate(ranks):
+        fit, loop = found["accumulate"]["fit"], found["accumulate"]["loop"]
+        assert len(fit["applied"]) == BATCHES // 2 and same(fit, loop), rank
+
+
+def test_lightning_ddp_resumes_from_its_checkpoint_bit_for_bit(ranks):
+    for rank, found in enumerate(ranks):
+        whole, resumed = found["resume"]["whole"], found["resume"]["resumed"]
+        assert whole["weights"].keys() == resumed["weights"].keys()
+        assert all(torch.equal(whole["weights"][k], resumed["weights"][k]) for k in whole["weights"]), rank
+        assert all(torch.equal(a, b) for a, b in zip(whole["masters"], resumed["masters"], strict=True))
+        assert whole["scaler"] == resumed["scaler"] and len(resumed["applied"]) == BATCHES  # the second epoch
