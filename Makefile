@@ -6,7 +6,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo paper test lint bench clean
 
 $(BIN)/mixprec: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ setup: $(BIN)/mixprec
 
 demo: setup
 	$(BIN)/mixprec demo
+
+paper: setup
+	$(BIN)/mixprec paper
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "train": "train",
     "compare": "compare",
     "demo": "demo",
+    "paper": "paper",
     "doctor": "doctor",
     "bench": "bench",
 }

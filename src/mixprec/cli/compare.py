@@ -16,7 +16,7 @@ from pathlib import Path
 import mixprec as mp
 from mixprec.harness.checkpoints import check_writable
 from mixprec.harness.processes import check_one_process
-from mixprec.harness.training import Comparison, split_policies, train
+from mixprec.harness.training import Comparison, RunResult, split_policies, train
 from mixprec.recipes import RECIPES, Recipe, get_recipe
 from mixprec.report import (
     RunLogger,
@@ -71,9 +71,11 @@ def make_experiment(recipe: str | Recipe, policies: list[str], seeds: int, steps
     return Experiment(recipe, names, list(range(seeds)), steps)
 
 
-def run_experiments(experiments: list[Experiment], out: Path, args: argparse.Namespace) -> list[Comparison]:
+def run_experiments(experiments: list[Experiment], out: Path, args: argparse.Namespace,
+                    diverging: bool = False) -> list[Comparison]:
     """Train every (policy, seed) of every experiment with one progress display; log each run to
-    out/runs/RECIPE/POLICY/seedN (metrics.jsonl + TensorBoard)."""
+    out/runs/RECIPE/POLICY/seedN (metrics.jsonl + TensorBoard). With `diverging`, a run `mp.step` stops
+    (`mp.NaNStormError`: an ablation that diverges) is recorded as diverged instead of ending them all."""
     check_one_process(args.command)
     device = default_device(args.device)
     for experiment in experiments:
@@ -94,8 +96,14 @@ def run_experiments(experiments: list[Experiment], out: Path, args: argparse.Nam
                             logger(record)
                             progress.update(task, record)
 
-                        runs.append(train(experiment.recipe, policy, seed=seed, steps=experiment.steps,
-                                          data=data, device=device, threads=args.threads, log=log))
+                        try:
+                            runs.append(train(experiment.recipe, policy, seed=seed, steps=experiment.steps,
+                                              data=data, device=device, threads=args.threads, log=log))
+                        except mp.NaNStormError as error:
+                            if not diverging:
+                                raise
+                            runs.append(RunResult.diverged(experiment.recipe, policy, seed, experiment.steps,
+                                                           str(device), error))
             comparisons.append(Comparison(experiment.recipe.name, experiment.recipe.metric,
                                           experiment.recipe.higher_is_better, experiment.policies,
                                           experiment.seeds, runs, experiment.recipe.description))

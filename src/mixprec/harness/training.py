@@ -100,9 +100,18 @@ class RunResult:
     memory_held: dict[str, int] = field(default_factory=dict)  # category -> bytes the tensors held (mp.memory)
     faults: str | None = None  # the fault plan injected (its text), if any
     max_skips_in_a_row: int | str | None = "auto"  # the NaN-storm guard it ran under
+    stopped: str | None = None  # why the run ended before its last step (a NaNStormError's message), if it did
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def diverged(cls, recipe: Recipe, policy: str, seed: int, steps: int, device: str, error: Exception) -> RunResult:
+        """A run that `mp.step` stopped (weights or every gradient inf/NaN): its metrics are NaN, so a
+        comparison's verdict for it is "diverged", and `stopped` says why."""
+        nan = math.nan
+        return cls(recipe.name, policy, seed, steps, "-", device, recipe.metric, recipe.higher_is_better, nan, nan,
+                   nan, 0, nan, nan, {}, "", stopped=str(error))
 
 
 def train(
@@ -294,6 +303,7 @@ class Comparison:
     def summary(self, policy: str) -> dict[str, Any]:
         """Final metric mean / std / min / max over seeds, and the numerics and costs of the runs."""
         runs = self.runs_of(policy)
+        measured = next((r for r in runs if r.stopped is None), runs[0])  # a diverged run measured nothing
         finals = [r.final_metric for r in runs]
         finite = [v for v in finals if math.isfinite(v)]
         return {
@@ -308,11 +318,11 @@ class Comparison:
             "skipped_steps": statistics.fmean(r.skipped_steps for r in runs),
             "final_loss_scale": runs[-1].final_loss_scale,
             "seconds_per_step": statistics.fmean(r.seconds_per_step for r in runs),
-            "memory": runs[0].memory,
-            "memory_source": runs[0].memory_source,
-            "memory_held": runs[0].memory_held,
-            "execution": runs[0].execution,
-            "emulation": runs[0].emulation,
+            "memory": measured.memory,
+            "memory_source": measured.memory_source,
+            "memory_held": measured.memory_held,
+            "execution": measured.execution,
+            "emulation": measured.emulation,
         }
 
     def to_dict(self) -> dict[str, Any]:

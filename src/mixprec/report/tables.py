@@ -87,13 +87,13 @@ def markdown_tables(comparison: Comparison) -> str:
             f"| {r['verdict_text']} | {r['skipped_steps']:g} | {format_scale(r['final_loss_scale'])} "
             f"| {1000 * r['seconds_per_step']:.1f} | {_execution(r)} |"
         )
-    memory_keys = list(rows[0]["memory"])
+    memory_keys = list(next((r["memory"] for r in rows if r["memory"]), {}))
     lines += ["", f"Memory by category ({_memory_source(rows)}; bytes as the policy stores them):", "",
               "| policy | " + " | ".join(memory_keys) + " | total |",
               "|---|" + "---:|" * (len(memory_keys) + 1)]
     for r in rows:
         total = sum(r["memory"].get(k, 0) for k in MEMORY_COLUMNS)
-        cells = [format_bytes(r["memory"][k]) for k in memory_keys]
+        cells = [format_bytes(r["memory"][k]) if k in r["memory"] else "-" for k in memory_keys]  # "-": all diverged
         lines.append(f"| `{short_policy(r['policy'])}` | " + " | ".join(cells) + f" | {format_bytes(total)} |")
     shortened = [p for p in comparison.policies if short_policy(p) != p]
     if shortened:
