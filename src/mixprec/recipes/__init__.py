@@ -7,7 +7,7 @@
 Example:
     >>> from mixprec.recipes import RECIPES, get_recipe
     >>> sorted(RECIPES)
-    ['digits', 'gpt', 'gpt-medium', 'gpt2-small', 'lm', 'rnn', 'tiny-updates', 'underflow']
+    ['detection', 'digits', 'gpt', 'gpt-medium', 'gpt2-small', 'lm', 'rnn', 'speech', 'tiny-updates', 'underflow']
     >>> get_recipe("tiny-updates").name
     'tiny-updates'
 """
@@ -30,6 +30,8 @@ RECIPES: dict[str, tuple[str, str]] = {
     "rnn": ("rnn", "LSTM language model on the same byte corpus; bits per byte"),
     "underflow": ("underflow", "activation gradients in [2^-27, 2^-24): needs loss scaling in f16"),
     "tiny-updates": ("tiny_updates", "updates below 2^-11 of the weights: needs FP32 master weights"),
+    "detection": ("detection", "single-shot detector (anchors, SSD matching, hard negatives) on shapes; mAP@0.5"),
+    "speech": ("speech", "conv + bidirectional GRU acoustic model with CTC on generated spectrograms; CER"),
     "gpt": ("gpt", "GPT-2-shaped, tiny, on synthetic tokens (for `mixprec bench` on a CPU); bits per token"),
     "gpt2-small": ("gpt2_small", "GPT-2 small (124M, seq 1024) on synthetic tokens, to fill a GPU; bits per token"),
     "gpt-medium": ("gpt_medium", "GPT-2-shaped, 4 layers x 512, seq 256: where 16-bit CPU hardware (AMX) matters"),
