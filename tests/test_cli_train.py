@@ -81,8 +81,8 @@ def test_bad_input_through_the_console_script():
                           text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("mixprec train: error: unknown recipe 'nope'; valid: digits, lm, rnn, "
-                                   "underflow, tiny-updates, detection, speech, gpt, gpt2-small, gpt-medium (or "
-                                   "module.path:object for your own)")
+                                   "underflow, tiny-updates, detection, speech, translation, gpt, gpt2-small, "
+                                   "gpt-medium (or module.path:object for your own)")
 
 
 MY_TASKS = '''

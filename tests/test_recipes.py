@@ -16,7 +16,7 @@ from mixprec.recipes import corpus as corpus_module
 
 def test_registry_lists_the_builtin_recipes():
     assert set(RECIPES) == {"digits", "lm", "rnn", "underflow", "tiny-updates", "gpt", "gpt2-small", "gpt-medium",
-                            "detection", "speech"}
+                            "detection", "speech", "translation"}
     for name in RECIPES:
         recipe = get_recipe(name)
         assert isinstance(recipe, Recipe) and recipe.name == name

@@ -7,7 +7,8 @@
 Example:
     >>> from mixprec.recipes import RECIPES, get_recipe
     >>> sorted(RECIPES)
-    ['detection', 'digits', 'gpt', 'gpt-medium', 'gpt2-small', 'lm', 'rnn', 'speech', 'tiny-updates', 'underflow']
+    ['detection', 'digits', 'gpt', 'gpt-medium', 'gpt2-small', 'lm', 'rnn', 'speech', 'tiny-updates', 'translation',
+     'underflow']
     >>> get_recipe("tiny-updates").name
     'tiny-updates'
 """
@@ -32,6 +33,7 @@ RECIPES: dict[str, tuple[str, str]] = {
     "tiny-updates": ("tiny_updates", "updates below 2^-11 of the weights: needs FP32 master weights"),
     "detection": ("detection", "single-shot detector (anchors, SSD matching, hard negatives) on shapes; mAP@0.5"),
     "speech": ("speech", "conv + bidirectional GRU acoustic model with CTC on generated spectrograms; CER"),
+    "translation": ("translation", "GRU encoder-decoder with attention on a generated parallel corpus; BLEU"),
     "gpt": ("gpt", "GPT-2-shaped, tiny, on synthetic tokens (for `mixprec bench` on a CPU); bits per token"),
     "gpt2-small": ("gpt2_small", "GPT-2 small (124M, seq 1024) on synthetic tokens, to fill a GPU; bits per token"),
     "gpt-medium": ("gpt_medium", "GPT-2-shaped, 4 layers x 512, seq 256: where 16-bit CPU hardware (AMX) matters"),
