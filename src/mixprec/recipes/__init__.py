@@ -6,7 +6,7 @@
 
 Example:
     >>> from mixprec.recipes import RECIPES, get_recipe
-    >>> sorted(RECIPES)
+    >>> sorted(RECIPES)  # doctest: +NORMALIZE_WHITESPACE
     ['detection', 'digits', 'gpt', 'gpt-medium', 'gpt2-small', 'lm', 'rnn', 'speech', 'tiny-updates', 'translation',
      'underflow']
     >>> get_recipe("tiny-updates").name
