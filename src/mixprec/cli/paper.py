@@ -25,7 +25,7 @@ import torch
 
 import mixprec as mp
 from mixprec.harness.training import Comparison
-from mixprec.recipes import RECIPES, Recipe
+from mixprec.recipes import RECIPES, Recipe, get_recipe
 from mixprec.report import summarize, write_report
 
 from . import device_name, positive_int
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     fraction = QUICK_FRACTION if args.quick else 1.0
     experiments = []
     for family in families:
-        recipe = make_experiment(FAMILIES[family], ["f32"], 1, None).recipe
+        recipe = get_recipe(FAMILIES[family])
         experiments.append(make_experiment(recipe, list(VARIANTS.values()), seeds,
                                            max(1, round(recipe.steps * fraction))))
     n_runs = sum(len(e.policies) * len(e.seeds) for e in experiments)
